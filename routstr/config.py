@@ -1,0 +1,261 @@
+"""Configuration as one table.
+
+Every setting is a field of the frozen `Config` dataclass; its metadata (help text, optional
+validator) is the single source for the CLI flag (`--upstream-base-url`), the environment
+variable (`UPSTREAM_BASE_URL`: the flag upper-cased, `-` → `_`), the defaults shown by `--help`
+and `contrib/routstr.env.example`. Flags win over the environment, the environment over the
+defaults. Invalid values stop the node at start with one clear line and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import ipaddress
+import types
+import typing
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlsplit
+
+MiB = 1024 * 1024
+
+
+class ConfigError(ValueError):
+    """A setting has an invalid value (reported as one line, exit code 2)."""
+
+
+def _url(value: str) -> None:
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigError(f"not an http(s) URL: {value!r}")
+
+
+def _urls(values: tuple[str, ...]) -> None:
+    for v in values:
+        _url(v)
+
+
+def _opt_url(value: str) -> None:
+    if value:
+        _url(value)
+
+
+def _proxy(value: str) -> None:
+    if value:
+        parts = urlsplit(value)
+        if parts.scheme not in ("socks5", "socks5h") or not parts.hostname or not parts.port:
+            raise ConfigError(f"not a socks5://host:port URL: {value!r}")
+
+
+def _port(value: int) -> None:
+    if not 0 <= value <= 65535:
+        raise ConfigError(f"port out of range: {value}")
+
+
+def _positive(value: int | float) -> None:
+    if value <= 0:
+        raise ConfigError(f"must be positive: {value}")
+
+
+def _non_negative(value: int | float) -> None:
+    if value < 0:
+        raise ConfigError(f"must not be negative: {value}")
+
+
+def _log_level(value: str) -> None:
+    if value.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
+        raise ConfigError(f"unknown log level: {value!r}")
+
+
+def _host(value: str) -> None:
+    try:
+        ipaddress.ip_address(value)
+    except ValueError:
+        if not value or any(c.isspace() for c in value):
+            raise ConfigError(f"not a host: {value!r}") from None
+
+
+def _s(help: str, check: Callable[[Any], None] | None = None, secret: bool = False) -> Any:
+    return {"help": help, "check": check, "secret": secret}
+
+
+@dataclass(frozen=True)
+class Config:
+    host: str = field(default="127.0.0.1", metadata=_s("address to listen on", _host))
+    port: int = field(default=8000, metadata=_s("TCP port to listen on (0 = any free port)", _port))
+    database: str = field(default="routstr.sqlite3", metadata=_s("sqlite database file"))
+    upstream_base_url: str = field(
+        default="",
+        metadata=_s("OpenAI-compatible upstream, e.g. https://api.openai.com/v1", _opt_url),
+    )
+    upstream_api_key: str = field(
+        default="", metadata=_s("API key sent upstream as Bearer", secret=True)
+    )
+    upstream_proxy: str = field(
+        default="", metadata=_s("SOCKS5 proxy for upstream and mint calls (Tor)", _proxy)
+    )
+    upstream_connect_timeout: float = field(
+        default=10.0, metadata=_s("upstream connect timeout, seconds", _positive)
+    )
+    upstream_read_timeout: float = field(
+        default=300.0, metadata=_s("upstream inactivity timeout, seconds", _positive)
+    )
+    admin_token: str = field(
+        default="", metadata=_s("admin API token (generated at first start if unset)", secret=True)
+    )
+    pricing: str = field(default="", metadata=_s("TOML file overriding the built-in price table"))
+    cashu_mints: tuple[str, ...] = field(
+        default=(), metadata=_s("trusted Cashu mints, comma-separated; first = primary", _urls)
+    )
+    name: str = field(default="ARoutstrNode", metadata=_s("node name shown in /v1/info"))
+    description: str = field(
+        default="A Routstr Node", metadata=_s("node description shown in /v1/info")
+    )
+    http_url: str = field(default="", metadata=_s("public http(s) URL of this node", _opt_url))
+    onion_url: str = field(default="", metadata=_s("public .onion URL of this node"))
+    chat_completions_api_version: str = field(
+        default="", metadata=_s("Azure: api-version appended to upstream /chat/completions")
+    )
+    max_body_bytes: int = field(
+        default=10 * MiB, metadata=_s("largest request body accepted", _positive)
+    )
+    cors_origins: tuple[str, ...] = field(
+        default=("*",), metadata=_s("allowed CORS origins, comma-separated")
+    )
+    keepalive_timeout: float = field(
+        default=30.0, metadata=_s("idle keep-alive connections closed after, seconds", _positive)
+    )
+    header_timeout: float = field(
+        default=10.0, metadata=_s("time a client has to send its request headers", _positive)
+    )
+    shutdown_grace: float = field(
+        default=10.0, metadata=_s("seconds in-flight requests get on SIGTERM", _non_negative)
+    )
+    reservation_ttl: int = field(
+        default=900, metadata=_s("seconds before an unsettled reservation is released", _positive)
+    )
+    receive_ln_address: str = field(
+        default="", metadata=_s("operator Lightning address for payouts of earnings")
+    )
+    min_payout_sats: int = field(
+        default=210, metadata=_s("earnings threshold for a payout, sats", _positive)
+    )
+    payout_interval: int = field(
+        default=900, metadata=_s("seconds between payout checks", _positive)
+    )
+    child_key_cost_msats: int = field(
+        default=0, metadata=_s("price of one child key, msats", _non_negative)
+    )
+    log_level: str = field(default="INFO", metadata=_s("DEBUG, INFO, WARNING or ERROR", _log_level))
+
+    @property
+    def primary_mint(self) -> str | None:
+        return self.cashu_mints[0] if self.cashu_mints else None
+
+    def public_items(self) -> list[tuple[str, Any]]:
+        """Settings with secrets masked (for the admin page and logs)."""
+        out: list[tuple[str, Any]] = []
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.metadata.get("secret") and value:
+                value = "********"
+            out.append((f.name, value))
+        return out
+
+
+def flag_name(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def env_name(name: str) -> str:
+    return name.upper()
+
+
+def _field_type(f: dataclasses.Field[Any]) -> Any:
+    hints = typing.get_type_hints(Config)
+    return hints[f.name]
+
+
+def _convert(f: dataclasses.Field[Any], raw: str) -> Any:
+    kind = _field_type(f)
+    origin = typing.get_origin(kind)
+    try:
+        if kind is int:
+            return int(raw.strip())
+        if kind is float:
+            return float(raw.strip())
+        if kind is bool:
+            low = raw.strip().lower()
+            if low in ("1", "true", "yes", "on"):
+                return True
+            if low in ("0", "false", "no", "off", ""):
+                return False
+            raise ValueError(raw)
+        if origin is tuple:
+            return tuple(p.strip().rstrip("/") if "://" in p else p.strip()
+                         for p in raw.split(",") if p.strip())
+        if kind is str or origin is types.UnionType:
+            return raw.strip()
+    except ValueError:
+        raise ConfigError(f"{flag_name(f.name)}: invalid value {raw!r}") from None
+    raise ConfigError(f"{flag_name(f.name)}: unsupported type")
+
+
+def build_parser(prog: str = "python -m routstr") -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        description="A Routstr node: OpenAI-compatible gateway paid with Cashu ecash.",
+        epilog="Every flag can also be set by the environment variable shown in brackets.",
+    )
+    for f in dataclasses.fields(Config):
+        default = f.default
+        if isinstance(default, tuple):
+            default = ",".join(default)
+        shown = "(unset)" if default == "" else default
+        if f.metadata.get("secret"):
+            shown = "(unset)"
+        parser.add_argument(
+            flag_name(f.name),
+            dest=f.name,
+            default=None,
+            metavar=env_name(f.name),
+            help=f"{f.metadata['help']} [{env_name(f.name)}; default: {shown}]",
+        )
+    return parser
+
+
+def load_config(argv: Sequence[str], environ: Mapping[str, str]) -> Config:
+    """argv (flags) > environ > defaults. Raises ConfigError with one clear line."""
+    parser = build_parser()
+    args = parser.parse_args(list(argv))
+    values: dict[str, Any] = {}
+    for f in dataclasses.fields(Config):
+        raw = getattr(args, f.name)
+        if raw is None:
+            raw = environ.get(env_name(f.name))
+        if raw is None:
+            continue
+        values[f.name] = _convert(f, raw)
+    config = Config(**values)
+    for f in dataclasses.fields(Config):
+        check = f.metadata.get("check")
+        if check is not None:
+            try:
+                check(getattr(config, f.name))
+            except ConfigError as exc:
+                raise ConfigError(f"{flag_name(f.name)}: {exc}") from None
+    return config
+
+
+def env_example() -> str:
+    """The text of contrib/routstr.env.example, generated from the table."""
+    lines = ["# routstr settings: every flag has an environment variable of the same name.", ""]
+    for f in dataclasses.fields(Config):
+        default = f.default
+        if isinstance(default, tuple):
+            default = ",".join(default)
+        lines.append(f"# {f.metadata['help']}")
+        lines.append(f"#{env_name(f.name)}={default}")
+    return "\n".join(lines) + "\n"

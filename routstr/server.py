@@ -1,0 +1,428 @@
+"""The HTTP/1.1 server: an anyio TCP listener and one h11 loop per connection.
+
+Connection lifecycle:
+1. Wait for the first byte of a request (an idle keep-alive connection is closed silently
+   after `keepalive_timeout`); then the whole header block must arrive within `header_timeout`
+   (else 408 and close — a slowloris client only ever holds its own task).
+2. Header block over `MAX_HEADER_BYTES` → 431; malformed bytes → 400; both close the connection.
+3. Body by Content-Length or chunked, bounded by `max_body_bytes` (413, answered, then close).
+   `Expect: 100-continue` gets its interim 100 only when the body will be read.
+4. The app turns the `Request` into a `Response`; any `ApiError` is rendered by `errors.render`.
+   This module holds the node's one broad `except Exception`: before anything was sent it
+   becomes a 500 in the spec's shape; after the response started the connection is closed.
+5. Responses carry `X-Routstr-Request-ID`, `X-Routstr-Version`, CORS headers; bodies over 1 KB
+   of a compressible type are gzipped when the client accepts it (never `text/event-stream`).
+   Streams are written chunk by chunk (one send per chunk, no buffering) and always closed
+   with a shielded `aclose()` — that is where a streamed request settles its money.
+6. Keep-alive and pipelining follow h11's state machine; SIGTERM stops accepting, closes idle
+   connections, lets in-flight requests finish within the grace period, then cancels the rest.
+"""
+
+from __future__ import annotations
+
+import gzip
+import http
+import logging
+import math
+import re
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+import anyio
+import anyio.abc
+import h11
+
+from . import __version__
+from .errors import (
+    ApiError,
+    HeadersTooLarge,
+    InternalError,
+    InvalidRequest,
+    PayloadTooLarge,
+    RequestTimeout,
+    render,
+)
+from .messages import Request, Response
+
+log = logging.getLogger("routstr.server")
+access_log = logging.getLogger("routstr.access")
+
+App = Callable[[Request], Awaitable[Response]]
+
+MAX_HEADER_BYTES = 64 * 1024
+READ_SIZE = 64 * 1024
+GZIP_MIN_BYTES = 1024
+STREAM_CLOSE_TIMEOUT = 30.0
+API_VERSION = "v1"
+_COMPRESSIBLE = re.compile(r"^(application/(json|javascript|xml)|text/(?!event-stream))")
+_REQUEST_ID_OK = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
+EXPOSED_HEADERS = (
+    "X-Routstr-Request-ID, X-Routstr-Version, X-Routstr-Cost, X-Routstr-Cost-Msats, "
+    "X-Routstr-Input-Cost-Msats, X-Routstr-Output-Cost-Msats, X-Routstr-Balance, "
+    "X-Routstr-Balance-Msats, X-Cashu, X-RateLimit-Limit, X-RateLimit-Remaining, "
+    "X-RateLimit-Reset, Retry-After"
+)
+
+
+@dataclass(frozen=True)
+class ServerOptions:
+    max_body_bytes: int = 10 * 1024 * 1024
+    header_timeout: float = 10.0
+    keepalive_timeout: float = 30.0
+    body_timeout: float = 60.0
+    write_timeout: float = 120.0
+    cors_origins: tuple[str, ...] = ("*",)
+    version: str = __version__
+
+
+class _ClientGone(Exception):
+    """The peer closed or broke the connection; nothing more can be sent."""
+
+
+class _Conn:
+    """One client connection: its h11 state machine and byte stream."""
+
+    def __init__(self, stream: anyio.abc.ByteStream, peer: str) -> None:
+        self.stream = stream
+        self.peer = peer
+        self.h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEADER_BYTES)
+        self.busy = False
+        self.scope: anyio.CancelScope | None = None
+
+    async def send(self, event: h11.Event, limit_s: float) -> None:
+        data = self.h11.send(event)
+        if data:
+            try:
+                with anyio.fail_after(limit_s):
+                    await self.stream.send(data)
+            except (OSError, anyio.BrokenResourceError, anyio.ClosedResourceError,
+                    TimeoutError) as exc:
+                raise _ClientGone() from exc
+
+    async def next_event(self) -> h11.Event | type[h11.PAUSED]:
+        while True:
+            event = self.h11.next_event()
+            if event is not h11.NEED_DATA:
+                return event  # type: ignore[return-value]
+            try:
+                data = await self.stream.receive(READ_SIZE)
+            except (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError,
+                    OSError):
+                data = b""
+            self.h11.receive_data(data)
+
+
+def _request_id(headers: list[tuple[str, str]]) -> str:
+    for name, value in headers:
+        if name == "x-request-id" and _REQUEST_ID_OK.match(value):
+            return value
+    return uuid.uuid4().hex
+
+
+class Server:
+    def __init__(self, app: App, options: ServerOptions) -> None:
+        self.app = app
+        self.options = options
+        self.port = 0
+        self._conns: set[_Conn] = set()
+        self._accept_scope: anyio.CancelScope | None = None
+        self._stopping = False
+        self._drained: anyio.Event | None = None
+
+    # ---- lifecycle -------------------------------------------------------------------
+    async def serve(
+        self,
+        host: str,
+        port: int,
+        *,
+        task_status: anyio.abc.TaskStatus[int] = anyio.TASK_STATUS_IGNORED,
+    ) -> None:
+        listener = await anyio.create_tcp_listener(local_host=host, local_port=port, backlog=1024)
+        sockname = listener.extra(anyio.abc.SocketAttribute.local_address)
+        self.port = int(sockname[1])
+        async with anyio.create_task_group() as tg:
+            self._accept_scope = anyio.CancelScope()
+            task_status.started(self.port)
+            with self._accept_scope:
+                async with listener:
+                    await listener.serve(self._handle_connection, task_group=tg)
+
+    async def shutdown(self, grace: float) -> None:
+        """Stop accepting; close idle connections; give busy ones `grace` seconds."""
+        self._stopping = True
+        if self._accept_scope is not None:
+            self._accept_scope.cancel()
+        for conn in list(self._conns):
+            if not conn.busy and conn.scope is not None:
+                conn.scope.cancel()
+        self._drained = anyio.Event()
+        if not any(c.busy for c in self._conns):
+            self._drained.set()
+        with anyio.move_on_after(grace):
+            await self._drained.wait()
+        for conn in list(self._conns):
+            if conn.scope is not None:
+                conn.scope.cancel()
+
+    # ---- one connection --------------------------------------------------------------
+    async def _handle_connection(self, stream: anyio.abc.SocketStream) -> None:
+        try:
+            peer_addr = stream.extra(anyio.abc.SocketAttribute.remote_address)
+            peer = f"{peer_addr[0]}:{peer_addr[1]}" if isinstance(peer_addr, tuple) else "?"
+        except (OSError, anyio.TypedAttributeLookupError):
+            peer = "?"
+        conn = _Conn(stream, peer)
+        conn.scope = anyio.CancelScope()
+        self._conns.add(conn)
+        try:
+            with conn.scope:
+                await self._connection_loop(conn)
+        except _ClientGone:
+            pass
+        finally:
+            self._conns.discard(conn)
+            with anyio.CancelScope(shield=True):
+                await stream.aclose()
+
+    async def _connection_loop(self, conn: _Conn) -> None:
+        while not self._stopping:
+            # Idle: wait for the first byte of the next request.
+            if conn.h11.their_state is h11.IDLE and not conn.h11.trailing_data[0]:
+                got = await self._wait_first_byte(conn)
+                if not got:
+                    return
+            conn.busy = True
+            try:
+                keep_going = await self._one_request(conn)
+            finally:
+                conn.busy = False
+                if self._drained is not None and not any(c.busy for c in self._conns):
+                    self._drained.set()
+            if not keep_going:
+                return
+            if conn.h11.our_state is h11.MUST_CLOSE or conn.h11.their_state is h11.MUST_CLOSE:
+                return
+            try:
+                conn.h11.start_next_cycle()
+            except h11.LocalProtocolError:
+                return
+
+    async def _wait_first_byte(self, conn: _Conn) -> bool:
+        with anyio.move_on_after(self.options.keepalive_timeout):
+            try:
+                data = await conn.stream.receive(READ_SIZE)
+            except (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError,
+                    OSError):
+                return False
+            conn.h11.receive_data(data)
+            return True
+        return False
+
+    async def _read_head(self, conn: _Conn) -> h11.Request | None:
+        with anyio.move_on_after(self.options.header_timeout) as scope:
+            event = await conn.next_event()
+        if scope.cancelled_caught:
+            raise RequestTimeout("Request headers not received in time", code="header_timeout")
+        if isinstance(event, h11.Request):
+            return event
+        return None  # ConnectionClosed or PAUSED: nothing to answer
+
+    async def _read_body(self, conn: _Conn, head: h11.Request) -> bytes:
+        limit = self.options.max_body_bytes
+        for name, value in head.headers:
+            if name == b"content-length" and int(value) > limit:
+                raise PayloadTooLarge(
+                    f"Request body exceeds {limit} bytes", details={"max_body_bytes": limit}
+                )
+        if conn.h11.they_are_waiting_for_100_continue:
+            await conn.send(h11.InformationalResponse(status_code=100, headers=[]),
+                            self.options.write_timeout)
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            with anyio.move_on_after(self.options.body_timeout) as scope:
+                event = await conn.next_event()
+            if scope.cancelled_caught:
+                raise RequestTimeout("Request body not received in time", code="body_timeout")
+            if isinstance(event, h11.Data):
+                size += len(event.data)
+                if size > limit:
+                    raise PayloadTooLarge(
+                        f"Request body exceeds {limit} bytes", details={"max_body_bytes": limit}
+                    )
+                chunks.append(bytes(event.data))
+            elif isinstance(event, h11.EndOfMessage):
+                return b"".join(chunks)
+            else:
+                raise _ClientGone()
+
+    async def _one_request(self, conn: _Conn) -> bool:
+        """Serve one request on `conn`. Returns False when the connection must close."""
+        started = time.perf_counter()
+        request_id = uuid.uuid4().hex
+        method, path = "-", "-"
+        status = 0
+        try:
+            head = await self._read_head(conn)
+            if head is None:
+                return False
+            headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in head.headers]
+            request_id = _request_id(headers)
+            if head.http_version not in (b"1.0", b"1.1"):
+                raise h11.RemoteProtocolError("unsupported HTTP version", error_status_hint=400)
+            method = head.method.decode("ascii", "replace")
+            target = head.target.decode("latin-1")
+            path = target.partition("?")[0]
+            body = await self._read_body(conn, head)
+            request = Request(method, target, tuple(headers), body, request_id, conn.peer)
+            status = await self._respond(conn, request)
+            return True
+        except h11.RemoteProtocolError as exc:
+            hint = exc.error_status_hint
+            err: ApiError = (
+                HeadersTooLarge("Request header block too large")
+                if hint == 431
+                else InvalidRequest(f"Malformed HTTP request: {exc}", code="bad_http")
+            )
+            status = await self._send_error(conn, err, request_id)
+            return False
+        except (RequestTimeout, PayloadTooLarge) as exc:
+            status = await self._send_error(conn, exc, request_id)
+            return False
+        except _ClientGone:
+            raise
+        except Exception:  # the one error barrier: 500 if nothing was sent, else close
+            log.exception("unhandled error in request %s", request_id)
+            err = InternalError("Internal server error; quote the request id to the operator")
+            status = await self._send_error(conn, err, request_id) or 500
+            return False
+        finally:
+            if status:
+                access_log.info(
+                    "%s %s %s %s %d %.1fms", request_id, conn.peer, method, path, status,
+                    (time.perf_counter() - started) * 1000,
+                )
+
+    async def _send_error(self, conn: _Conn, err: ApiError, request_id: str) -> int:
+        if conn.h11.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
+            return 0
+        status, headers, body = render(err, request_id)
+        headers = [*headers, ("connection", "close")]
+        response = Response(status, headers, body)
+        self._common_headers(response, request_id, None)
+        try:
+            await self._send_plain(conn, response, head_only=False)
+        except (_ClientGone, h11.LocalProtocolError):
+            return 0
+        return status
+
+    # ---- responses -------------------------------------------------------------------
+    async def _respond(self, conn: _Conn, request: Request) -> int:
+        origin = request.header("origin")
+        if request.method == "OPTIONS" and request.header("access-control-request-method"):
+            response = Response(204, self._preflight_headers(origin))
+        else:
+            try:
+                response = await self.app(request)
+            except ApiError as exc:
+                status, headers, body = render(exc, request.request_id)
+                response = Response(status, headers, body)
+        self._common_headers(response, request.request_id, origin)
+        if self._stopping:
+            response.headers.append(("connection", "close"))
+        head_only = request.method == "HEAD"
+        if response.stream is None:
+            self._maybe_gzip(request, response)
+            await self._send_plain(conn, response, head_only)
+        else:
+            await self._send_stream(conn, response, head_only)
+        return response.status
+
+    def _common_headers(self, response: Response, request_id: str, origin: str | None) -> None:
+        response.headers.append(("x-routstr-request-id", request_id))
+        response.headers.append(("x-routstr-version", API_VERSION))
+        allowed = self._allowed_origin(origin)
+        if allowed:
+            response.headers.append(("access-control-allow-origin", allowed))
+            response.headers.append(("access-control-expose-headers", EXPOSED_HEADERS))
+            if allowed != "*":
+                response.headers.append(("vary", "Origin"))
+
+    def _allowed_origin(self, origin: str | None) -> str | None:
+        if origin is None:
+            return None
+        if "*" in self.options.cors_origins:
+            return "*"
+        return origin if origin in self.options.cors_origins else None
+
+    def _preflight_headers(self, origin: str | None) -> list[tuple[str, str]]:
+        allowed = self._allowed_origin(origin)
+        if not allowed:
+            return []
+        return [
+            ("access-control-allow-methods", "GET, POST, PUT, PATCH, DELETE, OPTIONS"),
+            ("access-control-allow-headers",
+             "Authorization, Content-Type, X-Cashu, X-Max-Cost, X-Request-ID, "
+             "X-Routstr-Version, Idempotency-Key, Refund-LNURL, Key-Expiry-Time"),
+            ("access-control-max-age", "86400"),
+        ]
+
+    def _maybe_gzip(self, request: Request, response: Response) -> None:
+        if len(response.body) <= GZIP_MIN_BYTES or response.header("content-encoding"):
+            return
+        accept = request.header("accept-encoding") or ""
+        if not any(p.strip().split(";")[0] == "gzip" and not p.strip().endswith("q=0")
+                   for p in accept.split(",")):
+            return
+        ctype = response.header("content-type") or ""
+        if not _COMPRESSIBLE.match(ctype):
+            return
+        response.body = gzip.compress(response.body, compresslevel=5, mtime=0)
+        response.headers.append(("content-encoding", "gzip"))
+        response.headers.append(("vary", "Accept-Encoding"))
+
+    @staticmethod
+    def _encode_headers(headers: list[tuple[str, str]]) -> list[tuple[bytes, bytes]]:
+        return [(k.encode("latin-1"), v.encode("latin-1")) for k, v in headers
+                if k.lower() not in ("content-length", "transfer-encoding")]
+
+    async def _send_plain(self, conn: _Conn, response: Response, head_only: bool) -> None:
+        headers = self._encode_headers(response.headers)
+        if response.status not in (204, 304) and not 100 <= response.status < 200:
+            headers.append((b"content-length", str(len(response.body)).encode()))
+        timeout = self.options.write_timeout
+        await conn.send(h11.Response(status_code=response.status, headers=headers,
+                                     reason=_reason(response.status)), timeout)
+        if response.body and not head_only and response.status not in (204, 304):
+            await conn.send(h11.Data(data=response.body), timeout)
+        await conn.send(h11.EndOfMessage(), timeout)
+
+    async def _send_stream(self, conn: _Conn, response: Response, head_only: bool) -> None:
+        stream = response.stream
+        assert stream is not None
+        timeout = self.options.write_timeout
+        try:
+            headers = self._encode_headers(response.headers)
+            await conn.send(h11.Response(status_code=response.status, headers=headers,
+                                         reason=_reason(response.status)), timeout)
+            if not head_only:
+                async for chunk in stream:
+                    if chunk:
+                        await conn.send(h11.Data(data=chunk), timeout)
+            await conn.send(h11.EndOfMessage(), timeout)
+        finally:
+            with anyio.CancelScope(shield=True), anyio.move_on_after(STREAM_CLOSE_TIMEOUT):
+                await stream.aclose()
+
+
+def _reason(status: int) -> bytes:
+    try:
+        return http.HTTPStatus(status).phrase.encode()
+    except ValueError:
+        return b""
+
+
+def retry_after_seconds(seconds: float) -> str:
+    return str(max(1, math.ceil(seconds)))
