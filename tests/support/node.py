@@ -50,12 +50,23 @@ class NodeProcess:
         env = {k: v for k, v in os.environ.items() if not k.startswith(("UPSTREAM_", "CASHU_"))}
         env.update(self.env)
         env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-        cmd = [sys.executable, "-m", "routstr", "--host", "127.0.0.1", "--port", "0",
-               "--database", self.database, *self.args]
+        cmd = [
+            sys.executable,
+            "-m",
+            "routstr",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            "0",
+            "--database",
+            self.database,
+            *self.args,
+        ]
         self.log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
         self.started_at = time.monotonic()
-        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=self.log, env=env,
-                                     cwd=self.workdir)
+        self.proc = subprocess.Popen(
+            cmd, stdout=self.log, stderr=self.log, env=env, cwd=self.workdir
+        )
         deadline = time.monotonic() + START_TIMEOUT_S
         while time.monotonic() < deadline:
             match = _LISTEN.search(self.log_text())
@@ -92,8 +103,14 @@ class NodeProcess:
             self.proc.kill()
             self.proc.wait(5)
 
-    def request(self, method: str, path: str, body: Any = None, headers: dict[str, str] | None = None,
-                timeout: float = 30.0) -> tuple[int, dict[str, str], bytes]:
+    def request(
+        self,
+        method: str,
+        path: str,
+        body: Any = None,
+        headers: dict[str, str] | None = None,
+        timeout: float = 30.0,
+    ) -> tuple[int, dict[str, str], bytes]:
         """A plain urllib call (no SDK) returning (status, headers, body)."""
         data = None
         hdrs = dict(headers or {})
@@ -107,8 +124,9 @@ class NodeProcess:
         except urllib.error.HTTPError as err:
             return err.code, {k.lower(): v for k, v in err.headers.items()}, err.read()
 
-    def json(self, method: str, path: str, body: Any = None,
-             headers: dict[str, str] | None = None) -> tuple[int, Any]:
+    def json(
+        self, method: str, path: str, body: Any = None, headers: dict[str, str] | None = None
+    ) -> tuple[int, Any]:
         status, _, raw = self.request(method, path, body, headers)
         return status, json.loads(raw) if raw else None
 
@@ -117,8 +135,12 @@ class NodeProcess:
 def node_factory(tmp_path: Path) -> Iterator[Any]:
     started: list[NodeProcess] = []
 
-    def make(*args: str, env: dict[str, str] | None = None, workdir: Path | None = None,
-             start: bool = True) -> NodeProcess:
+    def make(
+        *args: str,
+        env: dict[str, str] | None = None,
+        workdir: Path | None = None,
+        start: bool = True,
+    ) -> NodeProcess:
         node = NodeProcess(workdir or tmp_path, list(args), env)
         started.append(node)
         return node.start() if start else node
