@@ -6,6 +6,8 @@ creates a prepaid key from the shell (printed once, stored hashed).
 
 from __future__ import annotations
 
+import argparse
+import json
 import logging
 import os
 import signal
@@ -14,8 +16,11 @@ from collections.abc import Sequence
 
 import anyio
 
+from .admin import create_key
 from .app import Node, build_app
 from .config import Config, ConfigError, load_config
+from .db import Database
+from .ledger import Ledger
 from .server import Server, ServerOptions
 
 log = logging.getLogger("routstr")
@@ -39,9 +44,22 @@ def server_options(config: Config) -> ServerOptions:
 
 
 async def run_node(config: Config) -> None:
-    node = Node(config)
+    node = Node.open(config)
+    released = node.ledger.startup_sweep(single_process=True)
+    if released:
+        log.warning("released %d reservations left by a previous run", released)
     server = Server(build_app(node), server_options(config))
+    try:
+        await _serve(node, server, config)
+    finally:
+        with anyio.CancelScope(shield=True):
+            await node.aclose()
+    log.info("stopped")
+
+
+async def _serve(node: Node, server: Server, config: Config) -> None:
     async with anyio.create_task_group() as tg:
+        tg.start_soon(node.sweep_forever)
         with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
             port = await tg.start(server.serve, config.host, config.port)
             log.info("listening on http://%s:%d", config.host, port)
@@ -50,11 +68,31 @@ async def run_node(config: Config) -> None:
                 break
         await server.shutdown(config.shutdown_grace)
         tg.cancel_scope.cancel()
-    log.info("stopped")
+
+
+def keys_command(argv: list[str]) -> int:
+    """`python -m routstr keys create --balance-msats N [--database F]`."""
+    parser = argparse.ArgumentParser(prog="python -m routstr keys")
+    sub = parser.add_subparsers(dest="action", required=True)
+    create = sub.add_parser("create", help="create a prepaid sk- key (printed once)")
+    create.add_argument("--balance-msats", type=int, required=True)
+    create.add_argument("--database", default=os.environ.get("DATABASE", "routstr.sqlite3"))
+    args = parser.parse_args(argv)
+    if args.balance_msats < 0:
+        parser.error("--balance-msats must not be negative")
+    node_db = Database(args.database)
+    try:
+        api_key, balance = create_key(Ledger(node_db), args.balance_msats, ref="cli")
+    finally:
+        node_db.close()
+    print(json.dumps({"api_key": api_key, "balance_msats": balance}))
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
+    if args[:1] == ["keys"]:
+        return keys_command(args[1:])
     try:
         config = load_config(args, os.environ)
     except ConfigError as exc:

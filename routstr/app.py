@@ -2,14 +2,41 @@
 
 from __future__ import annotations
 
+import hashlib
+import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+import anyio
 
 from . import __version__
+from .admin import AdminHandlers
+from .balance import BalanceHandlers
+from .client import HttpClient, UpstreamError
 from .config import Config
+from .db import Database
+from .ledger import Ledger
 from .messages import Request, Response
+from .payments import Payments
+from .pricing import PriceTable, load_price_table
+from .proxy import (
+    AUDIO,
+    CHAT,
+    COMPLETIONS,
+    EMBEDDINGS,
+    IMAGES,
+    MODERATIONS,
+    RESPONSES,
+    Proxy,
+    ProxyConfig,
+)
 from .router import Route, Router
 from .status import CachedProbe, StatusHandlers
+
+log = logging.getLogger("routstr.app")
+
+SWEEP_INTERVAL_S = 60.0
 
 
 @dataclass
@@ -17,6 +44,25 @@ class Node:
     """The composed services of one running node (built in `__main__`)."""
 
     config: Config
+    db: Database
+    ledger: Ledger
+    prices: PriceTable
+    http: HttpClient
+    payments: Payments
+
+    @classmethod
+    def open(cls, config: Config) -> Node:
+        db = Database(config.database)
+        ledger = Ledger(db)
+        prices = load_price_table(config.pricing or None)
+        http = HttpClient(connect_timeout=config.upstream_connect_timeout,
+                          read_timeout=config.upstream_read_timeout,
+                          proxy=config.upstream_proxy or None)
+        return cls(config, db, ledger, prices, http, Payments(ledger, None))
+
+    async def aclose(self) -> None:
+        await self.http.aclose()
+        self.db.close()
 
     def info_doc(self) -> dict[str, object]:
         c = self.config
@@ -29,21 +75,61 @@ class Node:
             "http_url": c.http_url,
             "onion_url": c.onion_url,
             "child_key_cost_msats": c.child_key_cost_msats,
+            "models": [p.id for p in self.prices],
         }
 
     async def database_probe(self) -> str:
+        try:
+            self.db.read(lambda conn: conn.execute("SELECT 1").fetchone())
+        except RuntimeError:
+            return "error: database closed"
         return "ok"
+
+    async def upstream_probe(self) -> str:
+        parts = urlsplit(self.config.upstream_base_url)
+        try:
+            status, _, _ = await self.http.fetch("GET", self.config.upstream_base_url.rstrip("/")
+                                                 + "/models", max_bytes=1 << 20)
+        except UpstreamError as exc:
+            return f"error: {exc.code} ({parts.hostname})"
+        return "ok" if status < 500 else f"error: status {status}"
+
+    async def sweep_forever(self) -> None:
+        while True:
+            await anyio.sleep(SWEEP_INTERVAL_S)
+            released = self.ledger.sweep_expired()
+            if released:
+                log.warning("released %d expired reservations", released)
 
 
 def routes(node: Node) -> list[Route]:
+    c = node.config
     status = StatusHandlers(
-        node.info_doc, node.database_probe, CachedProbe(None), CachedProbe(None)
+        node.info_doc, node.database_probe,
+        CachedProbe(node.upstream_probe if c.upstream_base_url else None), CachedProbe(None),
     )
-    return [
+    proxy = Proxy(ProxyConfig(c.upstream_base_url, c.upstream_api_key,
+                              c.chat_completions_api_version, c.reservation_ttl),
+                  node.ledger, node.prices, node.http, node.payments)
+    balance = BalanceHandlers(node.ledger, node.payments)
+    admin_hash = hashlib.sha256(c.admin_token.encode()).hexdigest() if c.admin_token else ""
+    admin = AdminHandlers(node.ledger, admin_hash)
+    table = [
         Route("GET", "/health", status.health),
         Route("GET", "/v1/info", status.info),
         Route("GET", "/", status.root),
+        Route("GET", "/v1/models", proxy.models),
+        Route("GET", "/models", proxy.models),
+        Route("GET", "/v1/transactions", balance.transactions),
+        Route("POST", "/admin/api/keys", admin.create_key),
     ]
+    for prefix in ("/v1/balance", "/v1/wallet"):
+        table += [Route("GET", prefix, balance.info), Route("GET", prefix + "/info", balance.info)]
+    for endpoint in (CHAT, COMPLETIONS, EMBEDDINGS, IMAGES, AUDIO, RESPONSES, MODERATIONS):
+        handler = proxy.handler(endpoint)
+        table.append(Route("POST", "/v1" + endpoint.path, handler))
+        table.append(Route("POST", endpoint.path, handler))  # routstr-core serves both
+    return table
 
 
 def build_app(node: Node) -> Callable[[Request], Awaitable[Response]]:

@@ -1,0 +1,108 @@
+"""Who pays for a request: an `sk-` key, a Cashu token used as key, or an `X-Cashu` token.
+
+`Payments.payer_for` turns the request's credentials into a ledger account to reserve from:
+
+* `Authorization: Bearer sk-…` — a prepaid key (looked up by its hash).
+* `Authorization: Bearer cashuA…/cashuB…` — the token *is* the key: its first use redeems it
+  at the mint (swap) and opens an account whose key is `sk-` + sha256(token); later uses spend
+  that balance without redeeming again.
+* `X-Cashu: cashu…` (wins over Authorization) — pay per request: the token's face value is
+  checked locally first (402 with a NUT-18 payment request when it cannot cover the worst
+  case, token untouched), then redeemed into a one-request account; after settlement the
+  remaining balance is returned as change (`X-Cashu` response header, or an `event:
+  cashu-change` after a stream), recorded before it is sent so it can be recovered.
+
+The Cashu parts are delegated to `CashuPayments` (routstr.cashupay) when mints are configured.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from .errors import ApiError, AuthenticationFailed, InvalidRequest
+from .keys import ApiKeyCredential, CashuCredential, hash_key, parse_bearer
+from .ledger import Account, Ledger, Settlement
+from .messages import Request
+
+
+@dataclass(frozen=True)
+class Payer:
+    account_id: int
+    kind: str  # "key" | "token" | "xcashu"
+    request_id: str = ""
+    token_hash: str = ""  # X-Cashu: sha256 of the payment token (never the token itself)
+
+
+class CashuPort(Protocol):
+    """What the Cashu side offers the proxy (implemented in routstr.cashupay)."""
+
+    async def account_for_token(self, token: str) -> Account: ...
+
+    async def xcashu_payer(self, token: str, worst_msats: int, model: str,
+                           request_id: str) -> Payer: ...
+
+    async def xcashu_change_header(self, payer: Payer) -> list[tuple[str, str]]: ...
+
+    async def xcashu_change_events(self, payer: Payer) -> list[bytes]: ...
+
+    async def xcashu_refund_on_failure(self, payer: Payer, exc: ApiError) -> None: ...
+
+
+class Payments:
+    def __init__(self, ledger: Ledger, cashu: CashuPort | None) -> None:
+        self.ledger = ledger
+        self.cashu = cashu
+
+    def _cashu(self) -> CashuPort:
+        if self.cashu is None:
+            raise InvalidRequest("This node accepts no Cashu mints", code="untrusted_mint",
+                                 details={"accepted_mints": []})
+        return self.cashu
+
+    async def account_for(self, request: Request, *, create: bool = True) -> Account:
+        """The account behind `Authorization` (redeeming a Cashu token on first use)."""
+        credential = parse_bearer(request.header("authorization"))
+        if credential is None:
+            raise AuthenticationFailed("Missing API key: use 'Authorization: Bearer sk-…'",
+                                       code="missing_api_key")
+        if isinstance(credential, ApiKeyCredential):
+            account = self.ledger.get_account(hash_key(credential.api_key))
+            if account is None:
+                raise AuthenticationFailed("Invalid API key", code="invalid_api_key")
+            return account
+        assert isinstance(credential, CashuCredential)
+        if not create:
+            from .keys import token_api_key
+            account = self.ledger.get_account(hash_key(token_api_key(credential.token)))
+            if account is None:
+                raise AuthenticationFailed(
+                    "Key not found. Deposit first via /v1/wallet/create or use the token as key",
+                    code="key_not_found")
+            return account
+        return await self._cashu().account_for_token(credential.token)
+
+    async def payer_for(self, request: Request, worst_msats: int, model: str) -> Payer:
+        xcashu = request.header("x-cashu")
+        if xcashu and xcashu.strip():
+            return await self._cashu().xcashu_payer(xcashu.strip(), worst_msats, model,
+                                                    request.request_id)
+        account = await self.account_for(request)
+        kind = "token" if account.kind == "token" else "key"
+        return Payer(account.id, kind, request.request_id)
+
+    async def after_success(self, payer: Payer,
+                            settlement: Settlement | None) -> Sequence[tuple[str, str]]:
+        if payer.kind == "xcashu" and self.cashu is not None:
+            return await self.cashu.xcashu_change_header(payer)
+        return []
+
+    async def after_stream(self, payer: Payer, settlement: Settlement | None) -> list[bytes]:
+        if payer.kind == "xcashu" and self.cashu is not None:
+            return await self.cashu.xcashu_change_events(payer)
+        return []
+
+    async def after_failure(self, payer: Payer, exc: ApiError) -> None:
+        if payer.kind == "xcashu" and self.cashu is not None:
+            await self.cashu.xcashu_refund_on_failure(payer, exc)

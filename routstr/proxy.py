@@ -1,0 +1,589 @@
+"""OpenAI-compatible paid endpoints: authenticate → worst case → reserve → forward → relay → settle.
+
+Money flow of one request (all amounts integer msats):
+
+1. The body is parsed only as far as billing needs (model, `max_tokens`, `stream`, `n`).
+2. `pricing.worst_case_msats` bounds what the request can cost; `X-Max-Cost` (sats) refuses it
+   with 402 before anything is forwarded when the bound exceeds the client's cap.
+3. The payer (an `sk-` key, a Cashu token used as key, or an `X-Cashu` token) is resolved by
+   `payments.Payments`; the ledger reserves the worst case atomically (402 when short).
+4. The request goes upstream byte-faithfully, except: `Authorization` becomes the node's
+   upstream key, hop-by-hop and Routstr headers are dropped, and a streamed chat/completions
+   request gets `stream_options.include_usage` so the upstream reports its own token counts.
+5. The reservation is settled exactly once, in `Billing.finish`, always reached through a
+   shielded `finally`: upstream usage → exact cost; no usage → an estimate from what was
+   relayed, never more than reserved; upstream failure → released, nothing charged.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlsplit
+
+import anyio
+
+from . import pricing
+from .client import HttpClient, UpstreamResponse
+from .errors import (
+    ApiError,
+    InsufficientBalance,
+    InvalidRequest,
+    ServiceUnavailable,
+    UpstreamError,
+    UpstreamStatusError,
+)
+from .ledger import Ledger, Settlement
+from .messages import Request, Response
+from .money import format_sats
+from .payments import Payer, Payments
+from .sse import SSEDecoder, SSEError, SSEEvent, encode_event
+
+log = logging.getLogger("routstr.proxy")
+
+MAX_UPSTREAM_BODY_BYTES = 64 * 1024 * 1024
+CHARS_PER_TOKEN_ESTIMATE = 4
+SETTLE_TIMEOUT_S = 30.0
+
+# Request headers never forwarded upstream: hop-by-hop (RFC 9110 §7.6.1), framing, the
+# client's credentials and Routstr's own payment headers.
+_DROP_REQUEST_HEADERS = frozenset({
+    "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer",
+    "transfer-encoding", "upgrade", "host", "content-length", "authorization", "x-cashu",
+    "x-max-cost", "refund-lnurl", "key-expiry-time", "idempotency-key", "x-routstr-version",
+    "cookie", "accept-encoding", "api-key", "x-api-key", "expect",
+})
+# Upstream response headers passed on to the client.
+_PASS_RESPONSE_HEADERS = frozenset({
+    "content-type", "cache-control", "openai-processing-ms", "openai-version", "x-request-id",
+    "openai-model", "openai-organization",
+})
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """One proxied path and how it is billed."""
+
+    path: str  # upstream path, appended to --upstream-base-url
+    billing: str  # "tokens" | "prompt" | "per_request" | "free"
+    streams: bool = False  # may answer with SSE
+    json_body: bool = True
+    usage_style: str = "chat"  # "chat" (data chunks, [DONE]) | "responses" (typed events)
+
+
+CHAT = Endpoint("/chat/completions", "tokens", streams=True)
+COMPLETIONS = Endpoint("/completions", "tokens", streams=True)
+EMBEDDINGS = Endpoint("/embeddings", "prompt")
+IMAGES = Endpoint("/images/generations", "per_request")
+AUDIO = Endpoint("/audio/transcriptions", "per_request", json_body=False)
+RESPONSES = Endpoint("/responses", "tokens", streams=True, usage_style="responses")
+MODERATIONS = Endpoint("/moderations", "free")
+
+
+@dataclass(frozen=True)
+class ProxyConfig:
+    upstream_base_url: str
+    upstream_api_key: str
+    chat_completions_api_version: str
+    reservation_ttl_s: int
+
+
+# ---- usage and cost ------------------------------------------------------------------------
+def usage_tokens(usage: object) -> tuple[int, int] | None:
+    """(prompt, completion) tokens from an OpenAI- or Responses-style `usage` object."""
+    if not isinstance(usage, dict):
+        return None
+    prompt = usage.get("prompt_tokens", usage.get("input_tokens"))
+    completion = usage.get("completion_tokens", usage.get("output_tokens", 0))
+    if not isinstance(prompt, int) or isinstance(prompt, bool) or prompt < 0:
+        return None
+    if not isinstance(completion, int) or isinstance(completion, bool) or completion < 0:
+        completion = 0
+    return prompt, completion
+
+
+def cost_object(cost: pricing.Cost) -> dict[str, int]:
+    return {
+        "base_msats": cost.base_msats,
+        "input_msats": cost.input_msats,
+        "output_msats": cost.output_msats,
+        "total_msats": cost.total_msats,
+    }
+
+
+def _multipart_field(body: bytes, content_type: str, name: str) -> str | None:
+    """The value of a small text field in a multipart/form-data body (the `model`)."""
+    boundary = None
+    for part in content_type.split(";"):
+        key, _, value = part.strip().partition("=")
+        if key.lower() == "boundary":
+            boundary = value.strip('"')
+    if not boundary:
+        return None
+    marker = f'name="{name}"'.encode()
+    for section in body.split(b"--" + boundary.encode()):
+        head, sep, value = section.partition(b"\r\n\r\n")
+        if sep and marker in head and b"filename=" not in head:
+            return value.rstrip(b"\r\n").decode("utf-8", "replace").strip()
+    return None
+
+
+@dataclass
+class Billing:
+    """One request's reservation, settled exactly once."""
+
+    ledger: Ledger
+    payer: Payer
+    reservation_id: int
+    reserved_msats: int
+    cap_msats: int | None
+    price: pricing.ModelPrice | None
+    endpoint: Endpoint
+    request_bytes: int
+    request_id: str
+    settlement: Settlement | None = None
+    cost: pricing.Cost | None = None
+    finished: bool = False
+    estimated: bool = False
+
+    def cost_for_usage(self, usage: object) -> pricing.Cost:
+        """The exact cost from upstream usage (or an estimate, flagged, when there is none)."""
+        zero = pricing.Cost(0, 0, 0, 0)
+        if self.endpoint.billing == "free" or self.price is None:
+            return zero
+        if self.endpoint.billing == "per_request":
+            return pricing.actual_cost(self.price, 0, 0)
+        tokens = usage_tokens(usage)
+        if tokens is None:
+            return zero
+        prompt, completion = tokens
+        if self.endpoint.billing == "prompt":
+            completion = 0
+        return pricing.actual_cost(self.price, prompt, completion)
+
+    def estimate(self, relayed_chars: int) -> pricing.Cost:
+        """No usage from upstream: estimate from sizes, never above the reservation."""
+        self.estimated = True
+        if self.price is None or self.endpoint.billing == "free":
+            return pricing.Cost(0, 0, 0, 0)
+        if self.endpoint.billing == "per_request":
+            return pricing.actual_cost(self.price, 0, 0)
+        prompt = math.ceil(self.request_bytes / CHARS_PER_TOKEN_ESTIMATE)
+        completion = math.ceil(relayed_chars / CHARS_PER_TOKEN_ESTIMATE)
+        if self.endpoint.billing == "prompt":
+            completion = 0
+        cost = pricing.actual_cost(self.price, prompt, completion)
+        if cost.total_msats > self.reserved_msats:
+            cost = pricing.Cost(0, 0, self.reserved_msats, self.reserved_msats)
+        return cost
+
+    def finish(self, cost: pricing.Cost | None) -> Settlement | None:
+        """Settle (cost given) or release (None). Idempotent; plain def, no await."""
+        if self.finished:
+            return self.settlement
+        self.finished = True
+        if cost is None:
+            self.ledger.release(self.reservation_id)
+            return None
+        total = cost.total_msats
+        if self.cap_msats is not None and total > self.cap_msats:
+            total = self.cap_msats
+        self.cost = cost if total == cost.total_msats else pricing.Cost(
+            cost.base_msats, cost.input_msats, max(0, total - cost.base_msats - cost.input_msats),
+            total)
+        self.settlement = self.ledger.settle(self.reservation_id, total)
+        if self.estimated:
+            log.info("request %s charged by estimate: %d msats", self.request_id, total)
+        if self.settlement.overdraft_msats:
+            log.warning("request %s cost %d msats above what could be charged",
+                        self.request_id, self.settlement.overdraft_msats)
+        return self.settlement
+
+    def cost_headers(self) -> list[tuple[str, str]]:
+        if self.settlement is None or self.cost is None:
+            return []
+        charged = self.settlement.charged_msats
+        balance = self.settlement.balance_msats
+        return [
+            ("x-routstr-cost", format_sats(charged)),
+            ("x-routstr-cost-msats", str(charged)),
+            ("x-routstr-input-cost-msats", str(self.cost.input_msats)),
+            ("x-routstr-output-cost-msats", str(self.cost.output_msats)),
+            ("x-routstr-balance", format_sats(balance)),
+            ("x-routstr-balance-msats", str(balance)),
+        ]
+
+    def usage_fields(self) -> dict[str, Any]:
+        assert self.settlement is not None and self.cost is not None
+        obj = cost_object(self.cost)
+        obj["total_msats"] = self.settlement.charged_msats
+        return {
+            "cost": obj,
+            "cost_sats": self.settlement.charged_msats // 1000,
+            "remaining_balance_msats": self.settlement.balance_msats,
+        }
+
+
+# ---- the streamed relay ---------------------------------------------------------------------
+@dataclass
+class Relay:
+    """Relays an upstream SSE stream event by event and settles when it ends, however it ends.
+
+    The usage chunk (chat) or `response.completed` event (Responses API) is held back until the
+    reservation is settled, then passed on carrying the cost — or dropped when the client did
+    not ask for usage. After the upstream's `[DONE]` a `routstr-cost` event follows, and the
+    payer may add its own events (the X-Cashu change).
+    """
+
+    upstream: UpstreamResponse
+    billing: Billing
+    payments: Payments
+    client_wants_usage: bool
+    usage: object = None
+    relayed_chars: int = 0
+    _held: SSEEvent | None = None
+    _closed: bool = False
+    _decoder: SSEDecoder = field(default_factory=SSEDecoder)
+
+    def __aiter__(self) -> AsyncIterator[bytes]:
+        return self._run()
+
+    def _note_content(self, doc: Mapping[str, Any]) -> None:
+        for choice in doc.get("choices") or ():
+            if isinstance(choice, dict):
+                delta = choice.get("delta") or {}
+                text = delta.get("content") if isinstance(delta, dict) else None
+                if not isinstance(text, str):
+                    text = choice.get("text")
+                if isinstance(text, str):
+                    self.relayed_chars += len(text)
+        if isinstance(doc.get("delta"), str):  # Responses API output_text.delta
+            self.relayed_chars += len(doc["delta"])
+
+    def _inspect(self, event: SSEEvent) -> bytes | None:
+        """Bytes to pass on now for `event` (None = hold or drop)."""
+        if not event.has_data or event.is_done:
+            return event.raw
+        doc = event.json()
+        if not isinstance(doc, dict):
+            return event.raw
+        if self.billing.endpoint.usage_style == "responses":
+            if doc.get("type") == "response.completed" or event.event == "response.completed":
+                resp = doc.get("response")
+                self.usage = resp.get("usage") if isinstance(resp, dict) else None
+                self._held = event
+                return None
+            self._note_content(doc)
+            return event.raw
+        self._note_content(doc)
+        if isinstance(doc.get("usage"), dict) and not doc.get("choices"):
+            self.usage = doc["usage"]
+            self._held = event
+            return None
+        if isinstance(doc.get("usage"), dict):
+            self.usage = doc["usage"]
+        return event.raw
+
+    def _settle(self) -> None:
+        cost = (self.billing.cost_for_usage(self.usage) if self.usage is not None
+                else self.billing.estimate(self.relayed_chars))
+        self.billing.finish(cost)
+
+    def _held_with_cost(self) -> bytes | None:
+        held = self._held
+        if held is None or self.billing.settlement is None:
+            return None
+        doc = held.json()
+        assert isinstance(doc, dict)
+        if self.billing.endpoint.usage_style == "responses":
+            resp = doc.get("response")
+            if isinstance(resp, dict) and isinstance(resp.get("usage"), dict):
+                resp["usage"].update(self.billing.usage_fields())
+            return encode_event(json.dumps(doc, separators=(",", ":")), held.event)
+        if not self.client_wants_usage:
+            return None
+        doc["usage"].update(self.billing.usage_fields())
+        return encode_event(json.dumps(doc, separators=(",", ":")), held.event)
+
+    async def _trailer(self) -> list[bytes]:
+        out: list[bytes] = []
+        settlement = self.billing.settlement
+        if settlement is not None:
+            out.append(encode_event(json.dumps({
+                "cost_msats": settlement.charged_msats,
+                "balance_msats": settlement.balance_msats,
+            }), "routstr-cost"))
+        out.extend(await self.payments.after_stream(self.billing.payer, settlement))
+        return out
+
+    async def _run(self) -> AsyncIterator[bytes]:
+        done_seen = False
+        try:
+            async for chunk in self.upstream:
+                for event in self._decoder.feed(chunk):
+                    if event.is_done:
+                        done_seen = True
+                        with anyio.CancelScope(shield=True):
+                            self._settle()
+                        held = self._held_with_cost()
+                        if held:
+                            yield held
+                        yield event.raw
+                        continue
+                    out = self._inspect(event)
+                    if out is not None:
+                        yield out
+            for event in self._decoder.close():
+                out = self._inspect(event)
+                if out is not None and not event.is_done:
+                    yield out
+        except (UpstreamError, SSEError) as exc:
+            log.warning("upstream stream for %s broke: %s", self.billing.request_id, exc)
+            with anyio.CancelScope(shield=True):
+                self._settle()
+            yield encode_event(json.dumps({"error": {
+                "type": "upstream_error", "code": "upstream_stream_failed",
+                "message": "The upstream stream ended unexpectedly", "details": {}}}))
+            yield b"".join(await self._trailer())
+            return
+        if not done_seen:
+            with anyio.CancelScope(shield=True):
+                self._settle()
+            held = self._held_with_cost()
+            if held:
+                yield held
+            if self.billing.endpoint.usage_style == "chat":
+                yield encode_event(json.dumps({"error": {
+                    "type": "upstream_error", "code": "upstream_stream_incomplete",
+                    "message": "The upstream stream ended without [DONE]", "details": {}}}))
+        for extra in await self._trailer():
+            yield extra
+
+    async def aclose(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            if not self.billing.finished:  # the client went away mid-stream
+                self._settle()
+                await self.payments.after_stream(self.billing.payer, self.billing.settlement)
+        finally:
+            await self.upstream.aclose()
+
+
+# ---- the handlers ---------------------------------------------------------------------------
+class Proxy:
+    def __init__(self, config: ProxyConfig, ledger: Ledger, prices: pricing.PriceTable,
+                 http: HttpClient, payments: Payments) -> None:
+        self.config = config
+        self.ledger = ledger
+        self.prices = prices
+        self.http = http
+        self.payments = payments
+
+    def handler(self, endpoint: Endpoint) -> Any:
+        async def handle(request: Request, params: dict[str, str]) -> Response:
+            return await self.forward(request, endpoint)
+        return handle
+
+    async def models(self, request: Request, params: dict[str, str]) -> Response:
+        fields_param = request.query("fields")
+        fields = [f.strip() for f in fields_param.split(",") if f.strip()] if fields_param else None
+        doc = pricing.models_document(self.prices, fields=fields)
+        body = json.dumps(doc, separators=(",", ":")).encode()
+        return Response(200, [("content-type", "application/json")], body)
+
+    def _parse(self, request: Request, endpoint: Endpoint) -> tuple[dict[str, Any], str | None]:
+        if endpoint.json_body:
+            body = request.json_object()
+            model = body.get("model")
+            if isinstance(model, dict):  # Responses API allows {"model": {...}} in some SDKs
+                model = model.get("id")
+        else:
+            ctype = request.header("content-type") or ""
+            if "multipart/form-data" not in ctype:
+                raise InvalidRequest("Expected a multipart/form-data body", code="invalid_body")
+            model = _multipart_field(request.body, ctype, "model")
+            body = {"model": model}
+        if model is not None and not isinstance(model, str):
+            raise InvalidRequest("'model' must be a string", code="invalid_model")
+        if endpoint.billing != "free" and not model:
+            raise InvalidRequest("'model' is required", code="model_required")
+        max_tokens = body.get("max_tokens", body.get("max_completion_tokens"))
+        if max_tokens is not None and (not isinstance(max_tokens, int) or max_tokens < 0
+                                       or isinstance(max_tokens, bool)):
+            raise InvalidRequest("max_tokens must be a non-negative integer",
+                                 code="invalid_max_tokens")
+        return body, model
+
+    def _worst_case(self, endpoint: Endpoint, price: pricing.ModelPrice | None,
+                    body: dict[str, Any], size: int) -> int:
+        if price is None or endpoint.billing == "free":
+            return 0
+        if endpoint.billing == "per_request":
+            n = body.get("n", 1)
+            count = n if isinstance(n, int) and not isinstance(n, bool) and n > 0 else 1
+            return pricing.actual_cost(price, 0, 0).total_msats * count
+        if endpoint.billing == "prompt":
+            return pricing.worst_case_msats(price, {**body, "max_tokens": 0}, size)
+        if endpoint is RESPONSES and "max_output_tokens" in body:
+            body = {**body, "max_tokens": body["max_output_tokens"]}
+        return pricing.worst_case_msats(price, body, size)
+
+    @staticmethod
+    def _max_cost_msats(request: Request) -> int | None:
+        raw = request.header("x-max-cost")
+        if raw is None:
+            return None
+        try:
+            sats = float(raw)  # a header value in sats (may carry decimals): parsed, then exact
+        except ValueError:
+            raise InvalidRequest("X-Max-Cost must be a number of sats",
+                                 code="invalid_max_cost") from None
+        if not math.isfinite(sats) or sats < 0:
+            raise InvalidRequest("X-Max-Cost must be a non-negative number of sats",
+                                 code="invalid_max_cost")
+        return int(round(sats * 1000))
+
+    def _upstream_request(self, request: Request, endpoint: Endpoint, body: dict[str, Any],
+                          stream: bool) -> tuple[str, list[tuple[str, str]], bytes]:
+        base = self.config.upstream_base_url.rstrip("/")
+        url = base + endpoint.path
+        query = request.query_string
+        if endpoint is CHAT and self.config.chat_completions_api_version:
+            extra = f"api-version={self.config.chat_completions_api_version}"
+            query = f"{query}&{extra}" if query else extra
+        if query:
+            url = f"{url}?{query}"
+        headers = [(k, v) for k, v in request.headers if k not in _DROP_REQUEST_HEADERS]
+        if self.config.upstream_api_key:
+            headers.append(("authorization", f"Bearer {self.config.upstream_api_key}"))
+            if self.config.chat_completions_api_version:
+                headers.append(("api-key", self.config.upstream_api_key))
+        payload = request.body
+        if stream and endpoint in (CHAT, COMPLETIONS):
+            opts = body.get("stream_options")
+            if not (isinstance(opts, dict) and opts.get("include_usage") is True):
+                new_opts = dict(opts) if isinstance(opts, dict) else {}
+                new_opts["include_usage"] = True
+                payload = json.dumps({**body, "stream_options": new_opts}).encode()
+        return url, headers, payload
+
+    async def forward(self, request: Request, endpoint: Endpoint) -> Response:
+        body, model = self._parse(request, endpoint)
+        price = self.prices.get(model) if model and endpoint.billing != "free" else None
+        worst = self._worst_case(endpoint, price, body, len(request.body))
+        cap = self._max_cost_msats(request)
+        if cap is not None and worst > cap:
+            raise InsufficientBalance(
+                f"Worst-case cost {format_sats(worst)} sats exceeds X-Max-Cost",
+                code="max_cost_exceeded", details={"required": worst, "max_cost": cap})
+        if not self.config.upstream_base_url:
+            raise ServiceUnavailable("No upstream is configured on this node",
+                                     code="upstream_not_configured")
+        payer = await self.payments.payer_for(request, worst, model or "")
+        try:
+            reservation = self.ledger.reserve(payer.account_id, worst,
+                                              request_id=request.request_id,
+                                              ttl_s=self.config.reservation_ttl_s)
+        except ApiError as exc:
+            await self.payments.after_failure(payer, exc)
+            raise
+        billing = Billing(self.ledger, payer, reservation.id, worst, cap, price, endpoint,
+                          len(request.body), request.request_id)
+        stream = bool(body.get("stream")) and endpoint.streams
+        url, headers, payload = self._upstream_request(request, endpoint, body, stream)
+        opts = body.get("stream_options")
+        wants_usage = isinstance(opts, dict) and opts.get("include_usage") is True
+        upstream: UpstreamResponse | None = None
+        handed_off = False
+        try:
+            upstream = await self.http.request(request.method, url, headers, payload)
+            if upstream.status >= 400:
+                raise await self._upstream_failure(upstream)
+            ctype = upstream.header("content-type") or ""
+            if "text/event-stream" in ctype:
+                relay = Relay(upstream, billing, self.payments, wants_usage)
+                handed_off = True
+                out_headers = [("content-type", ctype), ("cache-control", "no-cache"),
+                               ("x-accel-buffering", "no")]
+                return Response(upstream.status, out_headers, stream=relay)
+            raw = await upstream.read(MAX_UPSTREAM_BODY_BYTES)
+            return await self._complete(request, billing, upstream, raw)
+        except ApiError as exc:
+            with anyio.CancelScope(shield=True):
+                billing.finish(None)
+                await self.payments.after_failure(payer, exc)
+            raise
+        finally:
+            if upstream is not None and not handed_off:
+                with anyio.CancelScope(shield=True):
+                    await upstream.aclose()
+            if not billing.finished and not handed_off:
+                billing.finish(None)
+
+    async def _upstream_failure(self, upstream: UpstreamResponse) -> ApiError:
+        try:
+            raw = await upstream.read(1024 * 1024)
+        except UpstreamError:
+            raw = b""
+        message = raw[:500].decode("utf-8", "replace")
+        details: dict[str, Any] = {"upstream_status": upstream.status}
+        try:
+            doc = json.loads(raw)
+            err = doc.get("error") if isinstance(doc, dict) else None
+            if isinstance(err, dict):
+                message = str(err.get("message") or message)
+                details["upstream_error"] = err
+            elif isinstance(err, str):
+                message = err
+        except (ValueError, UnicodeDecodeError):
+            pass
+        if upstream.status >= 500:
+            return UpstreamError(f"Upstream returned {upstream.status}: {message}",
+                                 code="upstream_failed", details=details)
+        headers = []
+        retry = upstream.header("retry-after")
+        if retry:
+            headers.append(("retry-after", retry))
+        err_obj = UpstreamStatusError(upstream.status, message or "Upstream rejected the request",
+                                      details)
+        err_obj.headers.extend(headers)
+        return err_obj
+
+    async def _complete(self, request: Request, billing: Billing, upstream: UpstreamResponse,
+                        raw: bytes) -> Response:
+        ctype = upstream.header("content-type") or "application/octet-stream"
+        doc: Any = None
+        if "json" in ctype:
+            try:
+                doc = json.loads(raw)
+            except (ValueError, UnicodeDecodeError):
+                doc = None
+        usage = doc.get("usage") if isinstance(doc, dict) else None
+        if billing.endpoint.billing in ("per_request", "free") or usage_tokens(usage):
+            cost = billing.cost_for_usage(usage)
+        else:
+            cost = billing.estimate(len(raw))
+        billing.finish(cost)
+        if isinstance(doc, dict) and isinstance(usage, dict) and billing.settlement is not None:
+            usage.update(billing.usage_fields())
+            raw = json.dumps(doc, separators=(",", ":")).encode()
+        headers = [(k, v) for k, v in upstream.headers if k in _PASS_RESPONSE_HEADERS]
+        headers.extend(billing.cost_headers())
+        headers.extend(await self.payments.after_success(billing.payer, billing.settlement))
+        return Response(upstream.status, headers, raw)
+
+
+def origin_of(url: str) -> str:
+    parts = urlsplit(url)
+    return f"{parts.scheme}://{parts.netloc}"
+
+
+def now() -> float:
+    return time.time()
