@@ -23,6 +23,10 @@ class ApiError(Exception):
     status: ClassVar[int] = 500
     type: ClassVar[str] = "internal_error"
     default_code: ClassVar[str] = "internal_error"
+    # The spec's own client examples test `"insufficient_balance" in str(e)` and
+    # `"rate_limit" in str(e)`; current OpenAI SDKs put only `error.message` into str(e),
+    # so these errors carry their type at the head of the message.
+    type_in_message: ClassVar[bool] = False
 
     def __init__(
         self,
@@ -32,6 +36,8 @@ class ApiError(Exception):
         details: Mapping[str, Any] | None = None,
         headers: Sequence[tuple[str, str]] = (),
     ) -> None:
+        if self.type_in_message and not message.startswith(self.type):
+            message = f"{self.type}: {message}"
         super().__init__(message)
         self.message = message
         self.code = code or self.default_code
@@ -68,6 +74,7 @@ class InsufficientBalance(ApiError):
     status = 402
     type = "insufficient_balance"
     default_code = "insufficient_balance"
+    type_in_message = True
 
 
 class Forbidden(ApiError):
@@ -138,6 +145,7 @@ class RateLimited(ApiError):
     status = 429
     type = "rate_limit_exceeded"
     default_code = "rate_limit_exceeded"
+    type_in_message = True
 
 
 class HeadersTooLarge(ApiError):
