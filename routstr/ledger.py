@@ -1,0 +1,1309 @@
+"""The ledger: the only module that changes money. Amounts are integer millisatoshis (msats).
+
+Accounts (table `keys`) are API keys (``api``), Cashu tokens used as a Bearer key (``token``),
+single X-Cashu payments (``xcashu``) and child keys (``child``). Each holds
+
+    balance   spendable money, NOT including reservations
+    reserved  money held for requests in flight (= Σ of its live reservations)
+    spent     money charged for requests and child-key fees
+    refunded  money that left as refund tokens, X-Cashu change or Lightning payouts
+    deposited money paid in (Cashu tokens, Lightning)
+    granted   money an operator gave (admin grants), kept apart from deposits
+
+Invariants — checked by `check_invariant` (tests run it after every step), and the first two
+also enforced by CHECK constraints in the schema, so a buggy write aborts instead of committing:
+
+ I1. per account, to the msat:  deposited + granted = balance + reserved + spent + refunded;
+ I2. every money column is ≥ 0: a balance never goes negative, whatever the cost reported;
+ I3. per account, reserved = Σ amount of the reservations held on it;
+ I4. child keys hold no money (all money columns 0); their requests reserve and charge the
+     parent, so I1–I3 hold for children trivially and for parents by construction;
+ I5. the transaction log `txlog` is append-only (triggers abort UPDATE/DELETE) and reconciles
+     with the accounts: per account, Σ deposit rows = deposited, Σ grant rows = granted,
+     Σ settle + charge + child_key_fee rows = spent, Σ refund + payout + change rows
+     − Σ reversal rows = refunded;
+ I6. a reservation is consumed at most once: settle, release, expiry and orphan release each
+     delete the row in the same transaction that moves its money; a second attempt finds
+     nothing and raises `ReservationGone` — never a second charge or a second release;
+ I7. a deposit reference (`ref` of a ``deposit`` row: token, invoice) is credited at most once,
+     and a refund reversal reference applied at most once (unique index; `DuplicateDeposit`).
+
+How money moves (each op is one `txlog` row of the named kind, key_id = the paying account):
+
+    create   +0 (account created; a 'deposit' / 'grant' row follows if it starts funded)
+    deposit / grant        balance += a            deposited / granted += a
+    reserve                balance -= a            reserved += a
+    settle   held h, cost c:
+               c <= h      reserved -= h, balance += h - c, spent += c
+               c >  h      reserved -= h, extra = min(c - h, balance), balance -= extra,
+                           spent += h + extra; c - h - extra is the *overdraft*: not charged,
+                           recorded in the row's memo (the reservation follows the client-side
+                           formula and may be below the real cost — compatibility issue §1)
+    release / expire / orphan   reserved -= h, balance += h
+    charge   (no reservation; late settle after expiry)  like settle with h = 0
+    refund / payout / change    balance -= a, refunded += a  (refused while requests are live)
+    reversal               balance += a, refunded -= a  (the refund's token or payment never
+                           left: the mint refused, the Lightning payment failed)
+    child_key_fee          balance -= a, spent += a (on the parent)
+
+Reservations carry an expiry (`ttl_s`) and the boot id of the process that made them. Nothing
+survives a crash held: `sweep_expired` releases what is past its expiry (run at start and
+periodically), and `release_orphans` releases at start every reservation made by another boot —
+only valid when this process is the only one using the database (single-process mode); with
+``--workers N`` the expiry sweep alone bounds how long a dead worker's reservations stay held.
+
+Every operation is a plain ``def op(conn, ...)`` that expects to run inside a transaction opened
+by `db.Database.transaction` (so another module, e.g. the wallet's proof store, can credit inside
+its own transaction); `Ledger` wraps each op in its own transaction and picks the durability:
+money entering or leaving the node commits with a full fsync, per-request operations do not
+(see `db` for what a power cut can lose).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import secrets
+import sqlite3
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, fields
+from typing import Any, Final, Literal
+
+from . import errors
+from .db import Database
+from .money import format_sats
+
+MAX_MSATS: Final = 21_000_000 * 100_000_000 * 1000  # every bitcoin there will ever be
+ACCOUNT_KINDS: Final = ("api", "token", "xcashu", "child")
+CREDIT_KINDS: Final = ("deposit", "grant")
+REFUND_KINDS: Final = ("refund", "payout", "change")
+REVERSAL_KIND: Final = "reversal"
+CHARGE_KINDS: Final = ("settle", "charge", "child_key_fee")
+LIMIT_RESETS: Final = ("daily", "weekly", "monthly")
+
+AccountKind = Literal["api", "token", "xcashu", "child"]
+CreditKind = Literal["deposit", "grant"]
+RefundKind = Literal["refund", "payout", "change"]
+LimitReset = Literal["daily", "weekly", "monthly"]
+
+
+# --------------------------------------------------------------------------------------------
+# Typed errors
+# --------------------------------------------------------------------------------------------
+
+
+class AccountExists(errors.Conflict):
+    default_code = "account_exists"
+
+
+class AccountNotFound(errors.NotFound):
+    default_code = "key_not_found"
+
+
+class ReservationGone(errors.Conflict):
+    """The reservation was already settled, released, expired or orphan-released."""
+
+    default_code = "reservation_gone"
+
+    def __init__(self, reservation_id: int) -> None:
+        super().__init__(
+            f"reservation {reservation_id} no longer exists",
+            details={"reservation_id": reservation_id},
+        )
+        self.reservation_id = reservation_id
+
+
+class ChildKeyNotAllowed(errors.InvalidRequest):
+    default_code = "child_key_not_allowed"
+
+
+class DuplicateDeposit(errors.Conflict):
+    """This deposit reference was credited (or this reversal applied) already."""
+
+    default_code = "duplicate_deposit"
+
+
+class LedgerInvariantError(RuntimeError):
+    """The books do not balance. Never expected; raised by `check_invariant`."""
+
+
+# --------------------------------------------------------------------------------------------
+# Value types
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Account:
+    id: int
+    key_hash: str
+    hint: str
+    kind: str
+    parent_id: int | None
+    balance_msats: int
+    reserved_msats: int
+    spent_msats: int
+    deposited_msats: int
+    granted_msats: int
+    refunded_msats: int
+    usage_msats: int  # cost of requests made with this key (a child's are charged to its parent)
+    total_requests: int
+    tx_count: int
+    created_at: int
+    last_used_at: int | None
+    disabled: bool
+    balance_limit_msats: int | None
+    balance_limit_reset: str | None
+    limit_window_start: int | None
+    limit_spent_msats: int
+    validity_date: int | None
+    refund_address: str | None
+    refund_expiry: int | None
+    refund_mint: str | None
+    refund_unit: str | None
+
+    @property
+    def is_child(self) -> bool:
+        return self.parent_id is not None
+
+    @property
+    def paying_id(self) -> int:
+        """The account whose balance this key spends (its parent for a child key)."""
+        return self.parent_id if self.parent_id is not None else self.id
+
+
+@dataclass(frozen=True, slots=True)
+class Reservation:
+    id: int
+    key_id: int
+    child_id: int | None
+    amount_msats: int
+    request_id: str
+    owner: str
+    created_at: int
+    expires_at: int
+
+
+@dataclass(frozen=True, slots=True)
+class Settlement:
+    reservation_id: int | None
+    charged_msats: int
+    released_msats: int
+    overdraft_msats: int
+    balance_msats: int  # the paying account's spendable balance afterwards
+
+
+@dataclass(frozen=True, slots=True)
+class TxRow:
+    id: int
+    time: int
+    kind: str
+    key_id: int
+    child_id: int | None
+    amount_msats: int
+    request_id: str | None
+    ref: str | None
+    memo: str
+
+
+# SQL built only from these constant column lists (never from input), hence the noqa.
+_ACCOUNT_COLUMNS: Final = ", ".join(f.name for f in fields(Account))
+_SELECT_ACCOUNT: Final = f"SELECT {_ACCOUNT_COLUMNS} FROM keys"  # noqa: S608
+_SELECT_RESERVATION: Final = (
+    f"SELECT {', '.join(f.name for f in fields(Reservation))} FROM reservations"  # noqa: S608
+)
+_SELECT_TX: Final = f"SELECT {', '.join(f.name for f in fields(TxRow))} FROM txlog"  # noqa: S608
+
+
+_DISABLED: Final = [f.name for f in fields(Account)].index("disabled")
+
+
+def _account(row: Sequence[Any]) -> Account:
+    values = list(row)
+    values[_DISABLED] = bool(values[_DISABLED])
+    return Account(*values)
+
+
+# --------------------------------------------------------------------------------------------
+# Helpers
+# --------------------------------------------------------------------------------------------
+
+
+def _amount(value: int, what: str = "amount_msats") -> int:
+    if type(value) is not int:  # bool is an int too; floats never carry money
+        raise TypeError(f"{what} must be an int (msats), got {type(value).__name__}")
+    if not 0 <= value <= MAX_MSATS:
+        raise ValueError(f"{what} out of range: {value}")
+    return value
+
+
+def _key_hash(value: str) -> str:
+    if len(value) != 64 or any(c not in "0123456789abcdef" for c in value):
+        raise ValueError("key_hash must be 64 lowercase hex characters (sha256)")
+    return value
+
+
+def window_start(reset: str | None, now: int) -> int | None:
+    """Start (unix, UTC) of the daily / weekly (ISO, Monday) / monthly window containing `now`."""
+    if reset is None:
+        return None
+    day = dt.datetime.fromtimestamp(now, dt.UTC).replace(hour=0, minute=0, second=0, microsecond=0)
+    if reset == "daily":
+        start = day
+    elif reset == "weekly":
+        start = day - dt.timedelta(days=day.weekday())
+    elif reset == "monthly":
+        start = day.replace(day=1)
+    else:
+        raise ValueError(f"balance_limit_reset must be one of {LIMIT_RESETS}")
+    return int(start.timestamp())
+
+
+def _limit_spent_now(acct: Account, now: int) -> tuple[int, int | None]:
+    """(spent in the current limit window, that window's start)."""
+    start = window_start(acct.balance_limit_reset, now)
+    if start is None:
+        return acct.limit_spent_msats, acct.limit_window_start
+    if acct.limit_window_start is None or acct.limit_window_start < start:
+        return 0, start
+    return acct.limit_spent_msats, acct.limit_window_start
+
+
+def _log(
+    conn: sqlite3.Connection,
+    kind: str,
+    key_id: int,
+    amount_msats: int,
+    *,
+    now: int,
+    child_id: int | None = None,
+    request_id: str | None = None,
+    ref: str | None = None,
+    memo: str = "",
+) -> None:
+    conn.execute(
+        "INSERT INTO txlog (time, kind, key_id, child_id, amount_msats, request_id, ref, memo)"
+        " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+        (now, kind, key_id, child_id, amount_msats, request_id, ref, memo),
+    )
+
+
+def _log_for(conn: sqlite3.Connection, acct: Account, kind: str, amount: int, **kw: Any) -> None:
+    """Log against the paying account, naming the child key when `acct` is one."""
+    _log(conn, kind, acct.paying_id, amount, child_id=acct.id if acct.is_child else None, **kw)
+
+
+def _require(conn: sqlite3.Connection, account_id: int) -> Account:
+    acct = get_account_by_id(conn, account_id)
+    if acct is None:
+        raise AccountNotFound(f"Key not found (account {account_id})")
+    return acct
+
+
+def _check_usable(acct: Account, now: int) -> None:
+    if acct.disabled:
+        raise errors.AuthenticationFailed("This API key is disabled.", code="key_disabled")
+    if acct.validity_date is not None and now >= acct.validity_date:
+        raise errors.Forbidden(
+            "This API key has expired.",
+            code="key_expired",
+            details={"validity_date": acct.validity_date},
+        )
+
+
+def _insufficient(required: int, available: int) -> errors.InsufficientBalance:
+    return errors.InsufficientBalance(
+        f"Insufficient balance: {format_sats(required)} sats ({required} msats) required;"
+        f" {format_sats(available)} sats ({available} msats) available.",
+        code="insufficient_balance",
+        details={"required": required, "available": available},
+    )
+
+
+def _get_reservation(conn: sqlite3.Connection, reservation_id: int) -> Reservation | None:
+    row = conn.execute(_SELECT_RESERVATION + " WHERE id = ?", (reservation_id,)).fetchone()
+    return Reservation(*row) if row else None
+
+
+def _requester_id(r: Reservation) -> int:
+    return r.child_id if r.child_id is not None else r.key_id
+
+
+# --------------------------------------------------------------------------------------------
+# Queries
+# --------------------------------------------------------------------------------------------
+
+
+def get_account(conn: sqlite3.Connection, key_hash: str) -> Account | None:
+    row = conn.execute(
+        _SELECT_ACCOUNT + " WHERE key_hash = ?",
+        (key_hash,),
+    ).fetchone()
+    return _account(row) if row else None
+
+
+def get_account_by_id(conn: sqlite3.Connection, account_id: int) -> Account | None:
+    row = conn.execute(
+        _SELECT_ACCOUNT + " WHERE id = ?",
+        (account_id,),
+    ).fetchone()
+    return _account(row) if row else None
+
+
+def get_reservation(conn: sqlite3.Connection, reservation_id: int) -> Reservation | None:
+    return _get_reservation(conn, reservation_id)
+
+
+def children(conn: sqlite3.Connection, parent_id: int) -> list[Account]:
+    rows = conn.execute(
+        _SELECT_ACCOUNT + " WHERE parent_id = ? ORDER BY id",
+        (parent_id,),
+    ).fetchall()
+    return [_account(r) for r in rows]
+
+
+def reserved_by(conn: sqlite3.Connection, acct: Account) -> int:
+    """msats held for requests made with this key itself (a child's, or a parent's own)."""
+    if acct.is_child:
+        sql = "SELECT COALESCE(SUM(amount_msats), 0) FROM reservations WHERE child_id = ?"
+    else:
+        sql = (
+            "SELECT COALESCE(SUM(amount_msats), 0) FROM reservations"
+            " WHERE key_id = ? AND child_id IS NULL"
+        )
+    return int(conn.execute(sql, (acct.id,)).fetchone()[0])
+
+
+def transactions(
+    conn: sqlite3.Connection, account_id: int, *, limit: int = 50, offset: int = 0
+) -> tuple[list[TxRow], int]:
+    """A page of the account's log, newest first, and the account's total row count.
+
+    Served from the (key_id, id DESC) index — or (child_id, id DESC) for a child key — and the
+    per-key counter kept by a trigger, so the cost is O(offset + limit), whatever the history.
+    A parent's history includes its children's activity (it is the parent's money).
+    """
+    if limit < 0 or offset < 0:
+        raise ValueError("limit and offset must be >= 0")
+    acct = _require(conn, account_id)
+    column = "child_id" if acct.is_child else "key_id"
+    rows = conn.execute(
+        _SELECT_TX + f" WHERE {column} = ? ORDER BY id DESC LIMIT ? OFFSET ?",
+        (account_id, limit, offset),
+    ).fetchall()
+    return [TxRow(*r) for r in rows], acct.tx_count
+
+
+# --------------------------------------------------------------------------------------------
+# Operations (each runs inside the caller's transaction)
+# --------------------------------------------------------------------------------------------
+
+
+def create_account(
+    conn: sqlite3.Connection,
+    *,
+    key_hash: str,
+    kind: AccountKind | str,
+    deposit_msats: int = 0,
+    source_kind: CreditKind | str = "deposit",
+    ref: str | None = None,
+    parent_id: int | None = None,
+    balance_limit_msats: int | None = None,
+    balance_limit_reset: LimitReset | str | None = None,
+    validity_date: int | None = None,
+    refund_address: str | None = None,
+    refund_mint: str | None = None,
+    refund_unit: str | None = None,
+    hint: str = "",
+    now: int,
+) -> Account:
+    """Create an account, optionally funded. Duplicate `key_hash` → `AccountExists`.
+
+    A child (``kind='child'``) needs `parent_id` and cannot be funded; `create_child` is the
+    operation that also charges the parent's fee.
+    """
+    _key_hash(key_hash)
+    _amount(deposit_msats, "deposit_msats")
+    if kind not in ACCOUNT_KINDS:
+        raise ValueError(f"kind must be one of {ACCOUNT_KINDS}")
+    if source_kind not in CREDIT_KINDS:
+        raise ValueError(f"source_kind must be one of {CREDIT_KINDS}")
+    if balance_limit_msats is not None:
+        _amount(balance_limit_msats, "balance_limit_msats")
+    if balance_limit_reset is not None and balance_limit_reset not in LIMIT_RESETS:
+        raise ValueError(f"balance_limit_reset must be one of {LIMIT_RESETS}")
+    if len(hint) > 4:
+        raise ValueError("hint is at most the last 4 characters of the key")
+    parent: Account | None = None
+    if kind == "child":
+        if parent_id is None:
+            raise ValueError("a child key needs parent_id")
+        if deposit_msats:
+            raise ChildKeyNotAllowed("Child keys spend their parent's balance; fund the parent.")
+        parent = _require(conn, parent_id)
+        if parent.is_child:
+            raise ChildKeyNotAllowed("Child keys cannot create child keys.")
+    elif parent_id is not None:
+        raise ValueError("only child keys have a parent")
+    if get_account(conn, key_hash) is not None:
+        raise AccountExists("An account with this key already exists.")
+    cur = conn.execute(
+        "INSERT INTO keys (key_hash, hint, kind, parent_id, created_at, balance_limit_msats,"
+        " balance_limit_reset, limit_window_start, validity_date, refund_address, refund_mint,"
+        " refund_unit) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        (
+            key_hash,
+            hint,
+            kind,
+            parent_id,
+            now,
+            balance_limit_msats,
+            balance_limit_reset,
+            window_start(balance_limit_reset, now),
+            validity_date,
+            refund_address,
+            refund_mint,
+            refund_unit,
+        ),
+    )
+    account_id = cur.lastrowid
+    assert account_id is not None
+    acct = _require(conn, account_id)
+    _log_for(conn, acct, "create", 0, now=now, memo=kind)
+    if deposit_msats:
+        return credit(conn, account_id, deposit_msats, kind=source_kind, ref=ref, now=now)
+    return acct
+
+
+def credit(
+    conn: sqlite3.Connection,
+    account_id: int,
+    amount_msats: int,
+    *,
+    kind: CreditKind | str = "deposit",
+    ref: str | None = None,
+    now: int,
+    memo: str = "",
+) -> Account:
+    """Add money (a top-up or an admin grant). Crediting a child key credits its parent.
+
+    Returns the account that received the money. A `ref` already credited as a deposit →
+    `DuplicateDeposit`. A `ref` is stored in clear: never key material — in particular not
+    ``sha256(token)``, which is a Cashu token's API key (use `keys.token_deposit_ref`).
+    """
+    _amount(amount_msats)
+    if amount_msats == 0:
+        raise ValueError("nothing to credit")
+    if kind not in CREDIT_KINDS:
+        raise ValueError(f"credit kind must be one of {CREDIT_KINDS}")
+    acct = _require(conn, account_id)
+    if kind == "deposit" and ref is not None:
+        seen = conn.execute(
+            "SELECT 1 FROM txlog WHERE kind = 'deposit' AND ref = ?", (ref,)
+        ).fetchone()
+        if seen:
+            raise DuplicateDeposit("This payment was already credited.")
+    deposit, grant = (amount_msats, 0) if kind == "deposit" else (0, amount_msats)
+    conn.execute(
+        "UPDATE keys SET balance_msats = balance_msats + ?, deposited_msats = deposited_msats + ?,"
+        " granted_msats = granted_msats + ? WHERE id = ?",
+        (amount_msats, deposit, grant, acct.paying_id),
+    )
+    _log_for(conn, acct, kind, amount_msats, now=now, ref=ref, memo=memo)
+    return _require(conn, acct.paying_id)
+
+
+def reserve(
+    conn: sqlite3.Connection,
+    account_id: int,
+    amount_msats: int,
+    *,
+    request_id: str,
+    ttl_s: int,
+    now: int,
+    owner: str = "",
+) -> Reservation:
+    """Atomically check the key's policy and hold `amount_msats` of the paying balance.
+
+    Checks, in order: key (and parent) disabled → 401 ``key_disabled``; past `validity_date` →
+    403 ``key_expired``; the requesting key's `balance_limit` (spent in the current window +
+    reserved by this key + amount > limit) → 402 ``balance_limit_exceeded``; spendable balance
+    short → 402 ``insufficient_balance`` with details {required, available}.
+    """
+    _amount(amount_msats)
+    if ttl_s <= 0:
+        raise ValueError("ttl_s must be positive")
+    key = _require(conn, account_id)
+    payer = _require(conn, key.parent_id) if key.parent_id is not None else key
+    _check_usable(key, now)
+    if payer is not key:
+        _check_usable(payer, now)
+    if key.balance_limit_msats is not None:
+        spent, _ = _limit_spent_now(key, now)
+        held = reserved_by(conn, key)
+        if spent + held + amount_msats > key.balance_limit_msats:
+            raise errors.InsufficientBalance(
+                f"Balance limit exceeded: {key.balance_limit_msats} msats limit;"
+                f" {spent} msats spent and {held} msats reserved in this period,"
+                f" {amount_msats} msats required.",
+                code="balance_limit_exceeded",
+                details={
+                    "balance_limit": key.balance_limit_msats,
+                    "spent": spent,
+                    "reserved": held,
+                    "required": amount_msats,
+                },
+            )
+    if payer.balance_msats < amount_msats:
+        raise _insufficient(amount_msats, payer.balance_msats)
+    conn.execute(
+        "UPDATE keys SET balance_msats = balance_msats - ?, reserved_msats = reserved_msats + ?,"
+        " total_requests = total_requests + 1, last_used_at = ? WHERE id = ?",
+        (amount_msats, amount_msats, now, payer.id),
+    )
+    child_id = key.id if key.is_child else None
+    if child_id is not None:
+        conn.execute(
+            "UPDATE keys SET total_requests = total_requests + 1, last_used_at = ? WHERE id = ?",
+            (now, child_id),
+        )
+    cur = conn.execute(
+        "INSERT INTO reservations (key_id, child_id, amount_msats, request_id, owner,"
+        " created_at, expires_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+        (payer.id, child_id, amount_msats, request_id, owner, now, now + ttl_s),
+    )
+    _log(conn, "reserve", payer.id, amount_msats, child_id=child_id, request_id=request_id, now=now)
+    assert cur.lastrowid is not None
+    return Reservation(
+        cur.lastrowid, payer.id, child_id, amount_msats, request_id, owner, now, now + ttl_s
+    )
+
+
+def _charge_from(
+    conn: sqlite3.Connection,
+    payer: Account,
+    requester_id: int,
+    held: int,
+    cost: int,
+    *,
+    now: int,
+) -> tuple[int, int, int]:
+    """Consume `held` reserved msats for a request costing `cost`: (charged, released, overdraft).
+
+    The excess over `held` is taken from the spendable balance, down to zero and no further.
+    """
+    if cost <= held:
+        charged, released, extra = cost, held - cost, 0
+    else:
+        extra = min(cost - held, payer.balance_msats)
+        charged, released = held + extra, 0
+    overdraft = cost - charged
+    conn.execute(
+        "UPDATE keys SET reserved_msats = reserved_msats - ?,"
+        " balance_msats = balance_msats + ? - ?, spent_msats = spent_msats + ? WHERE id = ?",
+        (held, released, extra, charged, payer.id),
+    )
+    requester = payer if requester_id == payer.id else _require(conn, requester_id)
+    spent, start = _limit_spent_now(requester, now)
+    conn.execute(
+        "UPDATE keys SET usage_msats = usage_msats + ?, limit_spent_msats = ?,"
+        " limit_window_start = ? WHERE id = ?",
+        (charged, spent + charged, start, requester.id),
+    )
+    return charged, released, overdraft
+
+
+def settle(
+    conn: sqlite3.Connection, reservation_id: int, cost_msats: int, *, now: int
+) -> Settlement:
+    """Charge the request's actual cost and release the rest of its reservation.
+
+    A cost above the reservation is charged from the spendable balance down to zero; what cannot
+    be charged is returned as `overdraft_msats` and written in the log row's memo. A reservation
+    that no longer exists → `ReservationGone` (nothing charged).
+    """
+    _amount(cost_msats, "cost_msats")
+    r = _get_reservation(conn, reservation_id)
+    if r is None:
+        raise ReservationGone(reservation_id)
+    conn.execute("DELETE FROM reservations WHERE id = ?", (r.id,))
+    payer = _require(conn, r.key_id)
+    charged, released, overdraft = _charge_from(
+        conn, payer, _requester_id(r), r.amount_msats, cost_msats, now=now
+    )
+    memo = f"cost={cost_msats} held={r.amount_msats} released={released}"
+    if overdraft:
+        memo += f" overdraft={overdraft}"
+    _log(
+        conn,
+        "settle",
+        r.key_id,
+        charged,
+        child_id=r.child_id,
+        request_id=r.request_id,
+        now=now,
+        memo=memo,
+    )
+    balance = _require(conn, r.key_id).balance_msats
+    return Settlement(r.id, charged, released, overdraft, balance)
+
+
+def charge(
+    conn: sqlite3.Connection,
+    account_id: int,
+    cost_msats: int,
+    *,
+    request_id: str,
+    now: int,
+) -> Settlement:
+    """Charge a cost with no reservation (e.g. after `settle` raised `ReservationGone` because a
+    request outlived its reservation): from the spendable balance, down to zero, never below.
+    """
+    _amount(cost_msats, "cost_msats")
+    key = _require(conn, account_id)
+    payer = _require(conn, key.paying_id)
+    charged, _, overdraft = _charge_from(conn, payer, key.id, 0, cost_msats, now=now)
+    memo = f"cost={cost_msats} held=0" + (f" overdraft={overdraft}" if overdraft else "")
+    _log_for(conn, key, "charge", charged, request_id=request_id, now=now, memo=memo)
+    return Settlement(None, charged, 0, overdraft, _require(conn, payer.id).balance_msats)
+
+
+def _release_row(conn: sqlite3.Connection, r: Reservation, kind: str, now: int, memo: str) -> None:
+    conn.execute("DELETE FROM reservations WHERE id = ?", (r.id,))
+    conn.execute(
+        "UPDATE keys SET reserved_msats = reserved_msats - ?, balance_msats = balance_msats + ?"
+        " WHERE id = ?",
+        (r.amount_msats, r.amount_msats, r.key_id),
+    )
+    _log(
+        conn,
+        kind,
+        r.key_id,
+        r.amount_msats,
+        child_id=r.child_id,
+        request_id=r.request_id,
+        now=now,
+        memo=memo,
+    )
+
+
+def release(conn: sqlite3.Connection, reservation_id: int, *, now: int) -> Settlement:
+    """Return a reservation to the balance, charging nothing. Gone already → `ReservationGone`."""
+    r = _get_reservation(conn, reservation_id)
+    if r is None:
+        raise ReservationGone(reservation_id)
+    _release_row(conn, r, "release", now, "")
+    return Settlement(r.id, 0, r.amount_msats, 0, _require(conn, r.key_id).balance_msats)
+
+
+def renew(conn: sqlite3.Connection, reservation_id: int, *, ttl_s: int, now: int) -> Reservation:
+    """Extend a live reservation's expiry to at least ``now + ttl_s`` (long streams call this).
+
+    Moves no money, so it writes no log row.
+    """
+    if ttl_s <= 0:
+        raise ValueError("ttl_s must be positive")
+    conn.execute(
+        "UPDATE reservations SET expires_at = MAX(expires_at, ?) WHERE id = ?",
+        (now + ttl_s, reservation_id),
+    )
+    r = _get_reservation(conn, reservation_id)
+    if r is None:
+        raise ReservationGone(reservation_id)
+    return r
+
+
+def _release_where(
+    conn: sqlite3.Connection, where: str, params: tuple[Any, ...], kind: str, now: int, memo: str
+) -> int:
+    rows = conn.execute(
+        _SELECT_RESERVATION + f" WHERE {where} ORDER BY id",
+        params,
+    ).fetchall()
+    for row in rows:
+        _release_row(conn, Reservation(*row), kind, now, memo)
+    return len(rows)
+
+
+def sweep_expired(conn: sqlite3.Connection, now: int) -> int:
+    """Release every reservation whose expiry has passed (log kind 'expire'); the count."""
+    return _release_where(conn, "expires_at <= ?", (now,), "expire", now, "expired")
+
+
+def release_orphans(conn: sqlite3.Connection, *, owner: str, now: int) -> int:
+    """Release every reservation made by a boot other than `owner` (log kind 'orphan').
+
+    Call at start only when this process is the database's sole user (single-process mode):
+    then any other boot's reservation belongs to a process that is gone.
+    """
+    return _release_where(conn, "owner != ?", (owner,), "orphan", now, "left by a previous run")
+
+
+def refund(
+    conn: sqlite3.Connection,
+    account_id: int,
+    amount_msats: int,
+    *,
+    kind: RefundKind | str = "refund",
+    ref: str | None = None,
+    now: int,
+    memo: str = "",
+) -> Account:
+    """Take money out of an account (refund token, X-Cashu change, Lightning payout).
+
+    Refused for child keys, while the account has requests in flight (expired reservations are
+    swept first), when the balance is zero ("No balance to refund") and for more than the
+    spendable balance. The caller hands the money out only after this commits.
+    """
+    _amount(amount_msats)
+    if kind not in REFUND_KINDS:
+        raise ValueError(f"refund kind must be one of {REFUND_KINDS}")
+    acct = _require(conn, account_id)
+    if acct.is_child:
+        raise ChildKeyNotAllowed("Child keys cannot be refunded; refund the parent key.")
+    _release_where(conn, "key_id = ? AND expires_at <= ?", (acct.id, now), "expire", now, "expired")
+    live = conn.execute(
+        "SELECT 1 FROM reservations WHERE key_id = ? LIMIT 1", (acct.id,)
+    ).fetchone()
+    if live:
+        raise errors.InvalidRequest(
+            "Cannot refund key. There are ongoing requests for this api key.",
+            code="ongoing_requests",
+        )
+    acct = _require(conn, account_id)
+    if acct.balance_msats == 0:
+        raise errors.InvalidRequest("No balance to refund", code="no_balance_to_refund")
+    if amount_msats == 0:
+        raise ValueError("nothing to refund")
+    if amount_msats > acct.balance_msats:
+        raise _insufficient(amount_msats, acct.balance_msats)
+    conn.execute(
+        "UPDATE keys SET balance_msats = balance_msats - ?,"
+        " refunded_msats = refunded_msats + ? WHERE id = ?",
+        (amount_msats, amount_msats, acct.id),
+    )
+    _log(conn, kind, acct.id, amount_msats, ref=ref, now=now, memo=memo)
+    return _require(conn, acct.id)
+
+
+def reverse_refund(
+    conn: sqlite3.Connection,
+    account_id: int,
+    amount_msats: int,
+    *,
+    ref: str | None = None,
+    now: int,
+    memo: str = "",
+) -> Account:
+    """Undo (part of) a refund whose money never left — the mint refused the send, the Lightning
+    payment failed: balance += amount, refunded -= amount. At most the refunded total; a `ref`
+    is applied once (`DuplicateDeposit` on a repeat), so a retried reversal cannot mint money.
+    """
+    _amount(amount_msats)
+    if amount_msats == 0:
+        raise ValueError("nothing to reverse")
+    acct = _require(conn, account_id)
+    if acct.is_child:
+        raise ChildKeyNotAllowed("Child keys are never refunded.")
+    if amount_msats > acct.refunded_msats:
+        raise ValueError(
+            f"cannot reverse {amount_msats} msats: only {acct.refunded_msats} were refunded"
+        )
+    if ref is not None:
+        seen = conn.execute(
+            "SELECT 1 FROM txlog WHERE kind = 'reversal' AND ref = ?", (ref,)
+        ).fetchone()
+        if seen:
+            raise DuplicateDeposit("This refund was already reversed.")
+    conn.execute(
+        "UPDATE keys SET balance_msats = balance_msats + ?,"
+        " refunded_msats = refunded_msats - ? WHERE id = ?",
+        (amount_msats, amount_msats, acct.id),
+    )
+    _log(conn, REVERSAL_KIND, acct.id, amount_msats, ref=ref, now=now, memo=memo)
+    return _require(conn, acct.id)
+
+
+def create_child(
+    conn: sqlite3.Connection,
+    parent_id: int,
+    key_hash: str,
+    *,
+    balance_limit_msats: int | None = None,
+    balance_limit_reset: LimitReset | str | None = None,
+    validity_date: int | None = None,
+    cost_msats: int = 0,
+    hint: str = "",
+    now: int,
+) -> Account:
+    """Create a child key that spends `parent_id`'s balance; charge the parent `cost_msats`."""
+    _amount(cost_msats, "cost_msats")
+    parent = _require(conn, parent_id)
+    if parent.is_child:
+        raise ChildKeyNotAllowed("Child keys cannot create child keys.")
+    _check_usable(parent, now)
+    if parent.balance_msats < cost_msats:
+        raise _insufficient(cost_msats, parent.balance_msats)
+    child = create_account(
+        conn,
+        key_hash=key_hash,
+        kind="child",
+        parent_id=parent.id,
+        balance_limit_msats=balance_limit_msats,
+        balance_limit_reset=balance_limit_reset,
+        validity_date=validity_date,
+        hint=hint,
+        now=now,
+    )
+    if cost_msats:
+        conn.execute(
+            "UPDATE keys SET balance_msats = balance_msats - ?, spent_msats = spent_msats + ?"
+            " WHERE id = ?",
+            (cost_msats, cost_msats, parent.id),
+        )
+        _log(conn, "child_key_fee", parent.id, cost_msats, child_id=child.id, now=now)
+    return child
+
+
+def reset_child(conn: sqlite3.Connection, parent_id: int, child_id: int, *, now: int) -> Account:
+    """Zero a child's spending towards its balance limit (routstr-core's child-key/reset)."""
+    child = get_account_by_id(conn, child_id)
+    if child is None or not child.is_child:
+        raise errors.NotFound("Child key not found.", code="key_not_found")
+    if child.parent_id != parent_id:
+        raise errors.Forbidden("You are not the parent of this key.", code="not_parent")
+    conn.execute(
+        "UPDATE keys SET limit_spent_msats = 0, limit_window_start = ? WHERE id = ?",
+        (now if child.balance_limit_reset else None, child.id),
+    )
+    _log_for(conn, child, "child_reset", 0, now=now)
+    return _require(conn, child.id)
+
+
+def set_disabled(
+    conn: sqlite3.Connection, account_id: int, disabled: bool, *, now: int, memo: str = ""
+) -> Account:
+    acct = _require(conn, account_id)
+    conn.execute("UPDATE keys SET disabled = ? WHERE id = ?", (int(disabled), acct.id))
+    _log_for(conn, acct, "disable" if disabled else "enable", 0, now=now, memo=memo)
+    return _require(conn, acct.id)
+
+
+def set_refund_address(
+    conn: sqlite3.Connection,
+    account_id: int,
+    *,
+    refund_address: str | None,
+    refund_expiry: int | None = None,
+    now: int,
+) -> Account:
+    """Store the Lightning address refunds of this key go to (request header Refund-LNURL) and
+    the Key-Expiry-Time sent with it. Moves no money; logged as 'policy'."""
+    acct = _require(conn, account_id)
+    if (acct.refund_address, acct.refund_expiry) == (refund_address, refund_expiry):
+        return acct
+    conn.execute(
+        "UPDATE keys SET refund_address = ?, refund_expiry = ? WHERE id = ?",
+        (refund_address, refund_expiry, acct.id),
+    )
+    _log_for(conn, acct, "policy", 0, now=now, memo="refund address set")
+    return _require(conn, acct.id)
+
+
+# --------------------------------------------------------------------------------------------
+# Totals and invariant
+# --------------------------------------------------------------------------------------------
+
+_MONEY = ("deposited", "granted", "balance", "reserved", "spent", "refunded")
+
+
+def totals(conn: sqlite3.Connection) -> dict[str, int]:
+    """Sums over all accounts, live reservations, and what the node owes its users."""
+    sums = conn.execute(
+        "SELECT COUNT(*), COALESCE(SUM(deposited_msats), 0), COALESCE(SUM(granted_msats), 0),"
+        " COALESCE(SUM(balance_msats), 0), COALESCE(SUM(reserved_msats), 0),"
+        " COALESCE(SUM(spent_msats), 0), COALESCE(SUM(refunded_msats), 0) FROM keys"
+    ).fetchone()
+    live = conn.execute(
+        "SELECT COUNT(*), COALESCE(SUM(amount_msats), 0) FROM reservations"
+    ).fetchone()
+    out = {"accounts": int(sums[0])}
+    out.update({f"{m}_msats": int(v) for m, v in zip(_MONEY, sums[1:], strict=True)})
+    out["reservations"] = int(live[0])
+    out["reservations_msats"] = int(live[1])
+    out["liability_msats"] = out["balance_msats"] + out["reserved_msats"]
+    return out
+
+
+def _violations(conn: sqlite3.Connection, sql: str, what: str) -> list[str]:
+    return [f"{what}: {tuple(row)}" for row in conn.execute(sql).fetchall()[:20]]
+
+
+def check_invariant(conn: sqlite3.Connection) -> dict[str, int]:
+    """Verify I1–I5 over every account and in total; raise `LedgerInvariantError` listing the
+    violations. Returns `totals(conn)`. A full scan: for tests and the admin page, not per request.
+    """
+    problems: list[str] = []
+    problems += _violations(
+        conn,
+        "SELECT id FROM keys WHERE MIN(balance_msats, reserved_msats, spent_msats,"
+        " deposited_msats, granted_msats, refunded_msats, usage_msats, limit_spent_msats) < 0",
+        "negative column",
+    )
+    problems += _violations(
+        conn,
+        "SELECT id, deposited_msats + granted_msats,"
+        " balance_msats + reserved_msats + spent_msats + refunded_msats FROM keys"
+        " WHERE deposited_msats + granted_msats"
+        " != balance_msats + reserved_msats + spent_msats + refunded_msats",
+        "conservation (id, in, out)",
+    )
+    problems += _violations(
+        conn,
+        "SELECT k.id, k.reserved_msats, COALESCE(SUM(r.amount_msats), 0) FROM keys k"
+        " LEFT JOIN reservations r ON r.key_id = k.id GROUP BY k.id"
+        " HAVING k.reserved_msats != COALESCE(SUM(r.amount_msats), 0)",
+        "reserved != live reservations (id, column, sum)",
+    )
+    problems += _violations(
+        conn,
+        "SELECT c.id FROM keys c LEFT JOIN keys p ON p.id = c.parent_id WHERE c.kind = 'child'"
+        " AND (p.id IS NULL OR p.kind = 'child' OR c.balance_msats + c.reserved_msats"
+        " + c.spent_msats + c.deposited_msats + c.granted_msats + c.refunded_msats != 0)",
+        "child key holding money or without a proper parent",
+    )
+    problems += _violations(
+        conn,
+        "SELECT r.id FROM reservations r JOIN keys k ON k.id = r.key_id WHERE k.kind = 'child'"
+        " OR (r.child_id IS NOT NULL AND r.child_id NOT IN"
+        " (SELECT id FROM keys WHERE parent_id = r.key_id))",
+        "reservation held on a child / for a foreign child",
+    )
+
+    problems += _violations(
+        conn,
+        "SELECT k.id, k.deposited_msats, k.granted_msats, k.spent_msats, k.refunded_msats,"
+        " COALESCE(t.dep, 0), COALESCE(t.gra, 0), COALESCE(t.spe, 0), COALESCE(t.ref, 0)"
+        " FROM keys k LEFT JOIN (SELECT key_id,"
+        " SUM(CASE WHEN kind = 'deposit' THEN amount_msats ELSE 0 END) AS dep,"
+        " SUM(CASE WHEN kind = 'grant' THEN amount_msats ELSE 0 END) AS gra,"
+        # CHARGE_KINDS, then REFUND_KINDS less REVERSAL_KIND
+        " SUM(CASE WHEN kind IN ('settle', 'charge', 'child_key_fee') THEN amount_msats"
+        " ELSE 0 END) AS spe,"
+        " SUM(CASE WHEN kind IN ('refund', 'payout', 'change') THEN amount_msats"
+        " WHEN kind = 'reversal' THEN -amount_msats ELSE 0 END) AS ref"
+        " FROM txlog GROUP BY key_id) t ON t.key_id = k.id"
+        " WHERE k.deposited_msats != COALESCE(t.dep, 0) OR k.granted_msats != COALESCE(t.gra, 0)"
+        " OR k.spent_msats != COALESCE(t.spe, 0) OR k.refunded_msats != COALESCE(t.ref, 0)",
+        "txlog does not reconcile (id, columns…, log sums…)",
+    )
+    t = totals(conn)
+    if t["deposited_msats"] + t["granted_msats"] != (
+        t["balance_msats"] + t["reserved_msats"] + t["spent_msats"] + t["refunded_msats"]
+    ):
+        problems.append(f"total conservation: {t}")
+    if t["reserved_msats"] != t["reservations_msats"]:
+        problems.append(f"total reserved != live reservations: {t}")
+    if problems:
+        raise LedgerInvariantError("; ".join(problems))
+    return t
+
+
+# --------------------------------------------------------------------------------------------
+# Ledger: each operation in its own transaction
+# --------------------------------------------------------------------------------------------
+
+
+class Ledger:
+    """Runs each ledger op in its own `Database.transaction`, with the durability it needs.
+
+    `boot_id` identifies this process's reservations (see `release_orphans`); `clock` gives
+    unix seconds. Every method takes an optional `now` for tests.
+    """
+
+    def __init__(
+        self,
+        db: Database,
+        *,
+        boot_id: str | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.db = db
+        self.boot_id = boot_id or secrets.token_hex(8)
+        self._clock = clock
+
+    def _now(self, now: int | None) -> int:
+        return int(self._clock()) if now is None else now
+
+    def startup_sweep(self, *, single_process: bool, now: int | None = None) -> int:
+        """At start: release expired reservations and, when this process is the database's sole
+        user, every reservation left by a previous run. Returns how many were released."""
+        t = self._now(now)
+
+        def op(conn: sqlite3.Connection) -> int:
+            n = sweep_expired(conn, t)
+            if single_process:
+                n += release_orphans(conn, owner=self.boot_id, now=t)
+            return n
+
+        return self.db.transaction(op)
+
+    # -- queries --------------------------------------------------------------------------
+
+    def get_account(self, key_hash: str) -> Account | None:
+        return self.db.read(lambda c: get_account(c, key_hash))
+
+    def get_account_by_id(self, account_id: int) -> Account | None:
+        return self.db.read(lambda c: get_account_by_id(c, account_id))
+
+    def get_reservation(self, reservation_id: int) -> Reservation | None:
+        return self.db.read(lambda c: get_reservation(c, reservation_id))
+
+    def children(self, parent_id: int) -> list[Account]:
+        return self.db.read(lambda c: children(c, parent_id))
+
+    def reserved_by(self, acct: Account) -> int:
+        return self.db.read(lambda c: reserved_by(c, acct))
+
+    def transactions(
+        self, account_id: int, *, limit: int = 50, offset: int = 0
+    ) -> tuple[list[TxRow], int]:
+        return self.db.read(lambda c: transactions(c, account_id, limit=limit, offset=offset))
+
+    def totals(self) -> dict[str, int]:
+        return self.db.read(totals)
+
+    def check_invariant(self) -> dict[str, int]:
+        return self.db.read(check_invariant)
+
+    # -- money in -------------------------------------------------------------------------
+
+    def create_account(
+        self,
+        *,
+        key_hash: str,
+        kind: AccountKind | str,
+        deposit_msats: int = 0,
+        source_kind: CreditKind | str = "deposit",
+        ref: str | None = None,
+        balance_limit_msats: int | None = None,
+        balance_limit_reset: LimitReset | str | None = None,
+        validity_date: int | None = None,
+        refund_address: str | None = None,
+        refund_mint: str | None = None,
+        refund_unit: str | None = None,
+        hint: str = "",
+        now: int | None = None,
+    ) -> Account:
+        t = self._now(now)
+        return self.db.transaction(
+            lambda c: create_account(
+                c,
+                key_hash=key_hash,
+                kind=kind,
+                deposit_msats=deposit_msats,
+                source_kind=source_kind,
+                ref=ref,
+                balance_limit_msats=balance_limit_msats,
+                balance_limit_reset=balance_limit_reset,
+                validity_date=validity_date,
+                refund_address=refund_address,
+                refund_mint=refund_mint,
+                refund_unit=refund_unit,
+                hint=hint,
+                now=t,
+            ),
+            durable=deposit_msats > 0,
+        )
+
+    def credit(
+        self,
+        account_id: int,
+        amount_msats: int,
+        *,
+        kind: CreditKind | str = "deposit",
+        ref: str | None = None,
+        memo: str = "",
+        now: int | None = None,
+    ) -> Account:
+        t = self._now(now)
+        return self.db.transaction(
+            lambda c: credit(c, account_id, amount_msats, kind=kind, ref=ref, memo=memo, now=t),
+            durable=True,
+        )
+
+    # -- per request ----------------------------------------------------------------------
+
+    def reserve(
+        self,
+        account_id: int,
+        amount_msats: int,
+        *,
+        request_id: str,
+        ttl_s: int,
+        now: int | None = None,
+    ) -> Reservation:
+        t = self._now(now)
+        return self.db.transaction(
+            lambda c: reserve(
+                c,
+                account_id,
+                amount_msats,
+                request_id=request_id,
+                ttl_s=ttl_s,
+                now=t,
+                owner=self.boot_id,
+            )
+        )
+
+    def settle(self, reservation_id: int, cost_msats: int, *, now: int | None = None) -> Settlement:
+        t = self._now(now)
+        return self.db.transaction(lambda c: settle(c, reservation_id, cost_msats, now=t))
+
+    def charge(
+        self, account_id: int, cost_msats: int, *, request_id: str, now: int | None = None
+    ) -> Settlement:
+        t = self._now(now)
+        return self.db.transaction(
+            lambda c: charge(c, account_id, cost_msats, request_id=request_id, now=t)
+        )
+
+    def release(self, reservation_id: int, *, now: int | None = None) -> Settlement:
+        t = self._now(now)
+        return self.db.transaction(lambda c: release(c, reservation_id, now=t))
+
+    def renew(self, reservation_id: int, *, ttl_s: int, now: int | None = None) -> Reservation:
+        t = self._now(now)
+        return self.db.transaction(lambda c: renew(c, reservation_id, ttl_s=ttl_s, now=t))
+
+    def sweep_expired(self, *, now: int | None = None) -> int:
+        t = self._now(now)
+        return self.db.transaction(lambda c: sweep_expired(c, t))
+
+    def release_orphans(self, *, now: int | None = None) -> int:
+        t = self._now(now)
+        return self.db.transaction(lambda c: release_orphans(c, owner=self.boot_id, now=t))
+
+    # -- money out ------------------------------------------------------------------------
+
+    def refund(
+        self,
+        account_id: int,
+        amount_msats: int,
+        *,
+        kind: RefundKind | str = "refund",
+        ref: str | None = None,
+        memo: str = "",
+        now: int | None = None,
+    ) -> Account:
+        t = self._now(now)
+        return self.db.transaction(
+            lambda c: refund(c, account_id, amount_msats, kind=kind, ref=ref, memo=memo, now=t),
+            durable=True,
+        )
+
+    def reverse_refund(
+        self,
+        account_id: int,
+        amount_msats: int,
+        *,
+        ref: str | None = None,
+        memo: str = "",
+        now: int | None = None,
+    ) -> Account:
+        t = self._now(now)
+        return self.db.transaction(
+            lambda c: reverse_refund(c, account_id, amount_msats, ref=ref, memo=memo, now=t),
+            durable=True,
+        )
+
+    # -- child keys and policy ------------------------------------------------------------
+
+    def create_children(
+        self,
+        parent_id: int,
+        key_hashes: Sequence[str],
+        *,
+        balance_limit_msats: int | None = None,
+        balance_limit_reset: LimitReset | str | None = None,
+        validity_date: int | None = None,
+        cost_msats_each: int = 0,
+        hints: Sequence[str] | None = None,
+        now: int | None = None,
+    ) -> list[Account]:
+        """Create several child keys atomically (all or none), each charged `cost_msats_each`."""
+        t = self._now(now)
+        names = list(hints) if hints is not None else [""] * len(key_hashes)
+        if len(names) != len(key_hashes):
+            raise ValueError("one hint per key hash")
+
+        def op(conn: sqlite3.Connection) -> list[Account]:
+            total = _amount(cost_msats_each, "cost_msats_each") * len(key_hashes)
+            parent = _require(conn, parent_id)
+            if not parent.is_child and parent.balance_msats < total:
+                raise _insufficient(total, parent.balance_msats)
+            return [
+                create_child(
+                    conn,
+                    parent_id,
+                    h,
+                    balance_limit_msats=balance_limit_msats,
+                    balance_limit_reset=balance_limit_reset,
+                    validity_date=validity_date,
+                    cost_msats=cost_msats_each,
+                    hint=hint,
+                    now=t,
+                )
+                for h, hint in zip(key_hashes, names, strict=True)
+            ]
+
+        return self.db.transaction(op, durable=True)
+
+    def create_child(
+        self,
+        parent_id: int,
+        key_hash: str,
+        *,
+        balance_limit_msats: int | None = None,
+        balance_limit_reset: LimitReset | str | None = None,
+        validity_date: int | None = None,
+        cost_msats: int = 0,
+        hint: str = "",
+        now: int | None = None,
+    ) -> Account:
+        return self.create_children(
+            parent_id,
+            [key_hash],
+            balance_limit_msats=balance_limit_msats,
+            balance_limit_reset=balance_limit_reset,
+            validity_date=validity_date,
+            cost_msats_each=cost_msats,
+            hints=[hint],
+            now=now,
+        )[0]
+
+    def reset_child(self, parent_id: int, child_id: int, *, now: int | None = None) -> Account:
+        t = self._now(now)
+        return self.db.transaction(lambda c: reset_child(c, parent_id, child_id, now=t))
+
+    def set_disabled(
+        self, account_id: int, disabled: bool, *, memo: str = "", now: int | None = None
+    ) -> Account:
+        t = self._now(now)
+        return self.db.transaction(
+            lambda c: set_disabled(c, account_id, disabled, memo=memo, now=t)
+        )
+
+    def set_refund_address(
+        self,
+        account_id: int,
+        *,
+        refund_address: str | None,
+        refund_expiry: int | None = None,
+        now: int | None = None,
+    ) -> Account:
+        t = self._now(now)
+        return self.db.transaction(
+            lambda c: set_refund_address(
+                c, account_id, refund_address=refund_address, refund_expiry=refund_expiry, now=t
+            )
+        )

@@ -1,0 +1,433 @@
+"""pricing.py: the table, the TOML override, costs, the reservation cap, and /v1/models."""
+
+from __future__ import annotations
+
+import json
+import math
+from fractions import Fraction
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
+
+from routstr import errors, pricing
+from routstr.money import ceil_div
+from routstr.pricing import (
+    BUILTIN_PRICES,
+    ModelPrice,
+    actual_cost,
+    client_reservation_msats,
+    load_price_table,
+    model_object,
+    models_document,
+    safe_upper_bound_msats,
+    worst_case_msats,
+)
+
+TABLE = load_price_table(None)
+
+
+# --------------------------------------------------------------------------------------------
+# routstr-core's client-side formula, transcribed in floats (payment/helpers.py at 8bd7d7e,
+# get_max_cost_for_model + calculate_discounted_max_cost + estimate_tokens; TOLERANCE 1 %,
+# MIN_REQUEST_MSAT 1; image tokens counted as 0, which only lowers the result). The oracle
+# reads the model as a client does: from the JSON this node serves.
+# --------------------------------------------------------------------------------------------
+
+
+def core_estimate_tokens(messages: Any) -> int:
+    total = 0
+    for msg in messages:
+        if isinstance(msg, dict):
+            content = msg.get("content")
+            if isinstance(content, str):
+                total += len(content)
+            elif isinstance(content, list):
+                total += sum(
+                    len(item.get("text", ""))
+                    for item in content
+                    if isinstance(item, dict) and item.get("type") == "text"
+                )
+    return total // 3
+
+
+def core_reservation(model: dict[str, Any], body: dict[str, Any]) -> int:
+    sp = model["sats_pricing"]
+    max_cost_for_model = max(1, int(sp["max_cost"] * 1000 * (1 - 1.0 / 100)))
+    tol_factor = max(0.0, 1 - 1.0 / 100.0)
+    max_prompt_allowed_sats = sp["max_prompt_cost"] * tol_factor
+    max_completion_allowed_sats = sp["max_completion_cost"] * tol_factor
+    prompt_token_limit = None
+    tp = model["top_provider"]
+    if tp and (tp["context_length"] or tp["max_completion_tokens"]):
+        cl, mct = tp["context_length"], tp["max_completion_tokens"]
+        if cl and mct:
+            prompt_token_limit = max(0, cl - mct)
+        elif cl:
+            prompt_token_limit = cl
+        elif mct:
+            prompt_token_limit = 0
+    elif model["context_length"]:
+        prompt_token_limit = model["context_length"]
+    if prompt_token_limit is not None:
+        max_prompt_allowed_sats = prompt_token_limit * sp["prompt"] * tol_factor
+    adjusted = max_cost_for_model
+    if messages := body.get("messages"):
+        prompt_tokens = core_estimate_tokens(messages)
+        delta = max_prompt_allowed_sats - prompt_tokens * sp["prompt"]
+        if delta > 0:
+            adjusted = adjusted - math.floor(delta * 1000)
+    max_tokens_raw = body.get("max_tokens", None)
+    if max_tokens_raw is not None:
+        try:
+            max_tokens_int = int(max_tokens_raw)
+        except (TypeError, ValueError):
+            pass
+        else:
+            delta = max_completion_allowed_sats - max_tokens_int * sp["completion"]
+            if delta > 0:
+                adjusted = adjusted - math.floor(delta * 1000)
+    return max(1, adjusted)
+
+
+# --------------------------------------------------------------------------------------------
+# Strategies
+# --------------------------------------------------------------------------------------------
+
+token_limit = st.one_of(st.just(0), st.integers(1, 2_000_000))
+prices = st.builds(
+    ModelPrice,
+    id=st.just("m"),
+    input_msats_per_1k=st.one_of(st.just(0), st.integers(1, 100_000)),
+    output_msats_per_1k=st.one_of(st.just(0), st.integers(1, 200_000)),
+    request_msats=st.one_of(st.just(0), st.integers(1, 500_000)),
+    max_output_tokens=token_limit,
+    context_length=token_limit,
+)
+builtin_prices = st.sampled_from(BUILTIN_PRICES)
+text = st.text(max_size=400)
+part = st.one_of(
+    st.fixed_dictionaries({"type": st.just("text"), "text": text}),
+    st.fixed_dictionaries(
+        {"type": st.just("image_url"), "image_url": st.fixed_dictionaries({"url": st.just("x")})}
+    ),
+)
+message = st.fixed_dictionaries(
+    {"role": st.sampled_from(["user", "system", "assistant"])},
+    optional={"content": st.one_of(text, st.lists(part, max_size=4), st.none())},
+)
+max_tokens_value = st.one_of(
+    st.integers(-10, 300_000),
+    st.floats(min_value=-5, max_value=1e6, allow_nan=False, allow_infinity=False),
+    st.integers(0, 5000).map(str),
+    st.just("many"),
+    st.booleans(),
+    st.lists(st.integers(), max_size=1),
+)
+bodies = st.fixed_dictionaries(
+    {"model": st.just("m")},
+    optional={
+        "messages": st.one_of(st.lists(message, max_size=5), text, st.just([])),
+        "input": text,
+        "max_tokens": max_tokens_value,
+        "max_completion_tokens": max_tokens_value,
+        "n": st.integers(-1, 200),
+        "stream": st.booleans(),
+    },
+)
+
+
+def wire(doc: Any) -> Any:
+    return json.loads(json.dumps(doc))
+
+
+# --------------------------------------------------------------------------------------------
+# The table
+# --------------------------------------------------------------------------------------------
+
+
+def test_builtin_table_is_sane() -> None:
+    ids = [p.id for p in BUILTIN_PRICES]
+    assert len(ids) == len(set(ids)) >= 20
+    for name in (
+        "gpt-4o", "gpt-4o-mini", "gpt-4.1", "gpt-4.1-mini", "o3-mini", "gpt-3.5-turbo", "gpt-4",
+        "text-embedding-3-small", "text-embedding-3-large", "dall-e-3", "whisper-1",
+        "claude-3-5-sonnet", "claude-3-5-haiku", "llama-3.3-70b-instruct",
+    ):  # fmt: skip
+        assert name in TABLE
+    mini = TABLE.get("gpt-4o-mini")
+    assert (mini.input_msats_per_1k, mini.output_msats_per_1k) == (150, 600)  # issue 3's example
+    assert TABLE.get("gpt-4o").input_msats_per_1k == 2_500  # $2.50 / 1M at 100k USD/BTC
+    assert TABLE.get("dall-e-3").request_msats == 120_000
+    for p in BUILTIN_PRICES:
+        assert p.input_msats_per_1k + p.output_msats_per_1k + p.request_msats > 0, p.id
+        assert p.name and p.description and p.created > 1_600_000_000
+        if p.output_msats_per_1k:
+            assert 0 < p.max_output_tokens <= p.context_length, p.id
+
+
+@pytest.mark.parametrize(
+    "spelling",
+    ["gpt-4o", "GPT-4o", " gpt-4o ", "openai/gpt-4o", "OpenAI/GPT-4O", "x/y/gpt-4o"],
+)
+def test_lookup_spellings(spelling: str) -> None:
+    assert TABLE.get(spelling).id == "gpt-4o"
+
+
+def test_lookup_strips_date_suffix_and_refuses_unknown() -> None:
+    assert TABLE.get("claude-3-5-sonnet-20241022").id == "claude-3-5-sonnet"
+    assert TABLE.get("anthropic/claude-3-5-haiku-20241022").id == "claude-3-5-haiku"
+    with pytest.raises(errors.InvalidRequest) as e:
+        TABLE.get("gpt-4o-2024-05-13")  # a dated OpenAI snapshot may be priced differently
+    assert e.value.code == "model_not_found" and e.value.status == 400
+    assert "nonexistent" not in TABLE
+    fallback = ModelPrice("default", 1_000, 2_000, 5, 4096, 32_000)
+    table = load_price_table(None, default_price=fallback)
+    got = table.get("my-own-model")
+    assert got.id == "my-own-model" and got.output_msats_per_1k == 2_000
+
+
+def write(tmp_path: Path, text: str) -> str:
+    p = tmp_path / "pricing.toml"
+    p.write_text(text)
+    return str(p)
+
+
+def test_toml_override_and_new_model(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        """
+        [models."gpt-4o-mini"]
+        input_msats_per_1k = 200     # per 1,000 prompt tokens
+        request_msats = 7
+
+        [models."My-Model"]
+        input_msats_per_1k = 10
+        output_msats_per_1k = 20
+        max_output_tokens = 1000
+        context_length = 8000
+        input_modalities = ["text", "image"]
+
+        [default]
+        input_msats_per_1k = 1
+        output_msats_per_1k = 1
+        max_output_tokens = 100
+        context_length = 1000
+        """,
+    )
+    table = load_price_table(path)
+    mini = table.get("gpt-4o-mini")
+    assert (mini.input_msats_per_1k, mini.output_msats_per_1k, mini.request_msats) == (200, 600, 7)
+    mine = table.get("my-model")
+    assert mine.id == "My-Model" and mine.request_msats == 0 and mine.owned_by == "operator"
+    assert mine.input_modalities == ("text", "image")
+    assert table.get("gpt-4o").input_msats_per_1k == 2_500  # untouched
+    assert table.get("anything").context_length == 1000  # the file's default
+    only = load_price_table(
+        write(
+            tmp_path,
+            "include_builtin = false\n[models.a]\ninput_msats_per_1k = 1\n"
+            "output_msats_per_1k = 1\nmax_output_tokens = 1\ncontext_length = 2\n",
+        )
+    )
+    assert [p.id for p in only] == ["a"]
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ('[models."gpt-4o"]\ninput_msat_per_1k = 1\n', "unknown key"),
+        ('[models."gpt-4o"]\ninput_msats_per_1k = -1\n', "must not be negative"),
+        ('[models."gpt-4o"]\ninput_msats_per_1k = 1.5\n', "must be an integer"),
+        ('[models."gpt-4o"]\ninput_msats_per_1k = true\n', "must be an integer"),
+        ('[models."gpt-4o"]\nname = 3\n', "must be a string"),
+        ('[models."new"]\ninput_msats_per_1k = 1\n', "needs"),
+        ("colour = 1\n", "unknown key"),
+        ("include_builtin = 1\n", "true or false"),
+        ("models = 3\n", "table"),
+        ("[models\n", "pricing file"),
+    ],
+)
+def test_toml_errors_are_clear(tmp_path: Path, text: str, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        load_price_table(write(tmp_path, text))
+
+
+# --------------------------------------------------------------------------------------------
+# Costs
+# --------------------------------------------------------------------------------------------
+
+
+def test_actual_cost_examples() -> None:
+    mini = TABLE.get("gpt-4o-mini")
+    assert actual_cost(mini, 1000, 1000) == pricing.Cost(0, 150, 600, 750)
+    assert actual_cost(mini, 1, 0) == pricing.Cost(0, 1, 0, 1)  # 0.15 msat rounds up
+    assert actual_cost(mini, 0, 0).total_msats == 0
+    assert actual_cost(TABLE.get("dall-e-3"), 0, 0) == pricing.Cost(120_000, 0, 0, 120_000)
+    with pytest.raises(ValueError):
+        actual_cost(mini, -1, 0)
+
+
+@given(prices, st.integers(0, 10**7), st.integers(0, 10**7))
+def test_actual_cost_formula(price: ModelPrice, prompt: int, completion: int) -> None:
+    c = actual_cost(price, prompt, completion)
+    tokens = prompt * price.input_msats_per_1k + completion * price.output_msats_per_1k
+    assert c.total_msats == price.request_msats + ceil_div(tokens, 1000)
+    assert c.base_msats + c.input_msats + c.output_msats == c.total_msats
+    assert min(c.base_msats, c.input_msats, c.output_msats) >= 0
+    assert c.output_msats == completion * price.output_msats_per_1k // 1000
+
+
+@settings(max_examples=400)
+@given(st.one_of(prices, builtin_prices), bodies)
+def test_reservation_never_exceeds_the_client_formula(price: ModelPrice, body: dict) -> None:
+    body_len = len(json.dumps(body).encode())
+    reserved = worst_case_msats(price, body, body_len)
+    client = core_reservation(wire(model_object(price)), wire(body))
+    assert 1 <= reserved <= client
+    # and the cap is tight: never more than the rounding margin (plus 3) below it
+    safe = safe_upper_bound_msats(price, body, body_len)
+    assert reserved >= min(safe, client - 2 * pricing.CLIENT_ROUNDING_MARGIN_MSATS)
+
+
+@given(st.one_of(prices, builtin_prices), bodies)
+def test_exact_client_formula_matches_the_float_transcription(price: ModelPrice, body: dict):
+    exact = client_reservation_msats(price, body)
+    floats = core_reservation(wire(model_object(price)), wire(body))
+    assert abs(exact - floats) <= pricing.CLIENT_ROUNDING_MARGIN_MSATS
+
+
+@given(
+    st.one_of(prices, builtin_prices),
+    st.lists(st.text(max_size=300), min_size=1, max_size=4),
+    st.integers(0, 5000),
+    st.data(),
+)
+def test_safe_bound_covers_any_honest_text_request(
+    price: ModelPrice, texts: list[str], max_tokens: int, data: st.DataObject
+) -> None:
+    """Prompt tokens ≤ body bytes (+ template overhead), completion ≤ max_tokens."""
+    body = {
+        "model": "m",
+        "messages": [{"role": "user", "content": t} for t in texts],
+        "max_tokens": max_tokens,
+    }
+    raw = json.dumps(body, ensure_ascii=False).encode()
+    limit = min(len(raw) + pricing.PROMPT_OVERHEAD_TOKENS, price.context_length or len(raw) + 16)
+    prompt = data.draw(st.integers(0, limit))
+    completion = data.draw(st.integers(0, max_tokens))
+    bound = safe_upper_bound_msats(price, body, len(raw))
+    assert actual_cost(price, prompt, completion).total_msats <= bound
+
+
+def test_safe_bound_details() -> None:
+    mini = TABLE.get("gpt-4o-mini")
+    body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
+    n = len(json.dumps(body))
+    default_out = safe_upper_bound_msats(mini, body, n)
+    assert default_out == ceil_div((n + 16) * 150 + 16384 * 600, 1000)
+    assert safe_upper_bound_msats(mini, {**body, "max_tokens": 10}, n) == ceil_div(
+        (n + 16) * 150 + 10 * 600, 1000
+    )
+    assert safe_upper_bound_msats(mini, {**body, "max_tokens": "10"}, n) == default_out
+    assert safe_upper_bound_msats(mini, {**body, "max_tokens": 10, "n": 3}, n) == ceil_div(
+        (n + 16) * 150 + 30 * 600, 1000
+    )
+    # content the body only points at: the prompt is bounded by the context length instead
+    with_image = {
+        "model": "gpt-4o-mini",
+        "messages": [{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": "https://x/y.png"}}]}],
+        "max_tokens": 10,
+    }  # fmt: skip
+    assert safe_upper_bound_msats(mini, with_image, 100) == ceil_div(128_000 * 150 + 10 * 600, 1000)
+    responses = {"model": "gpt-4o-mini", "input": "hi", "previous_response_id": "resp_1"}
+    assert safe_upper_bound_msats(mini, responses, 60) >= 128_000 * 150 // 1000
+    tools = {"model": "gpt-4o-mini", "input": "hi", "tools": [{"type": "web_search_preview"}]}
+    assert safe_upper_bound_msats(mini, tools, 60) >= 128_000 * 150 // 1000
+    fn_tools = {"model": "gpt-4o-mini", "input": "hi", "tools": [{"type": "function"}]}
+    assert safe_upper_bound_msats(mini, fn_tools, 60) < 128_000 * 150 // 1000
+
+
+def test_worst_case_example_matches_client_discount() -> None:
+    """A chat request with max_tokens: reservation = what the client computes, less 3 msats."""
+    mini = TABLE.get("gpt-4o-mini")
+    body = {"model": "gpt-4o-mini", "max_tokens": 100,
+            "messages": [{"role": "user", "content": "x" * 300}]}  # fmt: skip
+    # client: int(26.5728 sats * 990) = 26307, less prompt allowance (111616*0.00015*0.99 - 100
+    # tokens*0.00015 = 16.55 sats → 16559), less completion (9.8304*0.99 - 100*0.0006 sats
+    # → 9672): 26307 - 16559 - 9672 = 76 msats; the truth (100 + 100 tokens) is 75 msats.
+    assert core_reservation(wire(model_object(mini)), body) == 76
+    assert worst_case_msats(mini, body, len(json.dumps(body))) == 73
+
+
+# --------------------------------------------------------------------------------------------
+# /v1/models
+# --------------------------------------------------------------------------------------------
+
+ROUTSTR_MODEL_FIELDS = {
+    "id", "name", "created", "description", "context_length", "architecture", "pricing",
+    "sats_pricing", "per_request_limits", "top_provider", "enabled", "upstream_provider_id",
+    "canonical_slug", "alias_ids", "forwarded_model_id",
+}  # fmt: skip
+PRICING_FIELDS = {
+    "prompt", "completion", "request", "image", "web_search", "internal_reasoning",
+    "input_cache_read", "input_cache_write", "max_prompt_cost", "max_completion_cost", "max_cost",
+}  # fmt: skip
+
+
+def test_models_document_shape() -> None:
+    doc = wire(models_document(TABLE))
+    assert doc["object"] == "list" and len(doc["data"]) == len(BUILTIN_PRICES)
+    for m in doc["data"]:
+        assert ROUTSTR_MODEL_FIELDS <= set(m)
+        assert m["object"] == "model" and isinstance(m["owned_by"], str)
+        assert set(m["pricing"]) == PRICING_FIELDS == set(m["sats_pricing"])
+        assert all(isinstance(v, float) for v in m["pricing"].values())  # parses as floats
+        assert all(isinstance(v, float) for v in m["sats_pricing"].values())
+        assert set(m["architecture"]) == {
+            "modality", "input_modalities", "output_modalities", "tokenizer", "instruct_type"
+        }  # fmt: skip
+        assert set(m["top_provider"]) == {"context_length", "max_completion_tokens", "is_moderated"}
+        assert isinstance(m["context_length"], int) and isinstance(m["created"], int)
+        assert set(m["pricing_msats"]) == {
+            "input_msats_per_1k", "output_msats_per_1k", "request_msats", "max_output_tokens"
+        }  # fmt: skip
+        assert m["sats_pricing"]["max_cost"] >= 0.001 and m["sats_pricing"]["request"] >= 0.001
+
+
+def test_sats_pricing_is_exact() -> None:
+    m = model_object(TABLE.get("gpt-4o-mini"))
+    sp = m["sats_pricing"]
+    assert sp["prompt"] == 0.00015 and sp["completion"] == 0.0006
+    assert sp["input_cache_read"] == sp["prompt"]
+    # cl 128000 > mct 16384: prompt cl*p, completion mct*c, total (cl-mct)*p + mct*c
+    assert sp["max_prompt_cost"] == float(Fraction(128_000 * 150, 10**6)) == 19.2
+    assert sp["max_completion_cost"] == float(Fraction(16_384 * 600, 10**6))
+    assert sp["max_cost"] == float(Fraction((128_000 - 16_384) * 150 + 16_384 * 600, 10**6))
+    gpt4 = model_object(TABLE.get("gpt-4"))["sats_pricing"]  # cl <= mct: cl * max(p, c)
+    assert gpt4["max_cost"] == 8192 * 0.06
+    dalle = model_object(TABLE.get("dall-e-3"))["sats_pricing"]  # flat: max_cost = request
+    assert dalle["request"] == dalle["max_cost"] == 120.0
+    emb = model_object(TABLE.get("text-embedding-3-small"))
+    assert emb["top_provider"]["max_completion_tokens"] is None
+    assert emb["sats_pricing"]["max_cost"] == float(Fraction(8191 * 20, 10**6))
+
+
+@given(prices)
+def test_sats_pricing_floats_are_the_rounded_exact_values(price: ModelPrice) -> None:
+    sp = pricing.sats_pricing(price)
+    served = wire(model_object(price))["sats_pricing"]
+    assert served["prompt"] == float(Fraction(price.input_msats_per_1k, 10**6))
+    assert served["completion"] == float(Fraction(price.output_msats_per_1k, 10**6))
+    assert served["max_cost"] == float(sp.max_cost)
+    assume(price.request_msats > 0)
+    assert served["request"] == price.request_msats / 1000
+
+
+def test_fields_filter() -> None:
+    doc = models_document(TABLE, fields=["id", " pricing ", "", "nope"])
+    assert all(set(m) == {"id", "pricing"} for m in doc["data"])
+    assert models_document(TABLE, fields=[])["data"][0] == {}
