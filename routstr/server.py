@@ -91,8 +91,9 @@ class _Conn:
         self.busy = False
         self.scope: anyio.CancelScope | None = None
 
-    async def send(self, event: h11.Event, limit_s: float) -> None:
-        data = self.h11.send(event)
+    async def send(self, *events: h11.Event, limit_s: float) -> None:
+        """Send events in one write (head, body and end of a small response go together)."""
+        data = b"".join(self.h11.send(event) or b"" for event in events)
         if data:
             try:
                 with anyio.fail_after(limit_s):
@@ -221,10 +222,13 @@ class Server:
         return False
 
     async def _read_head(self, conn: _Conn) -> h11.Request | None:
-        with anyio.move_on_after(self.options.header_timeout) as scope:
-            event = await conn.next_event()
-        if scope.cancelled_caught:
-            raise RequestTimeout("Request headers not received in time", code="header_timeout")
+        event = conn.h11.next_event()  # usually complete already: no timer needed
+        if event is h11.NEED_DATA:
+            with anyio.move_on_after(self.options.header_timeout) as scope:
+                event = await conn.next_event()
+            if scope.cancelled_caught:
+                raise RequestTimeout("Request headers not received in time",
+                                     code="header_timeout")
         if isinstance(event, h11.Request):
             return event
         return None  # ConnectionClosed or PAUSED: nothing to answer
@@ -238,14 +242,17 @@ class Server:
                 )
         if conn.h11.they_are_waiting_for_100_continue:
             await conn.send(h11.InformationalResponse(status_code=100, headers=[]),
-                            self.options.write_timeout)
+                            limit_s=self.options.write_timeout)
         chunks: list[bytes] = []
         size = 0
         while True:
-            with anyio.move_on_after(self.options.body_timeout) as scope:
-                event = await conn.next_event()
-            if scope.cancelled_caught:
-                raise RequestTimeout("Request body not received in time", code="body_timeout")
+            event = conn.h11.next_event()
+            if event is h11.NEED_DATA:
+                with anyio.move_on_after(self.options.body_timeout) as scope:
+                    event = await conn.next_event()
+                if scope.cancelled_caught:
+                    raise RequestTimeout("Request body not received in time",
+                                         code="body_timeout")
             if isinstance(event, h11.Data):
                 size += len(event.data)
                 if size > limit:
@@ -392,12 +399,12 @@ class Server:
         headers = self._encode_headers(response.headers)
         if response.status not in (204, 304) and not 100 <= response.status < 200:
             headers.append((b"content-length", str(len(response.body)).encode()))
-        timeout = self.options.write_timeout
-        await conn.send(h11.Response(status_code=response.status, headers=headers,
-                                     reason=_reason(response.status)), timeout)
+        events: list[h11.Event] = [h11.Response(status_code=response.status, headers=headers,
+                                                reason=_reason(response.status))]
         if response.body and not head_only and response.status not in (204, 304):
-            await conn.send(h11.Data(data=response.body), timeout)
-        await conn.send(h11.EndOfMessage(), timeout)
+            events.append(h11.Data(data=response.body))
+        events.append(h11.EndOfMessage())
+        await conn.send(*events, limit_s=self.options.write_timeout)
 
     async def _send_stream(self, conn: _Conn, response: Response, head_only: bool) -> None:
         stream = response.stream
@@ -406,12 +413,12 @@ class Server:
         try:
             headers = self._encode_headers(response.headers)
             await conn.send(h11.Response(status_code=response.status, headers=headers,
-                                         reason=_reason(response.status)), timeout)
+                                         reason=_reason(response.status)), limit_s=timeout)
             if not head_only:
                 async for chunk in stream:
                     if chunk:
-                        await conn.send(h11.Data(data=chunk), timeout)
-            await conn.send(h11.EndOfMessage(), timeout)
+                        await conn.send(h11.Data(data=chunk), limit_s=timeout)
+            await conn.send(h11.EndOfMessage(), limit_s=timeout)
         finally:
             with anyio.CancelScope(shield=True), anyio.move_on_after(STREAM_CLOSE_TIMEOUT):
                 await stream.aclose()
