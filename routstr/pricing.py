@@ -665,22 +665,12 @@ def worst_case_msats(price: ModelPrice, body: Mapping[str, Any], body_len: int) 
 
 def model_object(price: ModelPrice) -> dict[str, Any]:
     cl, mct = _limits(price)
-    usd_zero = {
-        k: 0.0
-        for k in (
-            "prompt",
-            "completion",
-            "request",
-            "image",
-            "web_search",
-            "internal_reasoning",
-            "input_cache_read",
-            "input_cache_write",
-            "max_prompt_cost",
-            "max_completion_cost",
-            "max_cost",
-        )
-    }
+    sats = sats_pricing(price)
+    # routstr-core's USD `pricing` (per token; max_* in USD) at the same fixed BTC_USD the
+    # table was built with, so a routstr-core node using us as upstream prices us correctly.
+    usd_per_sat = Fraction(BTC_USD, 100_000_000)
+    usd = SatsPricing(*(getattr(sats, f.name) * usd_per_sat
+                        for f in dataclasses.fields(SatsPricing))).as_json()
     return {
         "id": price.id,
         "object": "model",
@@ -696,8 +686,8 @@ def model_object(price: ModelPrice) -> dict[str, Any]:
             "tokenizer": price.tokenizer,
             "instruct_type": None,
         },
-        "pricing": usd_zero,
-        "sats_pricing": sats_pricing(price).as_json(),
+        "pricing": usd,
+        "sats_pricing": sats.as_json(),
         "pricing_msats": {
             "input_msats_per_1k": price.input_msats_per_1k,
             "output_msats_per_1k": price.output_msats_per_1k,

@@ -387,6 +387,11 @@ def test_models_document_shape() -> None:
         assert set(m["pricing"]) == PRICING_FIELDS == set(m["sats_pricing"])
         assert all(isinstance(v, float) for v in m["pricing"].values())  # parses as floats
         assert all(isinstance(v, float) for v in m["sats_pricing"].values())
+        # USD per token = sats per token × USD per sat (a routstr-core upstream reads `pricing`)
+        from routstr.pricing import BTC_USD
+        for k, sats in m["sats_pricing"].items():
+            assert m["pricing"][k] == pytest.approx(sats * BTC_USD / 100_000_000, rel=1e-12)
+        assert m["pricing"]["completion"] > 0
         assert set(m["architecture"]) == {
             "modality", "input_modalities", "output_modalities", "tokenizer", "instruct_type"
         }  # fmt: skip
