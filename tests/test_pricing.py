@@ -391,7 +391,7 @@ def test_models_document_shape() -> None:
         from routstr.pricing import BTC_USD
         for k, sats in m["sats_pricing"].items():
             assert m["pricing"][k] == pytest.approx(sats * BTC_USD / 100_000_000, rel=1e-12)
-        assert m["pricing"]["completion"] > 0
+        assert m["pricing"]["max_cost"] > 0
         assert set(m["architecture"]) == {
             "modality", "input_modalities", "output_modalities", "tokenizer", "instruct_type"
         }  # fmt: skip
