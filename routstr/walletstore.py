@@ -1,0 +1,474 @@
+"""The node's sqlite store for the Cashu wallet, and the wallet's HTTP transport.
+
+`SqliteWalletStore` implements `routstr.cashu.wallet.WalletStore` on the tables of the
+``_MIGRATION_2_WALLET`` migration in `db.py`. Each method is one ``BEGIN IMMEDIATE``
+transaction committed with ``synchronous=FULL`` (`durable=True`): a write-ahead intent the wallet
+relies on before calling a mint must survive a power cut, not only a process crash.
+
+Purposes — what an operation means for the ledger — are applied here, inside the *same*
+transaction as the proof changes that justify them, through `routstr.ledger` functions (the
+money rule: every change of a user balance goes through the ledger, atomically with its cause):
+
+``{"action": "credit", "account_id": N, "ref"?: str, "kind"?: "deposit"|"grant", "memo"?}``
+    (receive, mint) credit the received amount, in msats, to an existing account.
+``{"action": "create_account", "key_hash": h, "kind": "token"|"xcashu"|"api", "ref"?, ...}``
+    (receive, mint) create the account funded with the received amount; extra keys are passed
+    to `ledger.create_account` (`hint`, `refund_address`, `refund_mint`, ...).
+``{"action": "debit", "account_id": N, "amount_msats": m, "kind": "refund"|"payout"|"change",
+"ref"?}``
+    (send, melt) take `m` msats out when the intent is recorded; if the operation is rolled
+    back the same amount is credited back (a ``deposit`` with the unique ref
+    ``wallet-reversal:<op id>``, so a reversal happens at most once).
+``None`` / ``{"action": "none"}``
+    the node's own money (fees, operator payouts from unassigned proofs).
+
+A purpose applied on *finish* that fails (e.g. the deposit ref was already credited, the key
+exists) does not block the proofs: they are stored, the operation is done, and the error is
+kept in its `result["purpose_error"]` for the operator — failing the finish would leave
+received ecash in limbo forever. A purpose applied on *begin* that fails refuses the
+operation (nothing is recorded, the mint is never called).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sqlite3
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from routstr import ledger
+from routstr.cashu.mint import Transport
+from routstr.cashu.tokens import Proof
+from routstr.cashu.wallet import (
+    InputsBusy,
+    Intent,
+    Operation,
+    Outcome,
+    OutputSpec,
+    ProofsUnavailable,
+    QuoteBusy,
+    QuoteRecord,
+    WalletError,
+)
+from routstr.client import HttpClient, UpstreamConnectError, UpstreamTimeout
+from routstr.db import Database
+from routstr.errors import ApiError, UpstreamError
+from routstr.money import sat_to_msat
+
+log = logging.getLogger(__name__)
+
+_SELECT_OPS = (
+    "SELECT id, kind, mint, unit, state, own_inputs, inputs, outputs, purpose, purpose_at,"
+    " amount, fee, ref, quote, data, token, result, error, recheck_until, created_at, updated_at"
+    " FROM wallet_ops WHERE "
+)
+
+
+@dataclass(frozen=True)
+class PurposeEvent:
+    """What a purpose is applied to: `apply` (begin or finish) or `reverse` (rollback)."""
+
+    action: str  # apply | reverse
+    op_id: int
+    op_kind: str
+    amount_sat: int
+    fee_sat: int
+    ref: str | None
+    now: int
+
+
+#: What a failing finish-time purpose may raise (ledger refusals, malformed purposes).
+PURPOSE_ERRORS = (ApiError, ValueError, KeyError, TypeError, sqlite3.IntegrityError)
+
+PurposeFn = Callable[[sqlite3.Connection, Mapping[str, Any], PurposeEvent], None]
+
+
+def apply_purpose(conn: sqlite3.Connection, purpose: Mapping[str, Any], ev: PurposeEvent) -> None:
+    """The default purposes (see the module docstring), through `routstr.ledger`."""
+    action = purpose.get("action", "none")
+    if action == "none":
+        return
+    ref = purpose.get("ref") or ev.ref or f"wallet-op:{ev.op_id}"
+    memo = str(purpose.get("memo", f"wallet {ev.op_kind} #{ev.op_id}"))
+    if action == "credit":
+        if ev.action == "reverse":
+            return  # credits are applied on finish; a finished operation is never rolled back
+        amount = int(purpose.get("amount_msats", sat_to_msat(ev.amount_sat)))
+        if amount:
+            ledger.credit(conn, int(purpose["account_id"]), amount,
+                          kind=str(purpose.get("kind", "deposit")), ref=ref, now=ev.now, memo=memo)
+        return
+    if action == "create_account":
+        if ev.action == "reverse":
+            return
+        extra = {k: v for k, v in purpose.items()
+                 if k not in ("action", "key_hash", "kind", "ref", "memo", "amount_msats")}
+        ledger.create_account(
+            conn, key_hash=str(purpose["key_hash"]), kind=str(purpose.get("kind", "token")),
+            deposit_msats=int(purpose.get("amount_msats", sat_to_msat(ev.amount_sat))),
+            ref=ref, now=ev.now, **extra,
+        )
+        return
+    if action == "debit":
+        amount = int(purpose["amount_msats"])
+        account = int(purpose["account_id"])
+        if ev.action == "apply":
+            ledger.refund(conn, account, amount, kind=str(purpose.get("kind", "refund")),
+                          ref=ref, now=ev.now, memo=memo)
+        else:
+            ledger.credit(conn, account, amount, kind="deposit",
+                          ref=f"wallet-reversal:{ev.op_id}", now=ev.now,
+                          memo=f"reversal: wallet {ev.op_kind} #{ev.op_id} did not happen")
+        return
+    raise ValueError(f"unknown wallet purpose action {action!r}")
+
+
+# --------------------------------------------------------------------------- (de)serialization
+
+
+def _proof_json(p: Proof) -> dict[str, Any]:
+    return p.to_dict(include_dleq=True)
+
+
+def _dumps(v: Any) -> str:
+    return json.dumps(v, separators=(",", ":"), sort_keys=True)
+
+
+def _op(row: Sequence[Any]) -> Operation:
+    (op_id, kind, mint, unit, state, own, inputs, outputs, purpose, purpose_at, amount, fee, ref,
+     quote, data, token, result, error, recheck, created, updated) = row
+    res = json.loads(result)
+    if error:
+        res = {**res, "error": error}
+    return Operation(
+        id=op_id, kind=kind, mint=mint, unit=unit, state=state,
+        inputs=tuple(Proof.from_dict(d) for d in json.loads(inputs)),
+        own_inputs=bool(own),
+        outputs=tuple(OutputSpec(k, a, c, r) for k, a, c, r in json.loads(outputs)),
+        purpose=None if purpose is None else json.loads(purpose),
+        purpose_at=purpose_at, amount=amount, fee=fee, ref=ref, quote=quote,
+        data=json.loads(data), created_at=created, updated_at=updated, token=token,
+        result=res, recheck_until=recheck,
+    )
+
+
+def _proof_from_row(row: Sequence[Any]) -> Proof:
+    keyset_id, amount, secret, c, dleq = row
+    d: dict[str, Any] = {"id": keyset_id, "amount": amount, "secret": secret, "C": c}
+    if dleq:
+        d["dleq"] = json.loads(dleq)
+    return Proof.from_dict(d)
+
+
+# --------------------------------------------------------------------------- the store
+
+
+class SqliteWalletStore:
+    """`WalletStore` on the node database; purposes applied through `routstr.ledger`."""
+
+    def __init__(
+        self,
+        db: Database,
+        *,
+        purpose_fn: PurposeFn = apply_purpose,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.db = db
+        self._purpose_fn = purpose_fn
+        self._clock = clock
+
+    # -- helpers (inside a transaction)
+
+    def _get(self, conn: sqlite3.Connection, op_id: int) -> Operation | None:
+        row = conn.execute(_SELECT_OPS + "id = ?", (op_id,)).fetchone()
+        return None if row is None else _op(row)
+
+    def _require(self, conn: sqlite3.Connection, op_id: int) -> Operation:
+        op = self._get(conn, op_id)
+        if op is None:
+            raise WalletError(f"no wallet operation {op_id}")
+        return op
+
+    def _event(self, op: Operation, action: str, amount: int, fee: int) -> PurposeEvent:
+        return PurposeEvent(action, op.id, op.kind, amount, fee, op.ref, int(self._clock()))
+
+    def _insert_proofs(
+        self, conn: sqlite3.Connection, op: Operation, proofs: Sequence[Proof], state: str
+    ) -> None:
+        """Store new proofs in `state`; an `issued` proof may be one of op's reserved inputs
+        (a send made of exact proofs), which then just changes state."""
+        now = self._clock()
+        for p in proofs:
+            if state == "issued" and conn.execute(
+                "UPDATE wallet_proofs SET state = 'issued' WHERE secret = ? AND op_id = ?"
+                " AND state = 'reserved'", (p.secret, op.id),
+            ).rowcount:
+                continue
+            dleq = _dumps(p.dleq.to_dict()) if p.dleq is not None else None
+            conn.execute(
+                "INSERT INTO wallet_proofs (secret, mint, unit, keyset_id, amount, c, dleq, state,"
+                " op_id, origin_op, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (p.secret, op.mint, op.unit, p.id, p.amount, p.C, dleq, state,
+                 op.id if state != "unspent" else None, op.id, now),
+            )
+
+    # -- WalletStore
+
+    def begin(self, intent: Intent) -> Operation:
+        def fn(conn: sqlite3.Connection) -> Operation:
+            now = self._clock()
+            outputs: list[list[Any]] = []
+            counters: dict[str, int] = {}
+            for keyset_id, amount, role in intent.outputs:
+                if keyset_id not in counters:
+                    row = conn.execute(
+                        "SELECT next FROM wallet_counters WHERE keyset_id = ?", (keyset_id,)
+                    ).fetchone()
+                    counters[keyset_id] = row[0] if row else 0
+                outputs.append([keyset_id, amount, counters[keyset_id], role])
+                counters[keyset_id] += 1
+            for keyset_id, nxt in counters.items():
+                conn.execute(
+                    "INSERT INTO wallet_counters (keyset_id, next) VALUES (?, ?)"
+                    " ON CONFLICT (keyset_id) DO UPDATE SET next = excluded.next",
+                    (keyset_id, nxt),
+                )
+            if intent.kind == "mint" and intent.quote is not None:
+                row = conn.execute(
+                    "SELECT id FROM wallet_ops WHERE quote = ? AND kind = 'mint'"
+                    " AND state != 'failed'", (intent.quote,),
+                ).fetchone()
+                if row:
+                    raise QuoteBusy(row[0])
+            cur = conn.execute(
+                "INSERT INTO wallet_ops (kind, mint, unit, state, own_inputs, inputs, outputs,"
+                " purpose, purpose_at, amount, fee, ref, quote, data, created_at, updated_at)"
+                " VALUES (?, ?, ?, 'pending', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    intent.kind, intent.mint, intent.unit, int(intent.own_inputs),
+                    _dumps([_proof_json(p) for p in intent.inputs]), _dumps(outputs),
+                    None if intent.purpose is None else _dumps(dict(intent.purpose)),
+                    intent.purpose_at, intent.amount, intent.fee, intent.ref, intent.quote,
+                    _dumps(dict(intent.data)), now, now,
+                ),
+            )
+            op_id = cur.lastrowid
+            assert op_id is not None
+            for p in intent.inputs:
+                if intent.own_inputs:
+                    n = conn.execute(
+                        "UPDATE wallet_proofs SET state = 'reserved', op_id = ? WHERE secret = ?"
+                        " AND mint = ? AND state = 'unspent'", (op_id, p.secret, intent.mint),
+                    ).rowcount
+                    if n != 1:
+                        raise ProofsUnavailable(f"proof {p.secret[:8]}… is not unspent")
+                else:
+                    row = conn.execute(
+                        "SELECT op_id FROM wallet_input_locks WHERE secret = ?", (p.secret,)
+                    ).fetchone()
+                    if row:
+                        raise InputsBusy(row[0])
+                    conn.execute(
+                        "INSERT INTO wallet_input_locks (secret, op_id) VALUES (?, ?)",
+                        (p.secret, op_id),
+                    )
+            op = self._require(conn, op_id)
+            if intent.purpose is not None and intent.purpose_at == "begin":
+                self._purpose_fn(conn, intent.purpose, self._event(op, "apply", op.amount, op.fee))
+            return op
+
+        return self.db.transaction(fn, durable=True)
+
+    def finish(self, op_id: int, outcome: Outcome) -> Operation:
+        def fn(conn: sqlite3.Connection) -> Operation:
+            op = self._require(conn, op_id)
+            if op.state == "done":
+                return op
+            if op.state == "failed":
+                if op.recheck_until is None or op.kind not in ("receive", "mint"):
+                    raise WalletError(f"operation {op_id} was rolled back; it cannot finish")
+                for p in op.inputs:  # revived: the inputs are ours to hold again
+                    conn.execute(
+                        "INSERT INTO wallet_input_locks (secret, op_id) VALUES (?, ?)"
+                        " ON CONFLICT (secret) DO UPDATE SET op_id = excluded.op_id",
+                        (p.secret, op.id),
+                    )
+            self._insert_proofs(conn, op, outcome.issued, "issued")
+            if op.own_inputs:
+                conn.execute(
+                    "UPDATE wallet_proofs SET state = 'spent'"
+                    " WHERE op_id = ? AND state = 'reserved'", (op.id,),
+                )
+            self._insert_proofs(conn, op, outcome.proofs, "unspent")
+            result = dict(outcome.result)
+            if op.purpose is not None and op.purpose_at == "finish":
+                conn.execute("SAVEPOINT wallet_purpose")
+                try:
+                    self._purpose_fn(
+                        conn, op.purpose, self._event(op, "apply", outcome.amount, outcome.fee)
+                    )
+                except PURPOSE_ERRORS as exc:  # recorded, see the module docstring
+                    conn.execute("ROLLBACK TO wallet_purpose")
+                    result["purpose_error"] = f"{type(exc).__name__}: {exc}"
+                    log.error("wallet operation %d: purpose not applied: %s", op.id, exc)
+                conn.execute("RELEASE wallet_purpose")
+            conn.execute(
+                "UPDATE wallet_ops SET state = 'done', amount = ?, fee = ?, token = ?, result = ?,"
+                " recheck_until = NULL, updated_at = ? WHERE id = ?",
+                (outcome.amount, outcome.fee, outcome.token, _dumps(result), self._clock(), op.id),
+            )
+            return self._require(conn, op.id)
+
+        return self.db.transaction(fn, durable=True)
+
+    def abort(
+        self, op_id: int, reason: str, *, inputs_spent: bool = False,
+        recheck_until: float | None = None,
+    ) -> Operation:
+        def fn(conn: sqlite3.Connection) -> Operation:
+            op = self._require(conn, op_id)
+            if op.state != "pending":
+                return op
+            if op.own_inputs:
+                if inputs_spent:
+                    conn.execute(
+                        "UPDATE wallet_proofs SET state = 'spent' WHERE op_id = ?"
+                        " AND state = 'reserved'", (op.id,),
+                    )
+                else:
+                    conn.execute(
+                        "UPDATE wallet_proofs SET state = 'unspent', op_id = NULL WHERE op_id = ?"
+                        " AND state = 'reserved'", (op.id,),
+                    )
+            else:
+                conn.execute("DELETE FROM wallet_input_locks WHERE op_id = ?", (op.id,))
+            if op.purpose is not None and op.purpose_at == "begin":
+                self._purpose_fn(conn, op.purpose, self._event(op, "reverse", op.amount, op.fee))
+            conn.execute(
+                "UPDATE wallet_ops SET state = 'failed', error = ?, recheck_until = ?,"
+                " updated_at = ? WHERE id = ?",
+                (reason[:500], recheck_until, self._clock(), op.id),
+            )
+            return self._require(conn, op.id)
+
+        return self.db.transaction(fn, durable=True)
+
+    def get(self, op_id: int) -> Operation | None:
+        return self.db.read(lambda conn: self._get(conn, op_id))
+
+    def _ops(self, where: str, args: Sequence[Any] = ()) -> list[Operation]:
+        sql = _SELECT_OPS + where  # `where` is always a literal of this module
+        return self.db.read(lambda conn: [_op(r) for r in conn.execute(sql, tuple(args))])
+
+    def pending(self) -> list[Operation]:
+        return self._ops("state = 'pending' ORDER BY id")
+
+    def watched(self, now: float) -> list[Operation]:
+        return self._ops("state = 'failed' AND recheck_until > ? ORDER BY id", (now,))
+
+    def by_quote(self, quote: str) -> Operation | None:
+        ops = self._ops(
+            "quote = ? AND kind = 'mint' AND state != 'failed' ORDER BY id DESC LIMIT 1", (quote,)
+        )
+        return ops[0] if ops else None
+
+    def by_ref(self, ref: str) -> Operation | None:
+        ops = self._ops("ref = ? ORDER BY id DESC LIMIT 1", (ref,))
+        return ops[0] if ops else None
+
+    def unspent(self, mint: str, unit: str) -> list[Proof]:
+        return self.db.read(lambda conn: [
+            _proof_from_row(r) for r in conn.execute(
+                "SELECT keyset_id, amount, secret, c, dleq FROM wallet_proofs"
+                " WHERE mint = ? AND unit = ? AND state = 'unspent' ORDER BY amount, secret",
+                (mint, unit),
+            )
+        ])
+
+    def mark_spent(self, mint: str, secrets: Sequence[str]) -> None:
+        def fn(conn: sqlite3.Connection) -> None:
+            for s in secrets:
+                conn.execute(
+                    "UPDATE wallet_proofs SET state = 'spent' WHERE secret = ? AND mint = ?"
+                    " AND state = 'unspent'", (s, mint),
+                )
+
+        self.db.transaction(fn, durable=True)
+
+    def balances(self, unit: str) -> dict[str, int]:
+        return self.db.read(lambda conn: {
+            mint: total for mint, total in conn.execute(
+                "SELECT mint, SUM(amount) FROM wallet_proofs WHERE unit = ? AND state = 'unspent'"
+                " GROUP BY mint ORDER BY mint", (unit,),
+            )
+        })
+
+    def save_quote(self, quote: QuoteRecord) -> None:
+        def fn(conn: sqlite3.Connection) -> None:
+            conn.execute(
+                "INSERT INTO wallet_quotes (quote, mint, unit, amount, request, expiry, created_at)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (quote) DO NOTHING",
+                (quote.quote, quote.mint, quote.unit, quote.amount, quote.request, quote.expiry,
+                 self._clock()),
+            )
+
+        self.db.transaction(fn, durable=True)
+
+    def quote(self, quote_id: str) -> QuoteRecord | None:
+        row = self.db.read(lambda conn: conn.execute(
+            "SELECT mint, unit, quote, amount, request, expiry FROM wallet_quotes WHERE quote = ?",
+            (quote_id,),
+        ).fetchone())
+        return None if row is None else QuoteRecord(*row)
+
+    # -- reporting (not part of the wallet's interface)
+
+    def totals(self, unit: str = "sat") -> dict[str, int]:
+        """Σ amount of our proofs by state, plus the counts of pending/failed operations."""
+        def fn(conn: sqlite3.Connection) -> dict[str, int]:
+            out = {s: 0 for s in ("unspent", "reserved", "spent", "issued")}
+            for state, total in conn.execute(
+                "SELECT state, SUM(amount) FROM wallet_proofs WHERE unit = ? GROUP BY state",
+                (unit,),
+            ):
+                out[state] = int(total)
+            for state, n in conn.execute("SELECT state, COUNT(*) FROM wallet_ops GROUP BY state"):
+                out[f"ops_{state}"] = int(n)
+            return out
+
+        return self.db.read(fn)
+
+    def operations(self, limit: int = 100) -> list[Operation]:
+        return self._ops("1 ORDER BY id DESC LIMIT ?", (limit,))
+
+
+# --------------------------------------------------------------------------- transport
+
+
+def client_transport(http: HttpClient) -> Transport:
+    """The wallet's `Transport` over the node's HTTP client.
+
+    Errors keep what the wallet needs to know: a failure while *connecting* (refused, DNS,
+    TLS, connect timeout) means the request never left — ``ConnectionRefusedError``; a read or
+    write timeout — ``TimeoutError``; a broken exchange — ``ConnectionResetError``. The last
+    two may have reached the mint.
+    """
+
+    async def call(method: str, url: str, body: bytes | None) -> tuple[int, bytes]:
+        headers = [("accept", "application/json")]
+        if body is not None:
+            headers.append(("content-type", "application/json"))
+        try:
+            status, _headers, data = await http.fetch(method, url, headers, body or b"")
+        except UpstreamConnectError as exc:  # includes UpstreamConnectTimeout: nothing sent
+            raise ConnectionRefusedError(exc.detail) from exc
+        except UpstreamTimeout as exc:
+            raise TimeoutError(exc.detail) from exc
+        except UpstreamError as exc:
+            raise ConnectionResetError(getattr(exc, "detail", str(exc))) from exc
+        return status, data
+
+    return call
