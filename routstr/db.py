@@ -246,7 +246,36 @@ CREATE TABLE wallet_quotes (
 );
 """
 
-MIGRATIONS: tuple[str, ...] = (_MIGRATION_1_LEDGER, _MIGRATION_2_WALLET)
+_MIGRATION_3_PAYMENTS = """
+-- Node-wide secrets and settings (wallet seed, ...): name -> value. Never logged.
+CREATE TABLE node_settings (
+    name TEXT PRIMARY KEY,
+    value TEXT NOT NULL,
+    updated_at INTEGER NOT NULL
+);
+-- Lightning top-ups (NUT-04 mint quotes at the primary mint), settled exactly once.
+CREATE TABLE lightning_invoices (
+    id TEXT PRIMARY KEY,
+    quote TEXT NOT NULL UNIQUE,
+    mint TEXT NOT NULL,
+    bolt11 TEXT NOT NULL,
+    amount_sats INTEGER NOT NULL CHECK (amount_sats > 0),
+    purpose TEXT NOT NULL CHECK (purpose IN ('create', 'topup')),
+    account_id INTEGER REFERENCES keys(id),
+    key_hash TEXT,
+    state TEXT NOT NULL DEFAULT 'pending' CHECK (state IN ('pending', 'paid', 'expired')),
+    created_at INTEGER NOT NULL,
+    expires_at INTEGER NOT NULL,
+    paid_at INTEGER
+);
+CREATE INDEX lightning_invoices_pending ON lightning_invoices (state, expires_at);
+"""
+
+MIGRATIONS: tuple[str, ...] = (
+    _MIGRATION_1_LEDGER,
+    _MIGRATION_2_WALLET,
+    _MIGRATION_3_PAYMENTS,
+)
 
 
 def split_statements(script: str) -> Iterator[str]:
