@@ -271,10 +271,35 @@ CREATE TABLE lightning_invoices (
 CREATE INDEX lightning_invoices_pending ON lightning_invoices (state, expires_at);
 """
 
+_MIGRATION_4_ADMIN = """
+-- The admin API (routstr/admin_store.py): dashboard sessions (token hashes only), keys the
+-- operator deleted, price overrides edited at runtime, and a time index for the transaction
+-- filters and the earnings chart. The generated admin token's hash lives in node_settings.
+CREATE TABLE admin_sessions (
+    token_hash TEXT    PRIMARY KEY CHECK (length(token_hash) = 64),
+    epoch      TEXT    NOT NULL,
+    created_at INTEGER NOT NULL,
+    expires_at INTEGER NOT NULL
+);
+CREATE INDEX admin_sessions_expiry ON admin_sessions (expires_at);
+CREATE TABLE admin_deleted_keys (
+    key_id     INTEGER PRIMARY KEY REFERENCES keys (id),
+    deleted_at INTEGER NOT NULL
+);
+CREATE TABLE price_overrides (
+    model      TEXT    PRIMARY KEY,
+    model_id   TEXT    NOT NULL,
+    fields     TEXT    NOT NULL,
+    updated_at INTEGER NOT NULL
+);
+CREATE INDEX txlog_time ON txlog (time);
+"""
+
 MIGRATIONS: tuple[str, ...] = (
     _MIGRATION_1_LEDGER,
     _MIGRATION_2_WALLET,
     _MIGRATION_3_PAYMENTS,
+    _MIGRATION_4_ADMIN,
 )
 
 
