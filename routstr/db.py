@@ -61,6 +61,10 @@ from typing import TypeVar
 
 T = TypeVar("T")
 
+# For modules that run SQL through `Database.transaction` / `read` without importing sqlite3.
+Connection = sqlite3.Connection
+DatabaseError = sqlite3.Error
+
 log = logging.getLogger(__name__)
 
 BUSY_TIMEOUT_MS = 5000
@@ -295,11 +299,72 @@ CREATE TABLE price_overrides (
 CREATE INDEX txlog_time ON txlog (time);
 """
 
+_MIGRATION_5_PLATFORM = """
+-- The platform features of routstr/idempotency.py, routstr/webhooks.py and the health check.
+-- Idempotency-Key: one row per (credential, key); 'pending' while the first request runs
+-- (boot_id = the process running it), then 'done' with the response to replay. Swept after
+-- the retention period (24 h by default).
+CREATE TABLE idempotency (
+    owner_hash   TEXT    NOT NULL CHECK (length(owner_hash) = 64),
+    idem_key     TEXT    NOT NULL,
+    request_hash TEXT    NOT NULL CHECK (length(request_hash) = 64),
+    state        TEXT    NOT NULL CHECK (state IN ('pending', 'done')),
+    boot_id      TEXT    NOT NULL,
+    status       INTEGER,
+    headers      TEXT,
+    body         BLOB,
+    stored       INTEGER NOT NULL DEFAULT 1 CHECK (stored IN (0, 1)),
+    created_at   REAL    NOT NULL,
+    PRIMARY KEY (owner_hash, idem_key)
+) WITHOUT ROWID;
+CREATE INDEX idempotency_created ON idempotency (created_at);
+
+-- Webhooks registered by a key (account_id), and their durable outbox: an event row is
+-- written before any delivery is tried and survives restarts; 'pending' rows are retried
+-- with backoff until 'delivered' or 'failed'.
+CREATE TABLE webhooks (
+    id                      INTEGER PRIMARY KEY,
+    public_id               TEXT    NOT NULL UNIQUE,
+    account_id              INTEGER NOT NULL REFERENCES keys (id),
+    url                     TEXT    NOT NULL,
+    events                  TEXT    NOT NULL,
+    secret                  TEXT    NOT NULL,
+    balance_threshold_msats INTEGER CHECK (balance_threshold_msats IS NULL
+                                           OR balance_threshold_msats >= 0),
+    low_fired               INTEGER NOT NULL DEFAULT 0 CHECK (low_fired IN (0, 1)),
+    expired_fired           INTEGER NOT NULL DEFAULT 0 CHECK (expired_fired IN (0, 1)),
+    created_at              INTEGER NOT NULL
+);
+CREATE INDEX webhooks_account ON webhooks (account_id);
+CREATE TABLE webhook_outbox (
+    id              INTEGER PRIMARY KEY,
+    event_id        TEXT    NOT NULL UNIQUE,
+    webhook_id      INTEGER NOT NULL REFERENCES webhooks (id) ON DELETE CASCADE,
+    event           TEXT    NOT NULL,
+    payload         BLOB    NOT NULL,
+    state           TEXT    NOT NULL CHECK (state IN ('pending', 'delivered', 'failed')),
+    attempts        INTEGER NOT NULL DEFAULT 0 CHECK (attempts >= 0),
+    next_attempt_at REAL    NOT NULL,
+    last_error      TEXT,
+    created_at      INTEGER NOT NULL,
+    finished_at     INTEGER
+);
+CREATE INDEX webhook_outbox_due ON webhook_outbox (next_attempt_at) WHERE state = 'pending';
+CREATE INDEX webhook_outbox_webhook ON webhook_outbox (webhook_id);
+
+-- /health writes this one row to prove the database accepts writes.
+CREATE TABLE health_probe (
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+    at REAL    NOT NULL
+);
+"""
+
 MIGRATIONS: tuple[str, ...] = (
     _MIGRATION_1_LEDGER,
     _MIGRATION_2_WALLET,
     _MIGRATION_3_PAYMENTS,
     _MIGRATION_4_ADMIN,
+    _MIGRATION_5_PLATFORM,
 )
 
 
