@@ -149,6 +149,48 @@ class Config:
         default=0, metadata=_s("price of one child key, msats", _non_negative)
     )
     log_level: str = field(default="INFO", metadata=_s("DEBUG, INFO, WARNING or ERROR", _log_level))
+    rate_limit_requests: int = field(
+        default=1000, metadata=_s("requests per minute per key (0 = unlimited)", _non_negative)
+    )
+    rate_limit_tokens: int = field(
+        default=1_000_000,
+        metadata=_s("tokens per hour per key, counted from settled usage (0 = unlimited)",
+                    _non_negative),
+    )
+    rate_limit_concurrent: int = field(
+        default=10, metadata=_s("requests in flight per key (0 = unlimited)", _non_negative)
+    )
+    idempotency_ttl: int = field(
+        default=86400, metadata=_s("seconds an Idempotency-Key and its response are kept",
+                                   _positive)
+    )
+    batch_max_requests: int = field(
+        default=50, metadata=_s("most sub-requests in one POST /v1/batch", _positive)
+    )
+    batch_max_bytes: int = field(
+        default=1 * MiB, metadata=_s("largest POST /v1/batch body, bytes", _positive)
+    )
+    batch_concurrency: int = field(
+        default=4, metadata=_s("sub-requests of one batch run at the same time", _positive)
+    )
+    webhooks_allow_private: bool = field(
+        default=False,
+        metadata=_s("let webhooks target private, loopback and link-local addresses (testing)"),
+    )
+    webhook_low_balance_msats: int = field(
+        default=100_000,
+        metadata=_s("balance.low threshold for webhooks that set none, msats", _non_negative),
+    )
+    webhook_scan_interval: float = field(
+        default=60.0, metadata=_s("seconds between webhook checks (key.expired)", _positive)
+    )
+    webhook_retry_base: float = field(
+        default=10.0,
+        metadata=_s("first webhook retry after this many seconds, doubling up to 1 h", _positive),
+    )
+    webhook_max_attempts: int = field(
+        default=12, metadata=_s("webhook delivery attempts before giving up", _positive)
+    )
 
     @property
     def primary_mint(self) -> str | None:
