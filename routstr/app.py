@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import secrets
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from urllib.parse import urlsplit
@@ -12,10 +13,14 @@ import anyio
 
 from . import __version__
 from .admin import AdminHandlers
-from .balance import BalanceHandlers
-from .client import HttpClient, UpstreamError
+from .balance import BalanceHandlers, CashuBalanceHandlers
+from .cashu.mint import MintError
+from .cashu.wallet import Wallet
+from .cashupay import CashuConfig, CashuPayments
+from .client import HttpClient
 from .config import Config
 from .db import Database
+from .errors import UpstreamError
 from .ledger import Ledger
 from .messages import Request, Response
 from .payments import Payments
@@ -33,10 +38,13 @@ from .proxy import (
 )
 from .router import Route, Router
 from .status import CachedProbe, StatusHandlers
+from .walletstore import SqliteWalletStore, client_transport, setting_get_or_create
 
 log = logging.getLogger("routstr.app")
 
 SWEEP_INTERVAL_S = 60.0
+INVOICE_POLL_S = 5.0
+WALLET_RECOVER_S = 60.0
 
 
 @dataclass
@@ -49,6 +57,8 @@ class Node:
     prices: PriceTable
     http: HttpClient
     payments: Payments
+    wallet: Wallet | None = None
+    cashu: CashuPayments | None = None
 
     @classmethod
     def open(cls, config: Config) -> Node:
@@ -58,7 +68,14 @@ class Node:
         http = HttpClient(connect_timeout=config.upstream_connect_timeout,
                           read_timeout=config.upstream_read_timeout,
                           proxy=config.upstream_proxy or None)
-        return cls(config, db, ledger, prices, http, Payments(ledger, None))
+        wallet = cashu = None
+        if config.cashu_mints:
+            seed = bytes.fromhex(setting_get_or_create(db, "wallet_seed",
+                                                       lambda: secrets.token_hex(64)))
+            wallet = Wallet(SqliteWalletStore(db), client_transport(http), seed)
+            cashu = CashuPayments(CashuConfig(config.cashu_mints, config.reservation_ttl),
+                                  ledger, wallet, db)
+        return cls(config, db, ledger, prices, http, Payments(ledger, cashu), wallet, cashu)
 
     async def aclose(self) -> None:
         await self.http.aclose()
@@ -94,6 +111,27 @@ class Node:
             return f"error: {exc.code} ({parts.hostname})"
         return "ok" if status < 500 else f"error: status {status}"
 
+    async def wallet_forever(self) -> None:
+        """Reconcile pending wallet intents at start and periodically; settle paid invoices."""
+        if self.wallet is None or self.cashu is None:
+            return
+        last_recover = -WALLET_RECOVER_S
+        while True:
+            now = anyio.current_time()
+            if now - last_recover >= WALLET_RECOVER_S:
+                last_recover = now
+                try:
+                    report = await self.wallet.recover()
+                    if report.finished or report.rolled_back or report.revived:
+                        log.warning("wallet recovery: %s", report)
+                except MintError as exc:
+                    log.warning("wallet recovery postponed: %s", type(exc).__name__)
+            try:
+                await self.cashu.settle_pending_invoices()
+            except MintError as exc:
+                log.info("invoice settlement postponed: %s", type(exc).__name__)
+            await anyio.sleep(INVOICE_POLL_S)
+
     async def sweep_forever(self) -> None:
         while True:
             await anyio.sleep(SWEEP_INTERVAL_S)
@@ -123,8 +161,25 @@ def routes(node: Node) -> list[Route]:
         Route("GET", "/v1/transactions", balance.transactions),
         Route("POST", "/admin/api/keys", admin.create_key),
     ]
+    pay = CashuBalanceHandlers(node.ledger, node.payments, node.cashu, c.child_key_cost_msats)
     for prefix in ("/v1/balance", "/v1/wallet"):
-        table += [Route("GET", prefix, balance.info), Route("GET", prefix + "/info", balance.info)]
+        table += [
+            Route("GET", prefix, balance.info),
+            Route("GET", prefix + "/info", balance.info),
+            Route("GET", prefix + "/create", pay.create),
+            Route("POST", prefix + "/create", pay.create),
+            Route("POST", prefix + "/topup", pay.topup),
+            Route("POST", prefix + "/refund", pay.refund),
+            Route("POST", prefix + "/child-key", pay.child_keys),
+            Route("POST", prefix + "/child-key/reset", pay.child_key_reset),
+        ]
+    for prefix in ("/lightning", "/v1/balance/lightning"):
+        table += [
+            Route("POST", prefix + "/invoice", pay.invoice),
+            Route("GET", prefix + "/invoice/{invoice_id}", pay.invoice_status),
+            Route("GET", prefix + "/invoice/{invoice_id}/status", pay.invoice_status),
+            Route("POST", prefix + "/recover", pay.invoice_recover),
+        ]
     for endpoint in (CHAT, COMPLETIONS, EMBEDDINGS, IMAGES, AUDIO, RESPONSES, MODERATIONS):
         handler = proxy.handler(endpoint)
         table.append(Route("POST", "/v1" + endpoint.path, handler))

@@ -8,11 +8,20 @@ from __future__ import annotations
 
 from typing import Any
 
-from .errors import InvalidRequest
-from .keys import ApiKeyCredential, CashuCredential, parse_bearer
+from .cashupay import CashuPayments, require_token_param
+from .errors import Forbidden, InvalidRequest, NotFound
+from .keys import (
+    ApiKeyCredential,
+    CashuCredential,
+    generate_api_key,
+    hash_key,
+    key_hint,
+    parse_bearer,
+)
 from .ledger import Account, Ledger
 from .messages import Request, Response, json_response
 from .payments import Payments
+from .walletstore import invoice_get
 
 MAX_PAGE = 500
 
@@ -90,3 +99,153 @@ class BalanceHandlers:
         } for r in rows]
         return json_response({"data": data, "has_more": offset + len(rows) < total,
                               "total": total, "limit": limit, "offset": offset})
+
+
+def _opt_int(doc: dict[str, Any], request: Request, name: str) -> int | None:
+    value: Any = doc.get(name, request.query(name))
+    if value is None or value == "":
+        return None
+    try:
+        out = int(value)
+    except (TypeError, ValueError):
+        raise InvalidRequest(f"'{name}' must be an integer", code="invalid_parameter") from None
+    if isinstance(value, bool) or out < 0:
+        raise InvalidRequest(f"'{name}' must be a non-negative integer",
+                             code="invalid_parameter")
+    return out
+
+
+def _opt_reset(doc: dict[str, Any], request: Request) -> str | None:
+    value = doc.get("balance_limit_reset", request.query("balance_limit_reset"))
+    if value in (None, ""):
+        return None
+    if value not in ("daily", "weekly", "monthly"):
+        raise InvalidRequest("balance_limit_reset must be daily, weekly or monthly",
+                             code="invalid_parameter")
+    return str(value)
+
+
+class CashuBalanceHandlers:
+    """Create / top up / refund with Cashu, Lightning invoices, child keys."""
+
+    def __init__(self, ledger: Ledger, payments: Payments, cashu: CashuPayments | None,
+                 child_key_cost_msats: int) -> None:
+        self.ledger = ledger
+        self.payments = payments
+        self.cashu = cashu
+        self.child_key_cost_msats = child_key_cost_msats
+
+    def _need_cashu(self) -> CashuPayments:
+        if self.cashu is None:
+            raise InvalidRequest("This node accepts no Cashu mints", code="untrusted_mint",
+                                 details={"accepted_mints": []})
+        return self.cashu
+
+    @staticmethod
+    def _body(request: Request) -> dict[str, Any]:
+        return request.json_object() if request.body.strip() else {}
+
+    async def create(self, request: Request, params: dict[str, str]) -> Response:
+        cashu = self._need_cashu()
+        doc = self._body(request)
+        text = require_token_param(doc.get("initial_balance_token",
+                                           request.query("initial_balance_token")))
+        limit = _opt_int(doc, request, "balance_limit")
+        api_key, account = await cashu.create_key(
+            text, balance_limit_msats=limit, balance_limit_reset=_opt_reset(doc, request),
+            validity_date=_opt_int(doc, request, "validity_date"))
+        return json_response({"api_key": api_key, "balance": account.balance_msats})
+
+    async def topup(self, request: Request, params: dict[str, str]) -> Response:
+        cashu = self._need_cashu()
+        doc = self._body(request)
+        text = require_token_param(doc.get("cashu_token", request.query("cashu_token")))
+        account = await self.payments.account_for(request)
+        updated, added = await cashu.topup(account, text)
+        return json_response({"msats": added, "amount_added": added,
+                              "balance": updated.balance_msats})
+
+    async def refund(self, request: Request, params: dict[str, str]) -> Response:
+        cashu = self._need_cashu()
+        xcashu = request.header("x-cashu")
+        if xcashu and xcashu.strip():
+            token, msats = await cashu.recover_change(xcashu)
+            return json_response({"token": token, "msats": msats, "sats": str(msats // 1000)},
+                                 headers=[("x-cashu", token)])
+        account = await self.payments.account_for(request, create=False)
+        return json_response(await cashu.refund(account))
+
+    async def child_keys(self, request: Request, params: dict[str, str]) -> Response:
+        parent = await self.payments.account_for(request)
+        if parent.is_child:
+            raise InvalidRequest("Child keys cannot create child keys",
+                                 code="child_key_not_allowed")
+        doc = self._body(request)
+        count = doc.get("count", 1)
+        if not isinstance(count, int) or isinstance(count, bool) or not 1 <= count <= 50:
+            raise InvalidRequest("count must be between 1 and 50", code="invalid_parameter")
+        keys = [generate_api_key() for _ in range(count)]
+        self.ledger.create_children(
+            parent.id, [hash_key(k) for k in keys],
+            balance_limit_msats=_opt_int(doc, request, "balance_limit"),
+            balance_limit_reset=_opt_reset(doc, request),
+            validity_date=_opt_int(doc, request, "validity_date"),
+            cost_msats_each=self.child_key_cost_msats, hints=[key_hint(k) for k in keys])
+        after = self.ledger.get_account_by_id(parent.id)
+        assert after is not None
+        cost = self.child_key_cost_msats * count
+        return json_response({"api_keys": keys, "count": count, "cost_msats": cost,
+                              "cost_sats": cost // 1000, "parent_balance": after.balance_msats,
+                              "parent_balance_sats": after.balance_msats // 1000})
+
+    async def child_key_reset(self, request: Request, params: dict[str, str]) -> Response:
+        parent = await self.payments.account_for(request)
+        doc = self._body(request)
+        child_key = doc.get("child_key")
+        if not isinstance(child_key, str):
+            raise InvalidRequest("child_key is required", code="invalid_parameter")
+        child = self.ledger.get_account(hash_key(child_key))
+        if child is None or child.parent_id is None:
+            raise NotFound("Child key not found", code="key_not_found")
+        if child.parent_id != parent.id:
+            raise Forbidden("Not the parent of this key", code="not_parent")
+        self.ledger.reset_child(parent.id, child.id)
+        return json_response({"success": True, "message": "Child key usage reset"})
+
+    # ---- Lightning ----------------------------------------------------------------------------
+    async def invoice(self, request: Request, params: dict[str, str]) -> Response:
+        cashu = self._need_cashu()
+        doc = self._body(request)
+        amount = doc.get("amount_sats")
+        if not isinstance(amount, int) or isinstance(amount, bool):
+            raise InvalidRequest("amount_sats must be an integer", code="invalid_amount")
+        purpose = doc.get("purpose", "create")
+        if purpose not in ("create", "topup"):
+            raise InvalidRequest("purpose must be create or topup", code="invalid_parameter")
+        account = None
+        if purpose == "topup":
+            if request.header("authorization") is None and isinstance(doc.get("api_key"), str):
+                request = Request(request.method, request.target,
+                                  (*request.headers, ("authorization", f"Bearer {doc['api_key']}")),
+                                  request.body, request.request_id, request.client)
+            account = await self.payments.account_for(request)
+        return json_response(await cashu.create_invoice(amount, purpose, account))
+
+    async def invoice_status(self, request: Request, params: dict[str, str]) -> Response:
+        cashu = self._need_cashu()
+        inv = invoice_get(cashu.db, invoice_id=params["invoice_id"])
+        if inv is None:
+            raise NotFound("Invoice not found", code="invoice_not_found")
+        inv = await cashu.settle_invoice(inv)
+        return json_response(cashu.invoice_status(inv))
+
+    async def invoice_recover(self, request: Request, params: dict[str, str]) -> Response:
+        cashu = self._need_cashu()
+        bolt11 = self._body(request).get("bolt11")
+        if not isinstance(bolt11, str):
+            raise InvalidRequest("bolt11 is required", code="invalid_parameter")
+        inv = invoice_get(cashu.db, bolt11=bolt11.strip())
+        if inv is None:
+            raise NotFound("Invoice not found", code="invoice_not_found")
+        inv = await cashu.settle_invoice(inv)
+        return json_response(cashu.invoice_status(inv))

@@ -127,9 +127,9 @@ def _multipart_field(body: bytes, content_type: str, name: str) -> str | None:
         return None
     marker = f'name="{name}"'.encode()
     for section in body.split(b"--" + boundary.encode()):
-        head, sep, value = section.partition(b"\r\n\r\n")
+        head, sep, content = section.partition(b"\r\n\r\n")
         if sep and marker in head and b"filename=" not in head:
-            return value.rstrip(b"\r\n").decode("utf-8", "replace").strip()
+            return content.rstrip(b"\r\n").decode("utf-8", "replace").strip()
     return None
 
 

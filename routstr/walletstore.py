@@ -472,3 +472,90 @@ def client_transport(http: HttpClient) -> Transport:
         return status, data
 
     return call
+
+
+# --------------------------------------------------------------------------- node secrets
+
+
+def setting_get_or_create(db: Database, name: str, make: Callable[[], str]) -> str:
+    """A node-wide secret or setting (e.g. the wallet seed), created once, durably."""
+
+    def op(conn: sqlite3.Connection) -> str:
+        row = conn.execute("SELECT value FROM node_settings WHERE name = ?", (name,)).fetchone()
+        if row is not None:
+            return str(row[0])
+        value = make()
+        conn.execute(
+            "INSERT INTO node_settings (name, value, updated_at) VALUES (?, ?, ?)",
+            (name, value, int(time.time())),
+        )
+        return value
+
+    return db.transaction(op, durable=True)
+
+
+# --------------------------------------------------------------------------- lightning invoices
+
+
+@dataclass(frozen=True)
+class Invoice:
+    id: str
+    quote: str
+    mint: str
+    bolt11: str
+    amount_sats: int
+    purpose: str  # create | topup
+    account_id: int | None
+    key_hash: str | None
+    state: str  # pending | paid | expired
+    created_at: int
+    expires_at: int
+    paid_at: int | None
+
+
+_INVOICE_COLUMNS = (
+    "id, quote, mint, bolt11, amount_sats, purpose, account_id, key_hash, state, created_at,"
+    " expires_at, paid_at"
+)
+
+
+def invoice_insert(db: Database, inv: Invoice) -> None:
+    db.transaction(
+        lambda c: c.execute(
+            f"INSERT INTO lightning_invoices ({_INVOICE_COLUMNS})"  # noqa: S608 - constant
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (inv.id, inv.quote, inv.mint, inv.bolt11, inv.amount_sats, inv.purpose,
+             inv.account_id, inv.key_hash, inv.state, inv.created_at, inv.expires_at,
+             inv.paid_at),
+        ),
+        durable=True,
+    )
+
+
+def invoice_get(db: Database, *, invoice_id: str | None = None,
+                bolt11: str | None = None) -> Invoice | None:
+    where, arg = ("id = ?", invoice_id) if invoice_id is not None else ("bolt11 = ?", bolt11)
+    row = db.read(lambda c: c.execute(
+        f"SELECT {_INVOICE_COLUMNS} FROM lightning_invoices WHERE {where}",  # noqa: S608
+        (arg,)).fetchone())
+    return None if row is None else Invoice(*row)
+
+
+def invoices_pending(db: Database, now: int) -> list[Invoice]:
+    rows = db.read(lambda c: c.execute(
+        f"SELECT {_INVOICE_COLUMNS} FROM lightning_invoices"  # noqa: S608 - constant
+        " WHERE state = 'pending' ORDER BY created_at LIMIT 200").fetchall())
+    return [Invoice(*r) for r in rows]
+
+
+def invoice_mark(db: Database, invoice_id: str, state: str, *, account_id: int | None,
+                 now: int) -> None:
+    db.transaction(
+        lambda c: c.execute(
+            "UPDATE lightning_invoices SET state = ?, account_id = COALESCE(?, account_id),"
+            " paid_at = CASE WHEN ? = 'paid' THEN ? ELSE paid_at END"
+            " WHERE id = ? AND state = 'pending'",
+            (state, account_id, state, now, invoice_id),
+        ),
+        durable=True,
+    )

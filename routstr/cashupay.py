@@ -1,0 +1,450 @@
+"""Paying with Cashu: a token as the key, X-Cashu per request with change, top-up, refund,
+Lightning invoices — every flow through the write-ahead wallet and the ledger.
+
+A token is "paid" only once the mint has swapped its proofs for fresh ones we alone know
+(`Wallet.receive`); the ledger account it funds is created or credited by the wallet store in
+the same sqlite transaction that stores those proofs (a *purpose*), so no crash can lose or
+double-credit a token. Money going out (change, refunds) is debited from the account when the
+wallet records its intent, and the token is stored under a reference before it is returned,
+so a client that lost it can fetch it again (`POST /v1/balance/refund` with the original
+token in `X-Cashu`), also after a restart.
+
+Units: the wallet holds `sat` proofs; the ledger counts msats. Change and refunds are whole
+sats (rounded down, in the node's favour); the sub-sat remainder of a one-request X-Cashu
+account is charged as rounding so that account ends empty.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import logging
+import secrets
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import anyio
+
+from .cashu.mint import MintError, MintUnreachable, ProofsAlreadySpent, ProofsPending
+from .cashu.tokens import PaymentRequest, Token, TokenError, parse_token
+from .cashu.wallet import (
+    InsufficientFunds,
+    OperationPending,
+    TokenTooSmall,
+    UnitMismatch,
+    Wallet,
+    WalletError,
+    normalize_mint_url,
+)
+from .db import Database
+from .errors import (
+    ApiError,
+    InsufficientBalance,
+    InternalError,
+    InvalidRequest,
+    NotFound,
+    ServiceUnavailable,
+    TooEarly,
+    UnprocessableEntity,
+)
+from .keys import generate_api_key, hash_key, key_hint, token_api_key, token_deposit_ref
+from .ledger import Account, Ledger
+from .money import MSAT_PER_SAT, ceil_div, format_sats
+from .payments import Payer
+from .sse import encode_event
+from .walletstore import (
+    Invoice,
+    invoice_get,
+    invoice_insert,
+    invoice_mark,
+    invoices_pending,
+    setting_get_or_create,
+)
+
+log = logging.getLogger("routstr.cashu")
+
+REDEEM_WAIT_S = 15.0  # a concurrent redemption of the same token: wait this long for it
+INVOICE_TTL_S = 3600
+MAX_INVOICE_SATS = 1_000_000
+CHANGE_TIMEOUT_S = 30.0
+
+
+def xcashu_key_hash(token: str) -> str:
+    """The one-request account of an X-Cashu payment (never usable as a Bearer key)."""
+    return hashlib.sha256(b"routstr x-cashu\x00" + token.encode()).hexdigest()
+
+
+def _mint_error(exc: MintError | WalletError, *, echo: str | None = None) -> ApiError:
+    """Wallet/mint failures → the spec's errors with routstr-core's stable codes."""
+    headers = [("x-cashu", echo)] if echo else []
+    if isinstance(exc, ProofsAlreadySpent):
+        return InvalidRequest("Cashu token already spent", code="cashu_token_already_spent")
+    if isinstance(exc, ProofsPending):
+        return InvalidRequest("Cashu token is pending at the mint", code="cashu_token_pending",
+                              headers=headers)
+    if isinstance(exc, MintUnreachable):
+        return ServiceUnavailable("Mint unreachable; the token was not redeemed",
+                                  code="cashu_mint_unreachable", headers=headers)
+    if isinstance(exc, TokenTooSmall):
+        return UnprocessableEntity("Token value does not cover the mint's fees",
+                                   code="cashu_token_swap_fees_exceed_amount", headers=headers)
+    if isinstance(exc, UnitMismatch):
+        return InvalidRequest(f"Unsupported token unit: {exc}",
+                              code="cashu_token_redemption_failed", headers=headers)
+    if isinstance(exc, OperationPending):
+        return TooEarly("This token is being redeemed; retry shortly",
+                        code="cashu_token_pending", headers=[("retry-after", "2"), *headers])
+    if isinstance(exc, MintError):
+        return InvalidRequest(f"The mint refused the token: {exc.detail}",
+                              code="cashu_token_redemption_failed", headers=headers)
+    return InvalidRequest(f"Token could not be redeemed: {exc}",
+                          code="cashu_token_redemption_failed", headers=headers)
+
+
+@dataclass(frozen=True)
+class CashuConfig:
+    mints: tuple[str, ...]
+    reservation_ttl_s: int
+
+    @property
+    def primary(self) -> str:
+        return self.mints[0]
+
+
+class CashuPayments:
+    def __init__(self, config: CashuConfig, ledger: Ledger, wallet: Wallet, db: Database) -> None:
+        self.config = config
+        self.ledger = ledger
+        self.wallet = wallet
+        self.db = db
+        self.mints = tuple(normalize_mint_url(m) for m in config.mints)
+        self._invoice_secret = bytes.fromhex(
+            setting_get_or_create(db, "invoice_key_secret", lambda: secrets.token_hex(32)))
+
+    # ---- tokens ---------------------------------------------------------------------------
+    def parse(self, text: str, *, echo: bool = False) -> Token:
+        try:
+            token = parse_token(text)
+        except TokenError as exc:
+            raise InvalidRequest(f"Invalid Cashu token: {exc}",
+                                 code="invalid_cashu_token") from None
+        if normalize_mint_url(token.mint) not in self.mints:
+            raise InvalidRequest(
+                "Tokens from this mint are not accepted", code="untrusted_mint",
+                details={"accepted_mints": list(self.mints), "mint": token.mint},
+                headers=[("x-cashu", text)] if echo else [])
+        if token.unit != "sat":
+            raise InvalidRequest(f"Unsupported token unit {token.unit!r}; use sat",
+                                 code="cashu_token_redemption_failed",
+                                 headers=[("x-cashu", text)] if echo else [])
+        return token
+
+    async def _redeem(self, text: str, token: Token, purpose: dict[str, Any],
+                      key_hash: str, *, echo: bool) -> Account:
+        """Receive `token` into the wallet, applying `purpose`; the funded account.
+
+        A concurrent redemption of the same token (another request holds its proofs) is waited
+        for: whichever request redeems it, both end up with the one account."""
+        deadline = time.monotonic() + REDEEM_WAIT_S
+        while True:
+            existing = self.ledger.get_account(key_hash)
+            if existing is not None:
+                return existing
+            try:
+                await self.wallet.receive(token, purpose)
+            except OperationPending:
+                if time.monotonic() > deadline:
+                    raise _mint_error(OperationPending("pending", 0), echo=None) from None
+                await anyio.sleep(0.05)
+                continue
+            except ProofsAlreadySpent as exc:
+                existing = self.ledger.get_account(key_hash)
+                if existing is not None:  # we redeemed it ourselves, concurrently
+                    return existing
+                raise _mint_error(exc) from None
+            except (MintError, WalletError) as exc:
+                raise _mint_error(exc, echo=text if echo else None) from None
+            account = self.ledger.get_account(key_hash)
+            if account is None:
+                raise InternalError("The token was redeemed but no account was opened",
+                                    code="cashu_token_consumed")
+            log.info("redeemed a token into account %d (%s msats)", account.id,
+                     account.balance_msats)
+            return account
+
+    async def account_for_token(self, text: str) -> Account:
+        """`Authorization: Bearer cashu…`: the token is the key (redeemed on first use)."""
+        api_key = token_api_key(text)
+        key_hash = hash_key(api_key)
+        existing = self.ledger.get_account(key_hash)
+        if existing is not None:
+            return existing
+        token = self.parse(text)
+        purpose = {"action": "create_account", "key_hash": key_hash, "kind": "token",
+                   "ref": token_deposit_ref(text), "hint": key_hint(api_key),
+                   "refund_mint": normalize_mint_url(token.mint), "refund_unit": token.unit}
+        return await self._redeem(text, token, purpose, key_hash, echo=False)
+
+    async def create_key(self, text: str, *, balance_limit_msats: int | None = None,
+                         balance_limit_reset: str | None = None,
+                         validity_date: int | None = None) -> tuple[str, Account]:
+        """`/v1/balance/create`: a new random `sk-` key funded by the token."""
+        token = self.parse(text)
+        api_key = generate_api_key()
+        key_hash = hash_key(api_key)
+        purpose: dict[str, Any] = {
+            "action": "create_account", "key_hash": key_hash, "kind": "api",
+            "ref": token_deposit_ref(text), "hint": key_hint(api_key),
+            "refund_mint": normalize_mint_url(token.mint), "refund_unit": token.unit,
+        }
+        if balance_limit_msats is not None:
+            purpose["balance_limit_msats"] = balance_limit_msats
+            purpose["balance_limit_reset"] = balance_limit_reset
+        if validity_date is not None:
+            purpose["validity_date"] = validity_date
+        try:
+            await self.wallet.receive(token, purpose)
+        except (MintError, WalletError) as exc:
+            raise _mint_error(exc) from None
+        account = self.ledger.get_account(key_hash)
+        if account is None:
+            raise InternalError("The token was redeemed but no key was created",
+                                code="cashu_token_consumed")
+        return api_key, account
+
+    async def topup(self, account: Account, text: str) -> tuple[Account, int]:
+        """Credit the token's value (less mint fees) to the paying account."""
+        token = self.parse(text)
+        target = account.paying_id
+        purpose = {"action": "credit", "account_id": target, "kind": "deposit",
+                   "ref": token_deposit_ref(text)}
+        try:
+            received = await self.wallet.receive(token, purpose)
+        except (MintError, WalletError) as exc:
+            raise _mint_error(exc) from None
+        updated = self.ledger.get_account_by_id(target)
+        assert updated is not None
+        return updated, received.amount * MSAT_PER_SAT
+
+    # ---- X-Cashu per request ----------------------------------------------------------------
+    def payment_request(self, required_msats: int) -> str:
+        amount = max(1, ceil_div(required_msats, MSAT_PER_SAT))
+        return PaymentRequest(amount=amount, unit="sat", mints=self.mints,
+                              description="routstr: pay per request").encode()
+
+    async def xcashu_payer(self, text: str, worst_msats: int, model: str,
+                           request_id: str) -> Payer:
+        token = self.parse(text, echo=True)
+        value_msats = token.amount * MSAT_PER_SAT
+        if value_msats < worst_msats:
+            creq = self.payment_request(worst_msats)
+            raise InsufficientBalance(
+                f"Token worth {format_sats(value_msats)} sats cannot cover this request: "
+                f"{format_sats(worst_msats)} sats required",
+                code="insufficient_balance",
+                details={"required": worst_msats, "available": value_msats,
+                         "amount_required_msat": worst_msats, "model": model,
+                         "payment_request": creq, "accepted_mints": list(self.mints)},
+                headers=[("x-cashu", creq)])
+        key_hash = xcashu_key_hash(text)
+        if self.ledger.get_account(key_hash) is not None:
+            raise InvalidRequest("Cashu token already spent", code="cashu_token_already_spent")
+        purpose = {"action": "create_account", "key_hash": key_hash, "kind": "xcashu",
+                   "ref": token_deposit_ref(text),
+                   "refund_mint": normalize_mint_url(token.mint), "refund_unit": token.unit}
+        account = await self._redeem(text, token, purpose, key_hash, echo=True)
+        return Payer(account.id, "xcashu", request_id, token_hash=key_hash)
+
+    def _change_ref(self, account_id: int) -> str:
+        return f"xcashu-change:{account_id}"
+
+    async def make_change(self, account_id: int) -> tuple[str | None, int]:
+        """Return the whole spendable balance of a one-request account as a token (once).
+
+        The sub-sat remainder is charged as rounding. Returns (token or None, msats)."""
+        ref = self._change_ref(account_id)
+        op = self.wallet.issued_token(ref)
+        if op is not None and op.state == "done" and op.token:
+            return op.token, op.amount * MSAT_PER_SAT
+        if op is not None and op.state == "pending":
+            raise TooEarly("Change is being made; retry shortly", code="change_pending",
+                           headers=[("retry-after", "2")])
+        account = self.ledger.get_account_by_id(account_id)
+        if account is None:
+            raise NotFound("Payment not found", code="payment_not_found")
+        sats, remainder = divmod(account.balance_msats, MSAT_PER_SAT)
+        if remainder:
+            self.ledger.charge(account_id, remainder, request_id=f"rounding:{account_id}")
+        if sats == 0:
+            return None, 0
+        mint = account.refund_mint or self.config.primary
+        purpose = {"action": "debit", "account_id": account_id,
+                   "amount_msats": sats * MSAT_PER_SAT, "kind": "change", "ref": ref}
+        try:
+            with anyio.fail_after(CHANGE_TIMEOUT_S):
+                token = await self.wallet.send(sats, mint, purpose, ref=ref)
+        except (MintError, WalletError, TimeoutError) as exc:
+            log.warning("change for account %d not made yet: %s", account_id,
+                        type(exc).__name__)
+            return None, 0
+        return token.serialize(), sats * MSAT_PER_SAT
+
+    async def xcashu_change_header(self, payer: Payer) -> list[tuple[str, str]]:
+        token, msats = await self.make_change(payer.account_id)
+        return [("x-cashu", token)] if token else []
+
+    async def xcashu_change_events(self, payer: Payer) -> list[bytes]:
+        with anyio.CancelScope(shield=True):
+            token, msats = await self.make_change(payer.account_id)
+        if not token:
+            return []
+        return [encode_event(json.dumps({"token": token, "msats": msats}), "cashu-change")]
+
+    async def xcashu_refund_on_failure(self, payer: Payer, exc: ApiError) -> None:
+        with anyio.CancelScope(shield=True):
+            token, msats = await self.make_change(payer.account_id)
+        if token:
+            exc.headers.append(("x-cashu", token))
+            exc.details["refund_token"] = token
+            exc.details["refund_msats"] = msats
+
+    async def recover_change(self, text: str) -> tuple[str, int]:
+        """`POST /v1/balance/refund` with `X-Cashu: <payment token>`: the change, again."""
+        account = self.ledger.get_account(xcashu_key_hash(text.strip()))
+        if account is None:
+            raise NotFound("Refund not found", code="refund_not_found")
+        if account.reserved_msats:
+            raise TooEarly("Refund is pending; retry shortly.", code="refund_pending",
+                           headers=[("retry-after", "2")])
+        token, msats = await self.make_change(account.id)
+        if token is None:
+            op = self.wallet.issued_token(self._change_ref(account.id))
+            if op is not None and op.state == "pending":
+                raise TooEarly("Refund is pending; retry shortly.", code="refund_pending",
+                               headers=[("retry-after", "2")])
+            raise InvalidRequest("No balance to refund", code="no_balance")
+        return token, msats
+
+    # ---- refunds ----------------------------------------------------------------------------
+    async def refund(self, account: Account) -> dict[str, Any]:
+        """The whole spendable balance out: a token, or a Lightning payment when the key
+        carries a refund address. Whole sats; the sub-sat remainder stays on the key."""
+        if account.is_child:
+            raise InvalidRequest("Child keys cannot be refunded", code="child_key_not_allowed")
+        if self.ledger.reserved_by(account):
+            raise InvalidRequest(
+                "Cannot refund key. There are ongoing requests for this api key.",
+                code="requests_in_flight")
+        sats, remainder = divmod(account.balance_msats, MSAT_PER_SAT)
+        if sats <= 0:
+            raise InvalidRequest("No balance to refund", code="no_balance",
+                                 details={"balance_msats": account.balance_msats})
+        ref = f"refund:{account.id}:{account.refunded_msats}"
+        purpose = {"action": "debit", "account_id": account.id,
+                   "amount_msats": sats * MSAT_PER_SAT, "kind": "refund", "ref": ref}
+        try:
+            if account.refund_address:
+                await self.wallet.pay_lightning_address(
+                    account.refund_address, sats * MSAT_PER_SAT, purpose, ref=ref)
+                return {"recipient": account.refund_address, "sats": str(sats),
+                        "msats": sats * MSAT_PER_SAT, "remaining_msats": remainder}
+            mint = account.refund_mint if account.refund_mint in self.mints \
+                else self.config.primary
+            token = await self.wallet.send(sats, mint, purpose, ref=ref)
+        except InsufficientFunds:
+            raise ServiceUnavailable("The node's wallet cannot make this refund right now",
+                                     code="refund_unavailable") from None
+        except (MintError, WalletError) as exc:
+            raise _mint_error(exc) from None
+        return {"token": token.serialize(), "sats": str(sats), "msats": sats * MSAT_PER_SAT,
+                "remaining_msats": remainder}
+
+    # ---- Lightning ---------------------------------------------------------------------------
+    def invoice_api_key(self, invoice_id: str) -> str:
+        """The key a paid `create` invoice opens: derived, so it is never stored in clear."""
+        mac = hmac.new(self._invoice_secret, invoice_id.encode(), hashlib.sha256)
+        return "sk-" + mac.hexdigest()
+
+    async def create_invoice(self, amount_sats: int, purpose: str,
+                             account: Account | None) -> dict[str, Any]:
+        if not 1 <= amount_sats <= MAX_INVOICE_SATS:
+            raise InvalidRequest(f"amount_sats must be between 1 and {MAX_INVOICE_SATS}",
+                                 code="invalid_amount")
+        invoice_id = secrets.token_hex(16)
+        try:
+            quote = await self.wallet.mint_quote(amount_sats, self.config.primary)
+        except MintError as exc:
+            raise _mint_error(exc) from None
+        now = int(time.time())
+        key_hash = hash_key(self.invoice_api_key(invoice_id)) if purpose == "create" else None
+        inv = Invoice(invoice_id, quote.quote, self.config.primary, quote.request, amount_sats,
+                      purpose, account.paying_id if account else None, key_hash, "pending", now,
+                      now + INVOICE_TTL_S, None)
+        invoice_insert(self.db, inv)
+        return {"invoice_id": invoice_id, "bolt11": quote.request, "amount_sats": amount_sats,
+                "expires_at": inv.expires_at, "payment_hash": quote.quote}
+
+    async def settle_invoice(self, inv: Invoice) -> Invoice:
+        """Mint the proofs of a paid invoice and credit them, exactly once."""
+        if inv.state != "pending":
+            return inv
+        if inv.purpose == "create":
+            purpose: dict[str, Any] = {"action": "create_account", "key_hash": inv.key_hash,
+                                       "kind": "api", "ref": f"invoice:{inv.id}",
+                                       "hint": key_hint(self.invoice_api_key(inv.id)),
+                                       "refund_mint": inv.mint, "refund_unit": "sat"}
+        else:
+            purpose = {"action": "credit", "account_id": inv.account_id, "kind": "deposit",
+                       "ref": f"invoice:{inv.id}"}
+        now = int(time.time())
+        try:
+            received = await self.wallet.mint_paid(inv.quote, purpose)
+        except MintError as exc:
+            log.info("invoice %s not settled yet: %s", inv.id, type(exc).__name__)
+            received = None
+        if received is None:
+            if now > inv.expires_at:
+                invoice_mark(self.db, inv.id, "expired", account_id=None, now=now)
+            return invoice_get(self.db, invoice_id=inv.id) or inv
+        account_id = inv.account_id
+        if inv.purpose == "create" and inv.key_hash:
+            acct = self.ledger.get_account(inv.key_hash)
+            account_id = acct.id if acct else None
+        invoice_mark(self.db, inv.id, "paid", account_id=account_id, now=now)
+        return invoice_get(self.db, invoice_id=inv.id) or inv
+
+    def invoice_status(self, inv: Invoice) -> dict[str, Any]:
+        api_key = None
+        if inv.state == "paid":
+            api_key = self.invoice_api_key(inv.id) if inv.purpose == "create" else None
+        return {"invoice_id": inv.id, "status": inv.state, "api_key": api_key,
+                "amount_sats": inv.amount_sats, "paid_at": inv.paid_at,
+                "created_at": inv.created_at, "expires_at": inv.expires_at,
+                "purpose": inv.purpose}
+
+    async def settle_pending_invoices(self) -> int:
+        settled = 0
+        for inv in invoices_pending(self.db, int(time.time())):
+            if (await self.settle_invoice(inv)).state == "paid":
+                settled += 1
+        return settled
+
+    # ---- wallet health --------------------------------------------------------------------
+    def liabilities_msats(self) -> int:
+        totals = self.ledger.totals()
+        return int(totals.get("balance_msats", 0)) + int(totals.get("reserved_msats", 0))
+
+    def balances(self) -> dict[str, int]:
+        return self.wallet.balances()
+
+
+def require_token_param(value: object) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise InvalidRequest("A cashu_token is required.", code="missing_token")
+    text = "".join(value.split())
+    if len(text) < 10 or "cashu" not in text:
+        raise InvalidRequest("Invalid token format", code="invalid_cashu_token")
+    return text
+
