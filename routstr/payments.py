@@ -21,6 +21,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
+from .cashu.lnurl import LnurlError, resolve_url
 from .errors import ApiError, AuthenticationFailed, InvalidRequest
 from .keys import ApiKeyCredential, CashuCredential, hash_key, parse_bearer
 from .ledger import Account, Ledger, Settlement
@@ -89,8 +90,37 @@ class Payments:
             return await self._cashu().xcashu_payer(xcashu.strip(), worst_msats, model,
                                                     request.request_id)
         account = await self.account_for(request)
+        self._store_refund_policy(request, account)
         kind = "token" if account.kind == "token" else "key"
         return Payer(account.id, kind, request.request_id)
+
+    def _store_refund_policy(self, request: Request, account: Account) -> None:
+        """`Refund-LNURL` / `Key-Expiry-Time` request headers (routstr-core): refunds of this
+        key go to that Lightning address. Stored on the key, never forwarded upstream."""
+        address = request.header("refund-lnurl")
+        expiry_raw = request.header("key-expiry-time")
+        if expiry_raw is not None and not address:
+            raise InvalidRequest("Key-Expiry-Time requires Refund-LNURL", code="invalid_header")
+        if not address:
+            return
+        address = address.strip()
+        try:
+            resolve_url(address)
+        except LnurlError as exc:
+            raise InvalidRequest(f"Refund-LNURL must be a Lightning address or an LNURL: {exc}",
+                                 code="invalid_header") from None
+        expiry = None
+        if expiry_raw is not None:
+            try:
+                expiry = int(expiry_raw.strip())
+            except ValueError:
+                raise InvalidRequest("Key-Expiry-Time must be a unix time",
+                                     code="invalid_header") from None
+        if account.is_child:
+            raise InvalidRequest("Child keys cannot set a refund address",
+                                 code="child_key_not_allowed")
+        self.ledger.set_refund_address(account.id, refund_address=address,
+                                       refund_expiry=expiry)
 
     async def after_success(self, payer: Payer,
                             settlement: Settlement | None) -> Sequence[tuple[str, str]]:
