@@ -313,7 +313,10 @@ class Relay:
     async def _trailer(self) -> list[bytes]:
         out: list[bytes] = []
         settlement = self.billing.settlement
-        if settlement is not None:
+        # Chat streams end with [DONE], where SDKs stop reading: the cost event after it is
+        # invisible to them. Responses API streams have no [DONE] (SDKs read to the end), and
+        # carry the cost in response.completed already, so they get no extra event.
+        if settlement is not None and self.billing.endpoint.usage_style == "chat":
             out.append(encode_event(json.dumps({
                 "cost_msats": settlement.charged_msats,
                 "balance_msats": settlement.balance_msats,
