@@ -57,7 +57,7 @@ import os
 import sqlite3
 import time
 from collections.abc import Callable, Iterator
-from typing import TypeVar
+from typing import Any, TypeVar
 
 T = TypeVar("T")
 
@@ -478,6 +478,21 @@ class Database:
                     conn.execute("COMMIT")
         finally:
             conn.execute("PRAGMA query_only = OFF")
+
+    def query(self, sql: str, params: tuple[object, ...] = ()) -> list[tuple[Any, ...]]:
+        """One read-only statement in autocommit mode (a single statement is its own consistent
+        snapshot): the cheap path for hot single-row lookups; `read` for several statements."""
+        if not sql.lstrip().upper().startswith("SELECT"):
+            raise ValueError("query() runs SELECT statements only")
+        return self.conn.execute(sql, params).fetchall()
+
+    def ping(self) -> bool:
+        """True when the database answers a read (the health check)."""
+        try:
+            self.conn.execute("SELECT 1").fetchone()
+        except sqlite3.Error:
+            return False
+        return True
 
     def checkpoint(self) -> None:
         """Copy the WAL back into the database file now (PASSIVE: never waits for readers)."""

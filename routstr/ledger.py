@@ -1049,11 +1049,13 @@ class Ledger:
 
     # -- queries --------------------------------------------------------------------------
 
+    # Single-statement lookups run in autocommit mode (one statement is one consistent
+    # snapshot); they are on every request's path, so they skip `read`'s snapshot setup.
     def get_account(self, key_hash: str) -> Account | None:
-        return self.db.read(lambda c: get_account(c, key_hash))
+        return get_account(self.db.conn, key_hash)
 
     def get_account_by_id(self, account_id: int) -> Account | None:
-        return self.db.read(lambda c: get_account_by_id(c, account_id))
+        return get_account_by_id(self.db.conn, account_id)
 
     def get_reservation(self, reservation_id: int) -> Reservation | None:
         return self.db.read(lambda c: get_reservation(c, reservation_id))

@@ -59,6 +59,7 @@ floats are the correctly rounded values of those exact rationals.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 import tomllib
 from collections.abc import Iterator, Mapping, Sequence
@@ -523,6 +524,12 @@ def _estimate_prompt_tokens(messages: Any) -> int:
     return total // 3
 
 
+@functools.lru_cache(maxsize=4096)
+def _advertised(price: ModelPrice) -> SatsPricing:
+    """`sats_pricing(price).advertised()`, computed once per price (it is on the hot path)."""
+    return sats_pricing(price).advertised()
+
+
 def client_reservation_msats(price: ModelPrice, body: Mapping[str, Any]) -> int:
     """What routstr-core reserves for `body` (and clients pay for), from the advertised pricing.
 
@@ -531,7 +538,7 @@ def client_reservation_msats(price: ModelPrice, body: Mapping[str, Any]) -> int:
     prompt allowance not used by the estimated prompt, less the completion allowance not used
     by ``max_tokens`` (only that field), at least MIN_REQUEST_MSATS.
     """
-    sp = sats_pricing(price).advertised()
+    sp = _advertised(price)
     reservation = max(MIN_REQUEST_MSATS, int(sp.max_cost * 1000 * _TOL))
     prompt_allowed = sp.max_prompt_cost * _TOL
     completion_allowed = sp.max_completion_cost * _TOL

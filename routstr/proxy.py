@@ -21,10 +21,9 @@ import json
 import logging
 import math
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import urlsplit
 
 import anyio
 
@@ -38,7 +37,7 @@ from .errors import (
     UpstreamError,
     UpstreamStatusError,
 )
-from .ledger import Ledger, Settlement
+from .ledger import Ledger, ReservationGone, Settlement
 from .messages import Request, Response
 from .money import format_sats
 from .payments import Payer, Payments
@@ -188,7 +187,10 @@ class Billing:
             return self.settlement
         self.finished = True
         if cost is None:
-            self.ledger.release(self.reservation_id)
+            try:
+                self.ledger.release(self.reservation_id)
+            except ReservationGone:
+                pass  # already released by the expiry sweep: nothing was held any more
             return None
         total = cost.total_msats
         if self.cap_msats is not None and total > self.cap_msats:
@@ -196,7 +198,11 @@ class Billing:
         self.cost = cost if total == cost.total_msats else pricing.Cost(
             cost.base_msats, cost.input_msats, max(0, total - cost.base_msats - cost.input_msats),
             total)
-        self.settlement = self.ledger.settle(self.reservation_id, total)
+        try:
+            self.settlement = self.ledger.settle(self.reservation_id, total)
+        except ReservationGone:  # outlived its reservation: charge what the balance allows
+            self.settlement = self.ledger.charge(self.payer.account_id, total,
+                                                 request_id=self.request_id)
         if self.estimated:
             log.info("request %s charged by estimate: %d msats", self.request_id, total)
         if self.settlement.overdraft_msats:
@@ -246,12 +252,31 @@ class Relay:
     client_wants_usage: bool
     usage: object = None
     relayed_chars: int = 0
+    ttl_s: int = 900
     _held: SSEEvent | None = None
     _closed: bool = False
     _decoder: SSEDecoder = field(default_factory=SSEDecoder)
+    _gen: AsyncGenerator[bytes, None] | None = None
+    _renewed_at: float = field(default_factory=time.monotonic)
+
+    @property
+    def renew_every_s(self) -> float:
+        return self.ttl_s / 3
 
     def __aiter__(self) -> AsyncIterator[bytes]:
-        return self._run()
+        gen = self._run()
+        self._gen = gen
+        return gen
+
+    def _keep_reserved(self) -> None:
+        """A long stream renews its reservation so the expiry sweep never takes it mid-way."""
+        now = time.monotonic()
+        if now - self._renewed_at > self.renew_every_s and not self.billing.finished:
+            self._renewed_at = now
+            try:
+                self.billing.ledger.renew(self.billing.reservation_id, ttl_s=self.ttl_s)
+            except ReservationGone:
+                pass
 
     def _note_content(self, doc: Mapping[str, Any]) -> None:
         for choice in doc.get("choices") or ():
@@ -324,15 +349,15 @@ class Relay:
         out.extend(await self.payments.after_stream(self.billing.payer, settlement))
         return out
 
-    async def _run(self) -> AsyncIterator[bytes]:
+    async def _run(self) -> AsyncGenerator[bytes, None]:
         done_seen = False
         try:
             async for chunk in self.upstream:
+                self._keep_reserved()
                 for event in self._decoder.feed(chunk):
                     if event.is_done:
                         done_seen = True
-                        with anyio.CancelScope(shield=True):
-                            self._settle()
+                        self._settle()  # a plain def: no await, cannot be cancelled
                         held = self._held_with_cost()
                         if held:
                             yield held
@@ -347,16 +372,14 @@ class Relay:
                     yield out
         except (UpstreamError, SSEError) as exc:
             log.warning("upstream stream for %s broke: %s", self.billing.request_id, exc)
-            with anyio.CancelScope(shield=True):
-                self._settle()
+            self._settle()  # a plain def: no await, cannot be cancelled
             yield encode_event(json.dumps({"error": {
                 "type": "upstream_error", "code": "upstream_stream_failed",
                 "message": "The upstream stream ended unexpectedly", "details": {}}}))
             yield b"".join(await self._trailer())
             return
         if not done_seen:
-            with anyio.CancelScope(shield=True):
-                self._settle()
+            self._settle()  # a plain def: no await, cannot be cancelled
             held = self._held_with_cost()
             if held:
                 yield held
@@ -372,6 +395,8 @@ class Relay:
             return
         self._closed = True
         try:
+            if self._gen is not None:
+                await self._gen.aclose()  # finalize the generator now, not at GC time
             if not self.billing.finished:  # the client went away mid-stream
                 self._settle()
                 await self.payments.after_stream(self.billing.payer, self.billing.settlement)
@@ -511,7 +536,8 @@ class Proxy:
                 raise await self._upstream_failure(upstream)
             ctype = upstream.header("content-type") or ""
             if "text/event-stream" in ctype:
-                relay = Relay(upstream, billing, self.payments, wants_usage)
+                relay = Relay(upstream, billing, self.payments, wants_usage,
+                              ttl_s=self.config.reservation_ttl_s)
                 handed_off = True
                 out_headers = [("content-type", ctype), ("cache-control", "no-cache"),
                                ("x-accel-buffering", "no")]
@@ -582,11 +608,3 @@ class Proxy:
         headers.extend(await self.payments.after_success(billing.payer, billing.settlement))
         return Response(upstream.status, headers, raw)
 
-
-def origin_of(url: str) -> str:
-    parts = urlsplit(url)
-    return f"{parts.scheme}://{parts.netloc}"
-
-
-def now() -> float:
-    return time.time()
