@@ -96,11 +96,7 @@ class Node:
         }
 
     async def database_probe(self) -> str:
-        try:
-            self.db.read(lambda conn: conn.execute("SELECT 1").fetchone())
-        except RuntimeError:
-            return "error: database closed"
-        return "ok"
+        return "ok" if self.db.ping() else "error"
 
     async def upstream_probe(self) -> str:
         parts = urlsplit(self.config.upstream_base_url)
