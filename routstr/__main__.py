@@ -16,7 +16,7 @@ from collections.abc import Sequence
 
 import anyio
 
-from .admin import create_key
+from .admin import check_admin_token, create_key, ensure_admin_token
 from .app import Node, build_app
 from .config import Config, ConfigError, load_config
 from .db import Database
@@ -45,6 +45,10 @@ def server_options(config: Config) -> ServerOptions:
 
 async def run_node(config: Config) -> None:
     node = Node.open(config)
+    fresh_admin_token = ensure_admin_token(node.db, config)
+    if fresh_admin_token:  # printed this once; the database keeps only its hash
+        print(f"routstr: generated the admin token (shown only now): {fresh_admin_token}",
+              file=sys.stderr, flush=True)
     released = node.ledger.startup_sweep(single_process=True)
     if released:
         log.warning("released %d reservations left by a previous run", released)
@@ -96,6 +100,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return keys_command(args[1:])
     try:
         config = load_config(args, os.environ)
+        check_admin_token(config.admin_token)
     except ConfigError as exc:
         print(f"routstr: {exc}", file=sys.stderr)
         return 2

@@ -1,47 +1,1049 @@
-"""Admin API (`/admin/api/*`): Bearer `--admin-token`, compared in constant time."""
+"""The admin API (`/admin/api/*`) and the dashboard (`/admin/`).
+
+Authentication
+    Every admin route but ``POST /admin/login`` needs one of
+
+    * ``Authorization: Bearer <admin token>`` — the token's SHA-256 is compared with the
+      configured one in constant time (`keys.secrets_equal`). An ``sk-`` key or a Cashu token
+      is refused outright: no user credential ever reaches an admin route;
+    * the session cookie set by ``POST /admin/login`` (the admin token posted as a form field
+      or JSON). The cookie is ``HttpOnly; SameSite=Strict; Path=/admin`` (+ ``Secure`` when the
+      request came over TLS — ``X-Forwarded-Proto: https`` from the reverse proxy); the
+      database keeps only its hash; it expires after `SESSION_TTL_S` and dies when the admin
+      token changes.
+
+    Without either: 401 in the error shape of `errors` (a browser asking for HTML gets the
+    login form, still with status 401). Failed token checks (login or Bearer) are rate-limited
+    per client address and in total (`LoginLimiter`): past the limit, 429 with Retry-After,
+    before the token is even looked at.
+
+CSRF
+    A state-changing request (any method but GET/HEAD) authenticated by the cookie must carry
+    the session's CSRF token (form field ``csrf`` or header ``X-CSRF-Token``; derived from the
+    session token with HMAC, sent masked with a fresh random pad in every page so compression
+    cannot leak it) and, when the browser sends an ``Origin``, it must be this host. Bearer
+    requests need neither (a browser never adds that header by itself). SameSite=Strict keeps
+    the cookie off cross-site requests in the first place.
+
+The admin token
+    ``--admin-token`` if given; else the one generated at first start by `ensure_admin_token`
+    (printed once by ``__main__``; only its hash is stored, in ``node_settings``).
+
+Everything the dashboard can do is also an API call; both use `AdminService`.
+"""
 
 from __future__ import annotations
 
+import datetime as dt
 import hashlib
+import hmac
+import logging
+import re
+import secrets
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Final, Protocol
+from urllib.parse import parse_qsl, unquote, urlencode, urlsplit
 
-from .errors import AuthenticationFailed, InvalidRequest
+from . import __version__, admin_page, admin_store
+from .config import Config, ConfigError
+from .db import Database
+from .errors import (
+    ApiError,
+    AuthenticationFailed,
+    Forbidden,
+    InvalidRequest,
+    NotFound,
+    RateLimited,
+    ServiceUnavailable,
+)
 from .keys import generate_api_key, hash_key, key_hint, secrets_equal
-from .ledger import Ledger
+from .ledger import LIMIT_RESETS, Account, Ledger, LedgerInvariantError, TxRow
 from .messages import Request, Response, json_response
+from .pricebook import PRICE_FIELDS, PriceBook
+from .router import Route
 
-MAX_GRANT_MSATS = 10**15
+log = logging.getLogger("routstr.admin")
+
+MAX_GRANT_MSATS: Final = 10**15
+SESSION_COOKIE: Final = "routstr_admin"
+SESSION_TTL_S: Final = 12 * 3600
+LOGIN_WINDOW_S: Final = 60.0
+LOGIN_MAX_FAILURES_PER_CLIENT: Final = 5
+LOGIN_MAX_FAILURES_TOTAL: Final = 30
+MAX_PAGE: Final = 200
+KEYS_PAGE: Final = 20
+TX_PAGE: Final = 25
+BOOKS_CHECK_CACHE_S: Final = 60.0
+MAX_ADMIN_TOKEN_CHARS: Final = 512
+USER_CREDENTIAL_PREFIXES: Final = ("sk-", "cashu")
+
+_CSRF_LABEL: Final = b"routstr admin csrf"
+_EPOCH_LABEL: Final = b"routstr admin session epoch\x00"
+_KIND_RE: Final = re.compile(r"[a-z_]{1,32}")
+_SATS_RE: Final = re.compile(r"(\d{1,15})(?:\.(\d{1,3}))?")
+
+
+# --------------------------------------------------------------------------------------------
+# The admin token
+# --------------------------------------------------------------------------------------------
+
+
+def token_hash(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def check_admin_token(token: str) -> None:
+    """A configured admin token must not look like a user credential (those are refused)."""
+    if token.startswith(USER_CREDENTIAL_PREFIXES):
+        raise ConfigError("--admin-token must not start with 'sk-' or 'cashu'"
+                         " (user credentials are refused on admin routes)")
+    if len(token) > MAX_ADMIN_TOKEN_CHARS or any(c.isspace() for c in token):
+        raise ConfigError("--admin-token must be at most 512 characters without spaces")
+
+
+def ensure_admin_token(db: Database, config: Config, *, now: int | None = None) -> str | None:
+    """With no ``--admin-token`` and none stored: generate one, store its hash, return it
+    (to be shown once). Otherwise None."""
+    if config.admin_token:
+        return None
+    if db.read(admin_store.stored_admin_hash) is not None:
+        return None
+    token = "adm-" + secrets.token_urlsafe(24)
+    t = int(time.time()) if now is None else now
+
+    def op(conn: Any) -> bool:
+        if admin_store.stored_admin_hash(conn) is not None:  # another process won
+            return False
+        admin_store.store_admin_hash(conn, token_hash(token), t)
+        return True
+
+    return token if db.transaction(op, durable=True) else None
+
+
+def resolve_admin_hash(db: Database, config: Config) -> str:
+    """The hash admin credentials are checked against ('' = no admin access at all)."""
+    if config.admin_token:
+        return token_hash(config.admin_token)
+    return db.read(admin_store.stored_admin_hash) or ""
 
 
 def create_key(ledger: Ledger, balance_msats: int, *, ref: str = "admin") -> tuple[str, int]:
     """A new prepaid `sk-` key holding `balance_msats` granted by the operator."""
-    api_key = generate_api_key()
-    account = ledger.create_account(key_hash=hash_key(api_key), kind="api",
-                                    deposit_msats=balance_msats, source_kind="grant", ref=None,
-                                    hint=key_hint(api_key))
+    api_key, account = new_key(ledger, balance_msats)
     return api_key, account.balance_msats
 
 
-class AdminHandlers:
-    def __init__(self, ledger: Ledger, admin_token_hash: str) -> None:
-        self.ledger = ledger
-        self.admin_token_hash = admin_token_hash
+def new_key(ledger: Ledger, balance_msats: int, *, balance_limit_msats: int | None = None,
+            balance_limit_reset: str | None = None,
+            validity_date: int | None = None) -> tuple[str, Account]:
+    """A new `sk-` key (shown once: only its hash is stored), funded by an operator grant."""
+    api_key = generate_api_key()
+    account = ledger.create_account(key_hash=hash_key(api_key), kind="api",
+                                    deposit_msats=balance_msats, source_kind="grant", ref=None,
+                                    hint=key_hint(api_key),
+                                    balance_limit_msats=balance_limit_msats,
+                                    balance_limit_reset=balance_limit_reset,
+                                    validity_date=validity_date)
+    return api_key, account
 
-    def authorize(self, request: Request) -> None:
-        header = request.header("authorization") or ""
-        scheme, _, token = header.strip().partition(" ")
-        presented = hashlib.sha256(token.strip().encode()).hexdigest()
-        if scheme.lower() != "bearer" or not token or not self.admin_token_hash:
-            raise AuthenticationFailed("Admin token required", code="admin_auth_required")
-        if not secrets_equal(presented, self.admin_token_hash):
-            raise AuthenticationFailed("Invalid admin token", code="invalid_admin_token")
 
-    async def create_key(self, request: Request, params: dict[str, str]) -> Response:
-        self.authorize(request)
-        body = request.json_object()
-        amount = body.get("balance_msats", 0)
-        if not isinstance(amount, int) or isinstance(amount, bool) or not (
-                0 <= amount <= MAX_GRANT_MSATS):
-            raise InvalidRequest("'balance_msats' must be a non-negative integer",
+# --------------------------------------------------------------------------------------------
+# Login rate limit
+# --------------------------------------------------------------------------------------------
+
+
+class LoginLimiter:
+    """Failed admin-token checks: at most N per client and M in total per sliding window."""
+
+    def __init__(self, *, window_s: float = LOGIN_WINDOW_S,
+                 per_client: int = LOGIN_MAX_FAILURES_PER_CLIENT,
+                 total: int = LOGIN_MAX_FAILURES_TOTAL,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.window_s = window_s
+        self.per_client = per_client
+        self.total = total
+        self._clock = clock
+        self._by_client: dict[str, deque[float]] = {}
+        self._all: deque[float] = deque()
+
+    def _prune(self, now: float) -> None:
+        edge = now - self.window_s
+        while self._all and self._all[0] <= edge:
+            self._all.popleft()
+        for client in list(self._by_client):
+            q = self._by_client[client]
+            while q and q[0] <= edge:
+                q.popleft()
+            if not q:
+                del self._by_client[client]
+
+    def check(self, client: str) -> None:
+        now = self._clock()
+        self._prune(now)
+        mine = self._by_client.get(client)
+        full = mine if mine is not None and len(mine) >= self.per_client else (
+            self._all if len(self._all) >= self.total else None)
+        if full is not None:
+            wait = full[0] + self.window_s - now
+            raise RateLimited(
+                "Too many failed admin logins; try again later.", code="admin_login_rate_limited",
+                details={"retry_after_s": max(1, int(wait + 0.999))},
+                headers=[("retry-after", str(max(1, int(wait + 0.999))))])
+
+    def failed(self, client: str) -> None:
+        now = self._clock()
+        self._by_client.setdefault(client, deque()).append(now)
+        self._all.append(now)
+
+    def succeeded(self, client: str) -> None:
+        self._by_client.pop(client, None)
+
+
+# --------------------------------------------------------------------------------------------
+# Request helpers
+# --------------------------------------------------------------------------------------------
+
+
+def _client_address(request: Request) -> str:
+    return request.client.rsplit(":", 1)[0] if request.client else "?"
+
+
+def _is_form(request: Request) -> bool:
+    ctype = (request.header("content-type") or "").split(";")[0].strip().lower()
+    return ctype == "application/x-www-form-urlencoded"
+
+
+def _form(request: Request) -> dict[str, str]:
+    try:
+        text = request.body.decode()
+    except UnicodeDecodeError:
+        raise InvalidRequest("Form body is not UTF-8", code="invalid_form") from None
+    return dict(parse_qsl(text, keep_blank_values=True))
+
+
+def _wants_html(request: Request) -> bool:
+    return "text/html" in (request.header("accept") or "")
+
+
+def _over_tls(request: Request) -> bool:
+    proto = (request.header("x-forwarded-proto") or "").split(",")[0].strip().lower()
+    forwarded = (request.header("forwarded") or "").lower()
+    return proto == "https" or "proto=https" in forwarded
+
+
+def _cookie(request: Request, name: str) -> str | None:
+    for header in (v for k, v in request.headers if k == "cookie"):
+        for part in header.split(";"):
+            key, sep, value = part.strip().partition("=")
+            if sep and key == name:
+                return value.strip().strip('"')
+    return None
+
+
+def _int_param(raw: str | None, name: str, default: int, low: int, high: int) -> int:
+    if raw is None or raw.strip() == "":
+        return default
+    try:
+        value = int(raw.strip())
+    except ValueError:
+        raise InvalidRequest(f"'{name}' must be an integer", code="invalid_parameter") from None
+    if not low <= value <= high:
+        raise InvalidRequest(f"'{name}' must be between {low} and {high}",
+                             code="invalid_parameter")
+    return value
+
+
+def _time_param(raw: str | None, name: str) -> int | None:
+    """Unix seconds, or an ISO 8601 date / date-time (UTC unless it says otherwise)."""
+    if raw is None or not raw.strip():
+        return None
+    text = raw.strip()
+    if text.isdigit():
+        return int(text)
+    try:
+        when = dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise InvalidRequest(f"'{name}' must be unix seconds or an ISO 8601 date/time",
+                             code="invalid_parameter") from None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=dt.UTC)
+    return int(when.timestamp())
+
+
+def _kinds_param(raw: str | None) -> tuple[str, ...]:
+    if raw is None:
+        return ()
+    kinds = tuple(k.strip() for k in raw.split(",") if k.strip())
+    for k in kinds:
+        if not _KIND_RE.fullmatch(k):
+            raise InvalidRequest(f"bad kind {k!r}", code="invalid_parameter")
+    return kinds
+
+
+def parse_sats(raw: str, name: str) -> int:
+    """'12' or '12.345' sats → msats, exactly (the dashboard's forms speak sats)."""
+    m = _SATS_RE.fullmatch(raw.strip())
+    if not m:
+        raise InvalidRequest(f"'{name}' must be an amount in sats (up to 3 decimals)",
+                             code="invalid_amount")
+    return int(m.group(1)) * 1000 + int((m.group(2) or "").ljust(3, "0"))
+
+
+def _msats_value(value: Any, name: str, *, nullable: bool = False, positive: bool = False) -> Any:
+    if value is None and nullable:
+        return None
+    if type(value) is not int or not (1 if positive else 0) <= value <= MAX_GRANT_MSATS:
+        raise InvalidRequest(f"'{name}' must be a {'positive' if positive else 'non-negative'}"
+                             " integer (msats)" + (" or null" if nullable else ""),
+                             code="invalid_amount")
+    return value
+
+
+def _reset_value(value: Any) -> str | None:
+    if value is None or value in LIMIT_RESETS:
+        return value  # type: ignore[no-any-return]
+    raise InvalidRequest(f"'balance_limit_reset' must be one of {', '.join(LIMIT_RESETS)}"
+                         " or null", code="invalid_parameter")
+
+
+def _validity_value(value: Any) -> int | None:
+    if value is None:
+        return None
+    if type(value) is not int or not 0 <= value < 1 << 40:
+        raise InvalidRequest("'validity_date' must be unix seconds or null",
+                             code="invalid_parameter")
+    return value
+
+
+# --------------------------------------------------------------------------------------------
+# Documents
+# --------------------------------------------------------------------------------------------
+
+
+def key_doc(a: Account) -> dict[str, Any]:
+    return {
+        "id": a.id,
+        "key": f"sk-…{a.hint}",
+        "hint": a.hint,
+        "kind": a.kind,
+        "parent_id": a.parent_id,
+        "balance_msats": a.balance_msats,
+        "reserved_msats": a.reserved_msats,
+        "spent_msats": a.spent_msats,
+        "usage_msats": a.usage_msats,
+        "deposited_msats": a.deposited_msats,
+        "granted_msats": a.granted_msats,
+        "refunded_msats": a.refunded_msats,
+        "total_requests": a.total_requests,
+        "created_at": a.created_at,
+        "last_used_at": a.last_used_at,
+        "disabled": a.disabled,
+        "balance_limit_msats": a.balance_limit_msats,
+        "balance_limit_reset": a.balance_limit_reset,
+        "limit_spent_msats": a.limit_spent_msats,
+        "validity_date": a.validity_date,
+    }
+
+
+def tx_doc(row: TxRow, hint: str) -> dict[str, Any]:
+    return {
+        "id": row.id,
+        "time": row.time,
+        "kind": row.kind,
+        "key_id": row.key_id,
+        "child_id": row.child_id,
+        "key": f"sk-…{hint}" if hint else "",
+        "amount_msats": row.amount_msats,
+        "request_id": row.request_id,
+        "ref": row.ref,
+        "memo": row.memo,
+    }
+
+
+def page_doc(data: list[Any], total: int, limit: int, offset: int) -> dict[str, Any]:
+    return {"data": data, "total": total, "limit": limit, "offset": offset,
+            "has_more": offset + len(data) < total}
+
+
+# --------------------------------------------------------------------------------------------
+# The wallet, as the admin sees it
+# --------------------------------------------------------------------------------------------
+
+
+class AdminWallet(Protocol):
+    """What the dashboard needs from the node's Cashu wallet (see `app.NodeWallet`)."""
+
+    def summary(self) -> dict[str, Any]:
+        """{"unit", "mints": [{"mint", "balance", "proofs"}], "pending": [{...}], ...}"""
+        ...
+
+    async def withdraw(self, amount_sats: int, mint: str | None) -> dict[str, Any]:
+        """Take `amount_sats` of the node's own money out as a Cashu token: {"token", ...}."""
+        ...
+
+    async def pay_out(self, address: str, amount_sats: int) -> dict[str, Any]:
+        """Pay `amount_sats` of the node's own money to a Lightning address now."""
+        ...
+
+
+# --------------------------------------------------------------------------------------------
+# The service: what the API and the dashboard can do
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class AdminService:
+    config: Config
+    db: Database
+    ledger: Ledger
+    prices: PriceBook
+    probes: Mapping[str, Callable[[], Awaitable[str]]]
+    wallet: AdminWallet | None = None
+    clock: Callable[[], float] = time.time
+    started_at: float = field(default_factory=time.time)
+    _books: tuple[float, str] = (-1e18, "")
+
+    def now(self) -> int:
+        return int(self.clock())
+
+    # -- overview ------------------------------------------------------------------------
+
+    def overview(self) -> dict[str, Any]:
+        now = self.now()
+        doc = self.db.read(lambda c: admin_store.overview(c, now))
+        doc["earnings_per_hour"] = self.db.read(lambda c: admin_store.earnings_per_hour(c, now))
+        doc["time"] = now
+        return doc
+
+    # -- keys ------------------------------------------------------------------------------
+
+    def list_keys(self, *, search: str, kinds: tuple[str, ...], limit: int,
+                  offset: int) -> dict[str, Any]:
+        rows, total = self.db.read(lambda c: admin_store.list_keys(
+            c, search=search, kinds=kinds, limit=limit, offset=offset))
+        return page_doc([key_doc(a) for a in rows], total, limit, offset)
+
+    def get_key(self, key_id: int) -> dict[str, Any]:
+        acct = self.db.read(lambda c: admin_store.require_key(c, key_id))
+        doc = key_doc(acct)
+        kids, _ = self.db.read(lambda c: admin_store.list_keys(
+            c, parent_id=acct.id, limit=MAX_PAGE, offset=0))
+        doc["children"] = [key_doc(k) for k in kids]
+        return doc
+
+    def create_key(self, body: Mapping[str, Any]) -> dict[str, Any]:
+        unknown = set(body) - {"balance_msats", "balance_limit_msats", "balance_limit_reset",
+                               "validity_date"}
+        if unknown:
+            raise InvalidRequest(f"unknown field(s): {', '.join(sorted(unknown))}",
+                                 code="invalid_parameter")
+        amount = _msats_value(body.get("balance_msats", 0), "balance_msats")
+        api_key, acct = new_key(
+            self.ledger, amount,
+            balance_limit_msats=_msats_value(body.get("balance_limit_msats"),
+                                             "balance_limit_msats", nullable=True),
+            balance_limit_reset=_reset_value(body.get("balance_limit_reset")),
+            validity_date=_validity_value(body.get("validity_date")))
+        log.info("admin created key #%d (…%s) with %d msats", acct.id, acct.hint, amount)
+        return {"api_key": api_key, "balance_msats": acct.balance_msats, "key": key_doc(acct)}
+
+    def update_key(self, key_id: int, body: Mapping[str, Any]) -> dict[str, Any]:
+        allowed = {"disabled", "balance_limit_msats", "balance_limit_reset", "validity_date"}
+        unknown = set(body) - allowed
+        if unknown or not body:
+            raise InvalidRequest(
+                f"give one or more of {', '.join(sorted(allowed))}"
+                + (f"; unknown: {', '.join(sorted(unknown))}" if unknown else ""),
+                code="invalid_parameter")
+        disabled = body.get("disabled")
+        if "disabled" in body and not isinstance(disabled, bool):
+            raise InvalidRequest("'disabled' must be true or false", code="invalid_parameter")
+        limits: dict[str, Any] = {}
+        if "balance_limit_msats" in body:
+            limits["balance_limit_msats"] = _msats_value(
+                body["balance_limit_msats"], "balance_limit_msats", nullable=True)
+        if "balance_limit_reset" in body:
+            limits["balance_limit_reset"] = _reset_value(body["balance_limit_reset"])
+        if "validity_date" in body:
+            limits["validity_date"] = _validity_value(body["validity_date"])
+        now = self.now()
+
+        def op(conn: Any) -> Account:
+            acct = admin_store.require_key(conn, key_id)
+            if isinstance(disabled, bool):
+                acct = admin_store.set_disabled(conn, key_id, disabled, now=now)
+            if limits:
+                acct = admin_store.set_limits(conn, key_id, now=now, **limits)
+            return acct
+
+        acct = self.db.transaction(op)
+        log.info("admin updated key #%d: %s", key_id, sorted(body))
+        return key_doc(acct)
+
+    def grant(self, key_id: int, amount_msats: Any) -> dict[str, Any]:
+        amount = _msats_value(amount_msats, "amount_msats", positive=True)
+        self.db.read(lambda c: admin_store.require_key(c, key_id))
+        acct = self.ledger.credit(key_id, amount, kind="grant", memo="admin grant")
+        log.info("admin granted %d msats to key #%d", amount, acct.id)
+        return key_doc(acct)
+
+    def delete_key(self, key_id: int) -> dict[str, Any]:
+        now = self.now()
+        gone = self.db.transaction(lambda c: admin_store.delete_key(c, key_id, now=now))
+        log.info("admin deleted key(s) %s", gone)
+        return {"deleted": gone}
+
+    # -- transactions ----------------------------------------------------------------------
+
+    def key_filter(self, term: str) -> tuple[int, ...] | None:
+        """A key filter given as an id (``#12`` or ``12``), a full key, or its last 4."""
+        term = term.strip()
+        if not term:
+            return None
+        if term.lstrip("#").isdigit() and (term.startswith("#") or len(term) < 4):
+            return (int(term.lstrip("#")),)
+        rows, _ = self.db.read(lambda c: admin_store.list_keys(
+            c, search=term, limit=MAX_PAGE, offset=0))
+        return tuple(a.id for a in rows)
+
+    def transactions(self, *, key_ids: tuple[int, ...] | None, kinds: tuple[str, ...],
+                     since: int | None, until: int | None, limit: int,
+                     offset: int) -> dict[str, Any]:
+        if key_ids == ():
+            return page_doc([], 0, limit, offset)
+        f = admin_store.TxFilter(key_ids=key_ids, kinds=kinds, since=since, until=until)
+        rows, total = self.db.read(lambda c: admin_store.transactions(
+            c, f, limit=limit, offset=offset))
+        return page_doc([tx_doc(r, h) for r, h in rows], total, limit, offset)
+
+    def tx_kinds(self) -> list[str]:
+        return self.db.read(admin_store.tx_kinds)
+
+    # -- prices ----------------------------------------------------------------------------
+
+    def price_list(self) -> dict[str, Any]:
+        default = self.prices.default
+        return {
+            "data": self.prices.entries(),
+            "default": {f: getattr(default, f) for f in PRICE_FIELDS} if default else None,
+            "fields": list(PRICE_FIELDS),
+        }
+
+    def set_price(self, model_id: str, body: Mapping[str, Any]) -> dict[str, Any]:
+        try:
+            price = self.prices.set_override(model_id, body)
+        except ValueError as exc:
+            raise InvalidRequest(str(exc), code="invalid_price") from None
+        return next(e for e in self.prices.entries() if e["id"] == price.id)
+
+    def clear_price(self, model_id: str) -> dict[str, Any]:
+        if not self.prices.clear_override(model_id):
+            raise NotFound(f"No price override for '{model_id}'", code="override_not_found")
+        return {"model": model_id, "removed": True}
+
+    # -- health and settings ---------------------------------------------------------------
+
+    def books(self) -> str:
+        """The ledger's invariant check (a full scan), cached for a minute."""
+        at, result = self._books
+        if time.monotonic() - at > BOOKS_CHECK_CACHE_S:
+            try:
+                self.ledger.check_invariant()
+                result = "ok"
+            except LedgerInvariantError as exc:
+                result = f"error: {exc}"[:2000]
+            self._books = (time.monotonic(), result)
+        return result
+
+    async def health(self) -> dict[str, Any]:
+        checks = {name: await probe() for name, probe in self.probes.items()}
+        checks["ledger"] = self.books()
+        healthy = all(v in ("ok", "not_configured") for v in checks.values())
+        return {
+            "status": "healthy" if healthy else "unhealthy",
+            "version": __version__,
+            "checks": checks,
+            "schema_version": self.db.schema_version,
+            "uptime_s": int(time.time() - self.started_at),
+            "models": len(self.prices),
+            "price_overrides": len(self.prices.overrides),
+            "wallet": "configured" if self.wallet is not None else "not_configured",
+        }
+
+    def settings(self) -> dict[str, Any]:
+        return {name: list(v) if isinstance(v, tuple) else v
+                for name, v in self.config.public_items()}
+
+    # -- wallet ----------------------------------------------------------------------------
+
+    def _wallet(self) -> AdminWallet:
+        if self.wallet is None:
+            raise ServiceUnavailable("This node has no Cashu wallet (no mint configured).",
+                                     code="wallet_not_configured")
+        return self.wallet
+
+    def wallet_summary(self) -> dict[str, Any]:
+        return self._wallet().summary()
+
+    async def withdraw(self, body: Mapping[str, Any]) -> dict[str, Any]:
+        amount = body.get("amount_sats")
+        if type(amount) is not int or amount <= 0:
+            raise InvalidRequest("'amount_sats' must be a positive integer",
                                  code="invalid_amount")
-        api_key, balance = create_key(self.ledger, amount)
-        return json_response({"api_key": api_key, "balance_msats": balance}, 201)
+        mint = body.get("mint")
+        if mint is not None and not isinstance(mint, str):
+            raise InvalidRequest("'mint' must be a mint URL", code="invalid_parameter")
+        result = await self._wallet().withdraw(amount, mint or None)
+        log.info("admin withdrew %d sats as a token", amount)
+        return result
+
+    async def pay_out(self, body: Mapping[str, Any]) -> dict[str, Any]:
+        amount = body.get("amount_sats")
+        address = body.get("lightning_address")
+        if type(amount) is not int or amount <= 0:
+            raise InvalidRequest("'amount_sats' must be a positive integer",
+                                 code="invalid_amount")
+        if not isinstance(address, str) or not re.fullmatch(r"[^@\s]+@[^@\s]+\.[^@\s]+",
+                                                            address.strip()):
+            raise InvalidRequest("'lightning_address' must look like name@domain",
+                                 code="invalid_lightning_address")
+        result = await self._wallet().pay_out(address.strip(), amount)
+        log.info("admin paid out %d sats to a lightning address", amount)
+        return result
+
+
+# --------------------------------------------------------------------------------------------
+# Handlers
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Auth:
+    via: str  # "bearer" | "session"
+    session: str = ""  # the session token (cookie) when via == "session"
+
+
+def _security_headers(nonce: str = "") -> list[tuple[str, str]]:
+    script = f"'nonce-{nonce}'" if nonce else "'none'"
+    style = f"'nonce-{nonce}'" if nonce else "'none'"
+    return [
+        ("cache-control", "no-store"),
+        ("x-content-type-options", "nosniff"),
+        ("x-frame-options", "DENY"),
+        ("referrer-policy", "same-origin"),
+        ("content-security-policy",
+         f"default-src 'none'; script-src {script}; style-src {style}; img-src data:;"
+         " form-action 'self'; frame-ancestors 'none'; base-uri 'none'"),
+    ]
+
+
+def _json(doc: Any, status: int = 200, headers: list[tuple[str, str]] | None = None) -> Response:
+    return json_response(doc, status, [("cache-control", "no-store"), *(headers or [])])
+
+
+class AdminHandlers:
+    def __init__(self, service: AdminService, admin_token_hash: str,
+                 limiter: LoginLimiter | None = None) -> None:
+        self.service = service
+        self.admin_token_hash = admin_token_hash
+        self.limiter = limiter or LoginLimiter()
+        self.epoch = hashlib.sha256(_EPOCH_LABEL + admin_token_hash.encode()).hexdigest()[:16]
+
+    # -- authentication --------------------------------------------------------------------
+
+    def _check_token(self, request: Request, token: str) -> None:
+        client = _client_address(request)
+        if token.startswith(USER_CREDENTIAL_PREFIXES):
+            raise AuthenticationFailed("API keys and Cashu tokens have no access to the admin"
+                                       " API; use the admin token.", code="not_an_admin_token")
+        self.limiter.check(client)
+        ok = bool(self.admin_token_hash) and secrets_equal(token_hash(token),
+                                                            self.admin_token_hash)
+        if not ok:
+            self.limiter.failed(client)
+            log.warning("failed admin authentication from %s", client)
+            raise AuthenticationFailed("Invalid admin token", code="invalid_admin_token")
+        self.limiter.succeeded(client)
+
+    def authorize(self, request: Request) -> Auth:
+        header = request.header("authorization")
+        if header is not None:
+            scheme, _, token = header.strip().partition(" ")
+            token = token.strip()
+            if scheme.lower() != "bearer" or not token:
+                raise AuthenticationFailed("Use 'Authorization: Bearer <admin token>'",
+                                           code="admin_auth_required")
+            self._check_token(request, token)
+            return Auth("bearer")
+        session = _cookie(request, SESSION_COOKIE)
+        if not session:
+            raise AuthenticationFailed(
+                "Admin authentication required: 'Authorization: Bearer <admin token>' or a"
+                " session from POST /admin/login", code="admin_auth_required",
+                headers=[("www-authenticate", 'Bearer realm="routstr-admin"')])
+        now = self.service.now()
+        valid = self.admin_token_hash and self.service.db.read(
+            lambda c: admin_store.session_valid(c, token_hash(session), self.epoch, now))
+        if not valid:
+            raise AuthenticationFailed("Admin session expired; log in again",
+                                       code="admin_session_expired")
+        if request.method not in ("GET", "HEAD"):
+            self._check_csrf(request, session)
+        return Auth("session", session)
+
+    def _check_same_origin(self, request: Request) -> None:
+        origin = request.header("origin")
+        if origin is None or origin == "null":
+            return
+        hosts = {h.strip().lower() for h in (request.header("host"),
+                                              request.header("x-forwarded-host")) if h}
+        if (urlsplit(origin).netloc or "").lower() not in hosts:
+            raise Forbidden("Cross-origin request refused", code="csrf_origin_mismatch")
+
+    def _check_csrf(self, request: Request, session: str) -> None:
+        self._check_same_origin(request)
+        presented = request.header("x-csrf-token")
+        if presented is None and _is_form(request):
+            presented = _form(request).get("csrf")
+        if not presented or not secrets_equal(_unmask(presented), csrf_token(session)):
+            raise Forbidden("Missing or invalid CSRF token", code="csrf_token_invalid")
+
+    def _session_cookie(self, request: Request, value: str, max_age: int) -> tuple[str, str]:
+        parts = [f"{SESSION_COOKIE}={value}", "Path=/admin", f"Max-Age={max_age}", "HttpOnly",
+                 "SameSite=Strict"]
+        if _over_tls(request):
+            parts.append("Secure")
+        return ("set-cookie", "; ".join(parts))
+
+    # -- login / logout --------------------------------------------------------------------
+
+    async def login(self, request: Request, params: dict[str, str]) -> Response:
+        form = _is_form(request)
+        try:
+            self._check_same_origin(request)
+            token = (_form(request) if form else request.json_object()).get("token")
+            if not isinstance(token, str) or not token.strip():
+                raise InvalidRequest("Post the admin token as 'token'", code="missing_token")
+            self._check_token(request, token.strip())
+        except ApiError as exc:
+            if form:
+                return self._login_page(request, exc)
+            raise
+        session = secrets.token_urlsafe(32)
+        now = self.service.now()
+        self.service.db.transaction(lambda c: admin_store.create_session(
+            c, token_hash(session), self.epoch, now=now, ttl_s=SESSION_TTL_S))
+        log.info("admin logged in from %s", _client_address(request))
+        cookie = self._session_cookie(request, session, SESSION_TTL_S)
+        if form:
+            return Response(303, [("location", "/admin/"), cookie, *_security_headers()])
+        return _json({"ok": True, "expires_in": SESSION_TTL_S,
+                      "csrf_token": masked_csrf(session)}, headers=[cookie])
+
+    async def logout(self, request: Request, params: dict[str, str]) -> Response:
+        auth = self.authorize(request)
+        if auth.via == "session":
+            self.service.db.transaction(
+                lambda c: admin_store.delete_session(c, token_hash(auth.session)))
+        cookie = self._session_cookie(request, "", 0)
+        if _is_form(request):
+            return Response(303, [("location", "/admin/"), cookie, *_security_headers()])
+        return _json({"ok": True}, headers=[cookie])
+
+    def _login_page(self, request: Request, error: ApiError | None) -> Response:
+        nonce = secrets.token_urlsafe(16)
+        message = error.message if error is not None else ""
+        status = 401 if error is None else error.status
+        body = admin_page.login_page(name=self.service.config.name, error=message, nonce=nonce)
+        headers = [("content-type", "text/html; charset=utf-8"), *_security_headers(nonce)]
+        if error is not None:
+            headers += error.headers
+        return Response(status, headers, body.encode())
+
+    # -- JSON API --------------------------------------------------------------------------
+
+    def api(self, fn: Callable[[Request, dict[str, str]], Awaitable[Any]],
+            status: int = 200) -> Callable[[Request, dict[str, str]], Awaitable[Response]]:
+        async def handle(request: Request, params: dict[str, str]) -> Response:
+            self.authorize(request)
+            return _json(await fn(request, params), status)
+        return handle
+
+    async def _overview(self, request: Request, params: dict[str, str]) -> Any:
+        return self.service.overview()
+
+    async def _keys(self, request: Request, params: dict[str, str]) -> Any:
+        return self.service.list_keys(
+            search=request.query("search") or "",
+            kinds=_kinds_param(request.query("kind")),
+            limit=_int_param(request.query("limit"), "limit", 50, 1, MAX_PAGE),
+            offset=_int_param(request.query("offset"), "offset", 0, 0, 1 << 62))
+
+    async def _create_key(self, request: Request, params: dict[str, str]) -> Any:
+        return self.service.create_key(request.json_object())
+
+    async def _get_key(self, request: Request, params: dict[str, str]) -> Any:
+        return self.service.get_key(_key_id(params))
+
+    async def _update_key(self, request: Request, params: dict[str, str]) -> Any:
+        return self.service.update_key(_key_id(params), request.json_object())
+
+    async def _delete_key(self, request: Request, params: dict[str, str]) -> Any:
+        return self.service.delete_key(_key_id(params))
+
+    async def _grant(self, request: Request, params: dict[str, str]) -> Any:
+        body = request.json_object()
+        return self.service.grant(_key_id(params), body.get("amount_msats"))
+
+    async def _transactions(self, request: Request, params: dict[str, str]) -> Any:
+        key_ids: tuple[int, ...] | None = None
+        if request.query("key_id"):
+            key_ids = (_int_param(request.query("key_id"), "key_id", 0, 1, 1 << 62),)
+        elif request.query("key"):
+            key_ids = self.service.key_filter(request.query("key") or "")
+        return self.service.transactions(
+            key_ids=key_ids, kinds=_kinds_param(request.query("kind")),
+            since=_time_param(request.query("since"), "since"),
+            until=_time_param(request.query("until"), "until"),
+            limit=_int_param(request.query("limit"), "limit", 50, 1, MAX_PAGE),
+            offset=_int_param(request.query("offset"), "offset", 0, 0, 1 << 62))
+
+    async def _prices(self, request: Request, params: dict[str, str]) -> Any:
+        return self.service.price_list()
+
+    async def _set_price(self, request: Request, params: dict[str, str]) -> Any:
+        return self.service.set_price(unquote(params["model"]), request.json_object())
+
+    async def _clear_price(self, request: Request, params: dict[str, str]) -> Any:
+        return self.service.clear_price(unquote(params["model"]))
+
+    async def _health(self, request: Request, params: dict[str, str]) -> Any:
+        return await self.service.health()
+
+    async def _settings(self, request: Request, params: dict[str, str]) -> Any:
+        return self.service.settings()
+
+    async def _wallet(self, request: Request, params: dict[str, str]) -> Any:
+        return self.service.wallet_summary()
+
+    async def _withdraw(self, request: Request, params: dict[str, str]) -> Any:
+        return await self.service.withdraw(request.json_object())
+
+    async def _pay_out(self, request: Request, params: dict[str, str]) -> Any:
+        return await self.service.pay_out(request.json_object())
+
+    # -- the dashboard ---------------------------------------------------------------------
+
+    async def dashboard(self, request: Request, params: dict[str, str]) -> Response:
+        try:
+            auth = self.authorize(request)
+        except AuthenticationFailed as exc:
+            if _wants_html(request):
+                return self._login_page(request, exc if _cookie(request, SESSION_COOKIE)
+                                        else None)
+            raise
+        except RateLimited as exc:
+            if _wants_html(request):
+                return self._login_page(request, exc)
+            raise
+        q = {k: request.query(k) or "" for k in admin_page.QUERY_FIELDS}
+        return await self._render(request, auth, q, notice=q.get("done", ""))
+
+    async def _render(self, request: Request, auth: Auth, q: Mapping[str, str], *,
+                      notice: str = "", error: str = "", status: int = 200,
+                      secret: Mapping[str, str] | None = None) -> Response:
+        s = self.service
+        key_offset = _int_param(q.get("ko"), "ko", 0, 0, 1 << 62)
+        tx_offset = _int_param(q.get("to"), "to", 0, 0, 1 << 62)
+        keys = s.list_keys(search=q.get("kq", ""), kinds=(), limit=KEYS_PAGE, offset=key_offset)
+        key_ids = s.key_filter(q.get("tk", ""))
+        txs = s.transactions(key_ids=key_ids, kinds=_kinds_param(q.get("tkind") or None),
+                             since=_time_param(q.get("tsince"), "tsince"),
+                             until=_time_param(q.get("tuntil"), "tuntil"),
+                             limit=TX_PAGE, offset=tx_offset)
+        wallet: dict[str, Any] | None = None
+        wallet_error = ""
+        if s.wallet is not None:
+            try:
+                wallet = s.wallet.summary()
+            except ApiError as exc:
+                wallet_error = exc.message
+        nonce = secrets.token_urlsafe(16)
+        view = admin_page.Dashboard(
+            name=s.config.name, version=__version__, now=s.now(), query=dict(q),
+            overview=s.overview(), keys=keys, transactions=txs, tx_kinds=s.tx_kinds(),
+            prices=s.price_list(), health=await s.health(), settings=s.settings(),
+            wallet=wallet, wallet_error=wallet_error,
+            csrf=masked_csrf(auth.session) if auth.via == "session" else "",
+            notice=notice, error=error, secret=dict(secret or {}), nonce=nonce)
+        body = admin_page.dashboard_page(view)
+        headers = [("content-type", "text/html; charset=utf-8"), *_security_headers(nonce)]
+        return Response(status, headers, body.encode())
+
+    def page_action(self, fn: Callable[[dict[str, str], dict[str, str]], Awaitable[Any]]
+                    ) -> Callable[[Request, dict[str, str]], Awaitable[Response]]:
+        """A dashboard form: on success 303 back to the page (or a page showing a secret once);
+        on a refused request, the page again with the error and the error's status."""
+        async def handle(request: Request, params: dict[str, str]) -> Response:
+            try:
+                auth = self.authorize(request)
+            except (AuthenticationFailed, RateLimited) as exc:
+                if _wants_html(request):
+                    return self._login_page(request, exc)
+                raise
+            form = _form(request) if _is_form(request) else {}
+            back = {k: form.get(k, "") for k in admin_page.QUERY_FIELDS if form.get(k)}
+            try:
+                result = await fn(form, params)
+            except ApiError as exc:
+                return await self._render(request, auth, back, error=exc.message,
+                                          status=exc.status)
+            if isinstance(result, dict) and result.get("secret"):
+                return await self._render(request, auth, back, notice=str(result["done"]),
+                                          secret=result["secret"])
+            back["done"] = str(result)
+            anchor = "#" + admin_page.ANCHORS.get(str(result), "top")
+            location = "/admin/?" + urlencode(back) + anchor
+            return Response(303, [("location", location), *_security_headers()])
+        return handle
+
+    async def _form_create_key(self, form: dict[str, str], params: dict[str, str]) -> Any:
+        body: dict[str, Any] = {"balance_msats": parse_sats(form.get("balance_sats") or "0",
+                                                            "balance_sats")}
+        body.update(_form_limits(form))
+        created = self.service.create_key(body)
+        return {"done": "key_created",
+                "secret": {"label": f"New key #{created['key']['id']} (shown once)",
+                           "value": created["api_key"], "kind": "api_key"}}
+
+    async def _form_key_action(self, form: dict[str, str], params: dict[str, str]) -> Any:
+        key_id = _key_id(params)
+        action = form.get("action", "")
+        if action in ("disable", "enable"):
+            self.service.update_key(key_id, {"disabled": action == "disable"})
+            return f"key_{action}d"
+        if action == "delete":
+            self.service.delete_key(key_id)
+            return "key_deleted"
+        if action == "limits":
+            limits = _form_limits(form)
+            self.service.update_key(key_id, limits)
+            return "key_limits"
+        if action == "grant":
+            self.service.grant(key_id, parse_sats(form.get("amount_sats", ""), "amount_sats"))
+            return "key_granted"
+        raise InvalidRequest(f"unknown action {action!r}", code="invalid_parameter")
+
+    async def _form_price(self, form: dict[str, str], params: dict[str, str]) -> Any:
+        model = form.get("model", "").strip()
+        if not model:
+            raise InvalidRequest("Name the model", code="invalid_parameter")
+        if form.get("action") == "reset":
+            self.service.clear_price(model)
+            return "price_reset"
+        fields = {f: _int_param(form.get(f), f, 0, 0, 10**15) for f in PRICE_FIELDS
+                  if form.get(f, "").strip()}
+        if not fields:
+            raise InvalidRequest("Give at least one price field", code="invalid_parameter")
+        self.service.set_price(model, fields)
+        return "price_set"
+
+    async def _form_withdraw(self, form: dict[str, str], params: dict[str, str]) -> Any:
+        amount = _int_param(form.get("amount_sats"), "amount_sats", 0, 1, 10**12)
+        result = await self.service.withdraw({"amount_sats": amount,
+                                              "mint": form.get("mint") or None})
+        return {"done": "withdrawn",
+                "secret": {"label": f"Cashu token for {amount} sats (shown once)",
+                           "value": str(result.get("token", "")), "kind": "token"}}
+
+    async def _form_pay_out(self, form: dict[str, str], params: dict[str, str]) -> Any:
+        amount = _int_param(form.get("amount_sats"), "amount_sats", 0, 1, 10**12)
+        await self.service.pay_out({"amount_sats": amount,
+                                    "lightning_address": form.get("lightning_address", "")})
+        return "paid_out"
+
+    # -- the route table -------------------------------------------------------------------
+
+    def routes(self) -> list[Route]:
+        api, page = self.api, self.page_action
+        return [
+            Route("GET", "/admin", self.dashboard),
+            Route("POST", "/admin/login", self.login),
+            Route("POST", "/admin/logout", self.logout),
+            Route("POST", "/admin/keys", page(self._form_create_key)),
+            Route("POST", "/admin/keys/{id}", page(self._form_key_action)),
+            Route("POST", "/admin/prices", page(self._form_price)),
+            Route("POST", "/admin/wallet/withdraw", page(self._form_withdraw)),
+            Route("POST", "/admin/wallet/payout", page(self._form_pay_out)),
+            Route("GET", "/admin/api/overview", api(self._overview)),
+            Route("GET", "/admin/api/keys", api(self._keys)),
+            Route("POST", "/admin/api/keys", api(self._create_key, 201)),
+            Route("GET", "/admin/api/keys/{id}", api(self._get_key)),
+            Route("PATCH", "/admin/api/keys/{id}", api(self._update_key)),
+            Route("DELETE", "/admin/api/keys/{id}", api(self._delete_key)),
+            Route("POST", "/admin/api/keys/{id}/grant", api(self._grant)),
+            Route("GET", "/admin/api/transactions", api(self._transactions)),
+            Route("GET", "/admin/api/prices", api(self._prices)),
+            Route("PUT", "/admin/api/prices/{model}", api(self._set_price)),
+            Route("DELETE", "/admin/api/prices/{model}", api(self._clear_price)),
+            Route("GET", "/admin/api/health", api(self._health)),
+            Route("GET", "/admin/api/settings", api(self._settings)),
+            Route("GET", "/admin/api/wallet", api(self._wallet)),
+            Route("POST", "/admin/api/wallet/withdraw", api(self._withdraw)),
+            Route("POST", "/admin/api/wallet/payout", api(self._pay_out)),
+        ]
+
+
+def admin_routes(config: Config, db: Database, ledger: Ledger, prices: PriceBook,
+                 probes: Mapping[str, Callable[[], Awaitable[str]]],
+                 wallet: AdminWallet | None = None) -> list[Route]:
+    """The admin part of the route table (`app.routes` adds it)."""
+    service = AdminService(config, db, ledger, prices, probes, wallet)
+    return AdminHandlers(service, resolve_admin_hash(db, config)).routes()
+
+
+def _key_id(params: Mapping[str, str]) -> int:
+    raw = params.get("id", "").lstrip("#")
+    if not raw.isdigit() or len(raw) > 18:
+        raise NotFound("Key not found", code="key_not_found")
+    return int(raw)
+
+
+def _form_limits(form: Mapping[str, str]) -> dict[str, Any]:
+    """The limit fields of a dashboard form (blank = no limit / no expiry)."""
+    out: dict[str, Any] = {}
+    if "limit_sats" in form:
+        raw = form["limit_sats"].strip()
+        out["balance_limit_msats"] = parse_sats(raw, "limit_sats") if raw else None
+    if "limit_reset" in form:
+        out["balance_limit_reset"] = form["limit_reset"].strip() or None
+    if "valid_until" in form:
+        out["validity_date"] = _time_param(form["valid_until"], "valid_until")
+    return out
+
+
+def csrf_token(session: str) -> str:
+    return hmac.new(session.encode(), _CSRF_LABEL, hashlib.sha256).hexdigest()
+
+
+def masked_csrf(session: str) -> str:
+    """The CSRF token XOR a fresh random pad, pad first (hex): different in every page."""
+    token = bytes.fromhex(csrf_token(session))
+    pad = secrets.token_bytes(len(token))
+    return (pad + bytes(a ^ b for a, b in zip(pad, token, strict=True))).hex()
+
+
+def _unmask(masked: str) -> str:
+    try:
+        raw = bytes.fromhex(masked.strip())
+    except ValueError:
+        return ""
+    half = len(raw) // 2
+    if len(raw) != 64:
+        return ""
+    return bytes(a ^ b for a, b in zip(raw[:half], raw[half:], strict=True)).hex()
+
+

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import secrets
 from collections.abc import Awaitable, Callable
@@ -12,7 +11,8 @@ from urllib.parse import urlsplit
 import anyio
 
 from . import __version__
-from .admin import AdminHandlers
+from .admin import admin_routes
+from .admin_wallet import NodeWallet
 from .balance import BalanceHandlers, CashuBalanceHandlers
 from .cashu.mint import MintError
 from .cashu.wallet import Wallet
@@ -24,7 +24,8 @@ from .errors import UpstreamError
 from .ledger import Ledger
 from .messages import Request, Response
 from .payments import Payments
-from .pricing import PriceTable, load_price_table
+from .pricebook import PriceBook
+from .pricing import load_price_table
 from .proxy import (
     AUDIO,
     CHAT,
@@ -54,7 +55,7 @@ class Node:
     config: Config
     db: Database
     ledger: Ledger
-    prices: PriceTable
+    prices: PriceBook
     http: HttpClient
     payments: Payments
     wallet: Wallet | None = None
@@ -64,7 +65,7 @@ class Node:
     def open(cls, config: Config) -> Node:
         db = Database(config.database)
         ledger = Ledger(db)
-        prices = load_price_table(config.pricing or None)
+        prices = PriceBook(load_price_table(config.pricing or None), db)
         http = HttpClient(connect_timeout=config.upstream_connect_timeout,
                           read_timeout=config.upstream_read_timeout,
                           proxy=config.upstream_proxy or None)
@@ -146,8 +147,6 @@ def routes(node: Node) -> list[Route]:
                               c.chat_completions_api_version, c.reservation_ttl),
                   node.ledger, node.prices, node.http, node.payments)
     balance = BalanceHandlers(node.ledger, node.payments)
-    admin_hash = hashlib.sha256(c.admin_token.encode()).hexdigest() if c.admin_token else ""
-    admin = AdminHandlers(node.ledger, admin_hash)
     table = [
         Route("GET", "/health", status.health),
         Route("GET", "/v1/info", status.info),
@@ -155,8 +154,12 @@ def routes(node: Node) -> list[Route]:
         Route("GET", "/v1/models", proxy.models),
         Route("GET", "/models", proxy.models),
         Route("GET", "/v1/transactions", balance.transactions),
-        Route("POST", "/admin/api/keys", admin.create_key),
     ]
+    wallet = (NodeWallet(node.wallet, node.db, client_transport(node.http), c.cashu_mints)
+              if node.wallet is not None else None)
+    table += admin_routes(c, node.db, node.ledger, node.prices,
+                          {"database": status.database, "upstream": status.upstream,
+                           "mint": status.mint}, wallet)
     pay = CashuBalanceHandlers(node.ledger, node.payments, node.cashu, c.child_key_cost_msats)
     for prefix in ("/v1/balance", "/v1/wallet"):
         table += [
