@@ -23,7 +23,7 @@ import math
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import anyio
 
@@ -82,6 +82,15 @@ IMAGES = Endpoint("/images/generations", "per_request")
 AUDIO = Endpoint("/audio/transcriptions", "per_request", json_body=False)
 RESPONSES = Endpoint("/responses", "tokens", streams=True, usage_style="responses")
 MODERATIONS = Endpoint("/moderations", "free")
+
+
+class ProxyObserver(Protocol):
+    """Told about settlements and upstream failures (rate limits, metrics, webhooks)."""
+
+    def settled(self, request: Request, tokens: int, charged_msats: int,
+                account_id: int) -> None: ...
+
+    def upstream_error(self, code: str) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -149,10 +158,15 @@ class Billing:
     cost: pricing.Cost | None = None
     finished: bool = False
     estimated: bool = False
+    tokens: int = 0  # usage tokens (reported or estimated), for the tokens/hour limit
+    request: Request | None = None
+    observer: ProxyObserver | None = None
 
     def cost_for_usage(self, usage: object) -> pricing.Cost:
         """The exact cost from upstream usage (or an estimate, flagged, when there is none)."""
         zero = pricing.Cost(0, 0, 0, 0)
+        counted = usage_tokens(usage)
+        self.tokens = sum(counted) if counted else 0
         if self.endpoint.billing == "free" or self.price is None:
             return zero
         if self.endpoint.billing == "per_request":
@@ -176,6 +190,7 @@ class Billing:
         completion = math.ceil(relayed_chars / CHARS_PER_TOKEN_ESTIMATE)
         if self.endpoint.billing == "prompt":
             completion = 0
+        self.tokens = prompt + completion
         cost = pricing.actual_cost(self.price, prompt, completion)
         if cost.total_msats > self.reserved_msats:
             cost = pricing.Cost(0, 0, self.reserved_msats, self.reserved_msats)
@@ -208,6 +223,9 @@ class Billing:
         if self.settlement.overdraft_msats:
             log.warning("request %s cost %d msats above what could be charged",
                         self.request_id, self.settlement.overdraft_msats)
+        if self.observer is not None and self.request is not None:
+            self.observer.settled(self.request, self.tokens, self.settlement.charged_msats,
+                                  self.payer.account_id)
         return self.settlement
 
     def cost_headers(self) -> list[tuple[str, str]]:
@@ -372,6 +390,8 @@ class Relay:
                     yield out
         except (UpstreamError, SSEError) as exc:
             log.warning("upstream stream for %s broke: %s", self.billing.request_id, exc)
+            if self.billing.observer is not None:
+                self.billing.observer.upstream_error("upstream_stream_failed")
             self._settle()  # a plain def: no await, cannot be cancelled
             yield encode_event(json.dumps({"error": {
                 "type": "upstream_error", "code": "upstream_stream_failed",
@@ -407,12 +427,14 @@ class Relay:
 # ---- the handlers ---------------------------------------------------------------------------
 class Proxy:
     def __init__(self, config: ProxyConfig, ledger: Ledger, prices: pricing.PriceTable,
-                 http: HttpClient, payments: Payments) -> None:
+                 http: HttpClient, payments: Payments,
+                 observer: ProxyObserver | None = None) -> None:
         self.config = config
         self.ledger = ledger
         self.prices = prices
         self.http = http
         self.payments = payments
+        self.observer = observer
 
     def handler(self, endpoint: Endpoint) -> Any:
         async def handle(request: Request, params: dict[str, str]) -> Response:
@@ -523,7 +545,8 @@ class Proxy:
             await self.payments.after_failure(payer, exc)
             raise
         billing = Billing(self.ledger, payer, reservation.id, worst, cap, price, endpoint,
-                          len(request.body), request.request_id)
+                          len(request.body), request.request_id, request=request,
+                          observer=self.observer)
         stream = bool(body.get("stream")) and endpoint.streams
         url, headers, payload = self._upstream_request(request, endpoint, body, stream)
         opts = body.get("stream_options")
@@ -545,6 +568,9 @@ class Proxy:
             raw = await upstream.read(MAX_UPSTREAM_BODY_BYTES)
             return await self._complete(request, billing, upstream, raw)
         except ApiError as exc:
+            if self.observer is not None and isinstance(exc, (UpstreamError,
+                                                               UpstreamStatusError)):
+                self.observer.upstream_error(exc.code)
             with anyio.CancelScope(shield=True):
                 billing.finish(None)
                 await self.payments.after_failure(payer, exc)
