@@ -65,6 +65,7 @@ async def _serve(node: Node, server: Server, config: Config) -> None:
     async with anyio.create_task_group() as tg:
         tg.start_soon(node.sweep_forever)
         tg.start_soon(node.wallet_forever)
+        tg.start_soon(node.payout_forever)
         with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
             port = await tg.start(server.serve, config.host, config.port)
             log.info("listening on http://%s:%d", config.host, port)

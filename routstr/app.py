@@ -15,7 +15,8 @@ from .admin import admin_routes
 from .admin_wallet import NodeWallet
 from .balance import BalanceHandlers, CashuBalanceHandlers
 from .cashu.mint import MintError
-from .cashu.wallet import Wallet
+from .cashu.lnurl import LnurlError
+from .cashu.wallet import Wallet, WalletError
 from .cashupay import CashuConfig, CashuPayments
 from .client import HttpClient
 from .config import Config
@@ -128,6 +129,18 @@ class Node:
             except MintError as exc:
                 log.info("invoice settlement postponed: %s", type(exc).__name__)
             await anyio.sleep(INVOICE_POLL_S)
+
+    async def payout_forever(self) -> None:
+        """Operator payouts of earnings to --receive-ln-address, on a schedule."""
+        address = self.config.receive_ln_address
+        if not address or self.cashu is None:
+            return
+        while True:
+            await anyio.sleep(self.config.payout_interval)
+            try:
+                await self.cashu.payout_once(address, self.config.min_payout_sats)
+            except (MintError, WalletError, LnurlError) as exc:
+                log.warning("payout postponed: %s", type(exc).__name__)
 
     async def sweep_forever(self) -> None:
         while True:

@@ -431,6 +431,27 @@ class CashuPayments:
                 settled += 1
         return settled
 
+    # ---- operator payouts ------------------------------------------------------------------
+    def earnings_sats(self) -> int:
+        """What the wallet holds beyond what the node owes its users (whole sats)."""
+        held = sum(self.wallet.balances().values())
+        return held - ceil_div(self.liabilities_msats(), MSAT_PER_SAT)
+
+    async def payout_once(self, address: str, min_sats: int) -> int:
+        """Melt earnings above `min_sats` to the operator's Lightning address (write-ahead in
+        the wallet; the node's own money, so no user account moves). Returns sats paid."""
+        earnings = self.earnings_sats()
+        headroom = max(2, earnings // 50)  # Lightning fee reserve and input fees
+        amount = earnings - headroom
+        if amount < min_sats:
+            return 0
+        ref = f"payout:{int(time.time())}"
+        melted = await self.wallet.pay_lightning_address(address, amount * MSAT_PER_SAT, None,
+                                                         ref=ref)
+        log.warning("paid out %d sats of earnings (fee %d sats), ref %s", melted.amount,
+                    melted.fee, ref)
+        return melted.amount
+
     # ---- wallet health --------------------------------------------------------------------
     def liabilities_msats(self) -> int:
         totals = self.ledger.totals()

@@ -366,3 +366,36 @@ def test_same_token_on_two_nodes_only_one_wins(node_factory: Any, mint_url: str,
     with concurrent.futures.ThreadPoolExecutor(2) as pool:
         results = sorted(pool.map(use, [a, b]))
     assert results[0] == 200 and results[1] == 400
+
+
+def test_operator_payout_of_earnings(node_factory: Any, mint_url: str, mint_url_fee: str,
+                                     minter: Minter, upstream: ScriptedUpstream, tmp_path: Path) -> None:
+    from tests.support.lnurl import LnurlService
+
+    pricing = tmp_path / "prices.toml"
+    pricing.write_text('[models."gpt-4o-mini"]\ninput_msats_per_1k = 0\noutput_msats_per_1k = 0\n'
+                       'request_msats = 20000\nmax_output_tokens = 100\ncontext_length = 1000\n')
+    svc = LnurlService(mint_url_fee)
+    try:
+        n = node_factory("--upstream-base-url", upstream.url, "--cashu-mints", mint_url,
+                         "--pricing", str(pricing), "--receive-ln-address", svc.address,
+                         "--min-payout-sats", "30", "--payout-interval", "1")
+        status, doc = n.json("POST", "/v1/balance/create",
+                             {"initial_balance_token": minter.token(mint_url, 100)})
+        key = doc["api_key"]
+        for _ in range(3):  # 3 × 20 sats of earnings
+            assert n.json("POST", "/v1/chat/completions",
+                          {"model": "gpt-4o-mini", "messages": MSG, "max_tokens": 5}, auth(key))[0] == 200
+        deadline = time.monotonic() + 15
+        while "paid out" not in n.log_text() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert "paid out" in n.log_text()
+        totals = check_books(n)  # the users' 40 sats are still fully covered
+        assert totals["liability_msats"] == 40_000
+        db, _ = ledger_of(n)
+        held = db.read(lambda c: c.execute(
+            "SELECT COALESCE(SUM(amount), 0) FROM wallet_proofs WHERE state = 'unspent'").fetchone()[0])
+        db.close()
+        assert 40 <= held < 100 - 30
+    finally:
+        svc.close()
