@@ -56,6 +56,7 @@ READ_SIZE = 64 * 1024
 GZIP_MIN_BYTES = 1024
 STREAM_CLOSE_TIMEOUT = 30.0
 API_VERSION = "v1"
+SUPPORTED_VERSIONS = ("v1",)  # accepted in the X-Routstr-Version request header ("1" too)
 _COMPRESSIBLE = re.compile(r"^(application/(json|javascript|xml)|text/(?!event-stream))")
 _REQUEST_ID_OK = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 EXPOSED_HEADERS = (
@@ -75,6 +76,8 @@ class ServerOptions:
     write_timeout: float = 120.0
     cors_origins: tuple[str, ...] = ("*",)
     version: str = __version__
+    # Told about every answered request: (method, path, status, seconds) — the metrics.
+    observer: Callable[[str, str, int, float], None] | None = None
 
 
 class _ClientGone(Exception):
@@ -307,10 +310,13 @@ class Server:
             return False
         finally:
             if status:
+                elapsed = time.perf_counter() - started
                 access_log.info(
                     "%s %s %s %s %d %.1fms", request_id, conn.peer, method, path, status,
-                    (time.perf_counter() - started) * 1000,
+                    elapsed * 1000,
                 )
+                if self.options.observer is not None:
+                    self.options.observer(method, path, status, elapsed)
 
     async def _send_error(self, conn: _Conn, err: ApiError, request_id: str) -> int:
         if conn.h11.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
@@ -332,6 +338,7 @@ class Server:
             response = Response(204, self._preflight_headers(origin))
         else:
             try:
+                _check_version(request)
                 response = await self.app(request)
             except ApiError as exc:
                 status, headers, body = render(exc, request.request_id)
@@ -422,6 +429,20 @@ class Server:
         finally:
             with anyio.CancelScope(shield=True), anyio.move_on_after(STREAM_CLOSE_TIMEOUT):
                 await stream.aclose()
+
+
+def _check_version(request: Request) -> None:
+    """A request naming an API version this node does not serve gets 400 with the list."""
+    wanted = request.header("x-routstr-version")
+    if wanted is None:
+        return
+    value = wanted.strip().lower()
+    if value not in SUPPORTED_VERSIONS and f"v{value}" not in SUPPORTED_VERSIONS:
+        raise InvalidRequest(
+            f"Unsupported API version {wanted.strip()!r}; supported: "
+            + ", ".join(SUPPORTED_VERSIONS),
+            code="unsupported_version",
+            details={"requested": wanted.strip(), "supported": list(SUPPORTED_VERSIONS)})
 
 
 def _reason(status: int) -> bytes:
