@@ -7,6 +7,7 @@ creates a prepaid key from the shell (printed once, stored hashed).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -52,7 +53,8 @@ async def run_node(config: Config) -> None:
     released = node.ledger.startup_sweep(single_process=True)
     if released:
         log.warning("released %d reservations left by a previous run", released)
-    server = Server(build_app(node), server_options(config))
+    server = Server(build_app(node), dataclasses.replace(
+        server_options(config), observer=node.platform.metrics.observe_request))
     try:
         await _serve(node, server, config)
     finally:
@@ -66,6 +68,7 @@ async def _serve(node: Node, server: Server, config: Config) -> None:
         tg.start_soon(node.sweep_forever)
         tg.start_soon(node.wallet_forever)
         tg.start_soon(node.payout_forever)
+        tg.start_soon(node.platform.run_forever)
         with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
             port = await tg.start(server.serve, config.host, config.port)
             log.info("listening on http://%s:%d", config.host, port)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import secrets
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
 import anyio
@@ -22,6 +22,7 @@ from .client import HttpClient
 from .config import Config
 from .db import Database
 from .errors import UpstreamError
+from .features import Platform, admin_bearer
 from .ledger import Ledger
 from .messages import Request, Response
 from .payments import Payments
@@ -39,7 +40,7 @@ from .proxy import (
     ProxyConfig,
 )
 from .router import Route, Router
-from .status import CachedProbe, StatusHandlers
+from .status import CachedProbe, StatusHandlers, database_writable, mint_probe
 from .walletstore import SqliteWalletStore, client_transport, setting_get_or_create
 
 log = logging.getLogger("routstr.app")
@@ -61,6 +62,12 @@ class Node:
     payments: Payments
     wallet: Wallet | None = None
     cashu: CashuPayments | None = None
+    platform: Platform = field(init=False)  # rate limits, idempotency, webhooks, metrics, …
+
+    def __post_init__(self) -> None:
+        self.platform = Platform(self.config, self.db, self.ledger.boot_id,
+                                 lambda request: self.payments.account_for(request,
+                                                                           create=False))
 
     @classmethod
     def open(cls, config: Config) -> Node:
@@ -80,6 +87,7 @@ class Node:
         return cls(config, db, ledger, prices, http, Payments(ledger, cashu), wallet, cashu)
 
     async def aclose(self) -> None:
+        await self.platform.aclose()
         await self.http.aclose()
         self.db.close()
 
@@ -98,7 +106,7 @@ class Node:
         }
 
     async def database_probe(self) -> str:
-        return "ok" if self.db.ping() else "error"
+        return database_writable(self.db) if self.db.ping() else "error"
 
     async def upstream_probe(self) -> str:
         parts = urlsplit(self.config.upstream_base_url)
@@ -154,11 +162,12 @@ def routes(node: Node) -> list[Route]:
     c = node.config
     status = StatusHandlers(
         node.info_doc, node.database_probe,
-        CachedProbe(node.upstream_probe if c.upstream_base_url else None), CachedProbe(None),
+        CachedProbe(node.upstream_probe if c.upstream_base_url else None),
+        CachedProbe(mint_probe(node.http, c.cashu_mints) if c.cashu_mints else None),
     )
     proxy = Proxy(ProxyConfig(c.upstream_base_url, c.upstream_api_key,
                               c.chat_completions_api_version, c.reservation_ttl),
-                  node.ledger, node.prices, node.http, node.payments)
+                  node.ledger, node.prices, node.http, node.payments, observer=node.platform)
     balance = BalanceHandlers(node.ledger, node.payments)
     table = [
         Route("GET", "/health", status.health),
@@ -196,14 +205,16 @@ def routes(node: Node) -> list[Route]:
         handler = proxy.handler(endpoint)
         table.append(Route("POST", "/v1" + endpoint.path, handler))
         table.append(Route("POST", endpoint.path, handler))  # routstr-core serves both
+    table += node.platform.routes(lambda: table, admin_bearer(node.db, c))
     return table
 
 
 def build_app(node: Node) -> Callable[[Request], Awaitable[Response]]:
-    router = Router(routes(node))
+    table = routes(node)
+    router = Router(table)
 
     async def app(request: Request) -> Response:
         handler, params = router.resolve(request.method, request.path)
         return await handler(request, params)
 
-    return app
+    return node.platform.wrap(app, table)

@@ -160,6 +160,11 @@ class Config:
     rate_limit_concurrent: int = field(
         default=10, metadata=_s("requests in flight per key (0 = unlimited)", _non_negative)
     )
+    rate_limit_queue_wait: float = field(
+        default=10.0,
+        metadata=_s("seconds a request over the concurrency limit waits for a slot before 429",
+                    _non_negative),
+    )
     idempotency_ttl: int = field(
         default=86400, metadata=_s("seconds an Idempotency-Key and its response are kept",
                                    _positive)

@@ -1,23 +1,74 @@
 """Public status endpoints: `GET /health`, `GET /v1/info`, `GET /`.
 
 Health probes are cached for a few seconds so a monitoring loop cannot turn the node into a
-load generator against its upstream or mint. A dependency that is not configured reports
-`"not_configured"` and does not make the node unhealthy; one that is configured and failing
-does (503).
+load generator against its upstream or mint, and each is bounded by `PROBE_TIMEOUT_S`. A
+dependency that is not configured reports `"not_configured"` and does not make the node
+unhealthy; one that is configured and failing does (503). The checks:
+
+* database: a write (one row of `health_probe`) commits — a full disk, a read-only file or a
+  lock held too long fail it;
+* upstream: ``GET <upstream>/models`` answers below 500;
+* mint: every configured mint answers ``GET /v1/info`` with 200 (failing mints are named).
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
+from urllib.parse import urlsplit
+
+import anyio
 
 from . import __version__
+from .client import HttpClient
+from .db import Database, DatabaseError
+from .errors import UpstreamError
 from .messages import Request, Response, json_response
 
 Probe = Callable[[], Awaitable[str]]
 PROBE_CACHE_SECONDS = 10.0
+PROBE_TIMEOUT_S = 5.0
+
+
+def database_writable(db: Database) -> str:
+    """"ok" when a write commits (plain def: one short transaction)."""
+    try:
+        db.transaction(lambda c: c.execute(
+            "INSERT INTO health_probe (id, at) VALUES (1, ?)"
+            " ON CONFLICT (id) DO UPDATE SET at = excluded.at", (time.time(),)))
+    except (DatabaseError, RuntimeError) as exc:
+        return f"error: {type(exc).__name__}: {exc}"
+    return "ok"
+
+
+def mint_probe(http: HttpClient, mints: Sequence[str]) -> Probe:
+    """A probe asking every mint for ``/v1/info`` at once."""
+
+    async def one(mint: str, failures: list[str]) -> None:
+        host = urlsplit(mint).hostname or mint
+        try:
+            with anyio.fail_after(PROBE_TIMEOUT_S):
+                status, _, _ = await http.fetch("GET", mint.rstrip("/") + "/v1/info",
+                                                max_bytes=1 << 20)
+        except TimeoutError:
+            failures.append(f"{host} timed out")
+            return
+        except UpstreamError as exc:
+            failures.append(f"{host} {exc.code}")
+            return
+        if status != 200:
+            failures.append(f"{host} status {status}")
+
+    async def probe() -> str:
+        failures: list[str] = []
+        async with anyio.create_task_group() as tg:
+            for mint in mints:
+                tg.start_soon(one, mint, failures)
+        return "ok" if not failures else "error: " + "; ".join(sorted(failures))
+
+    return probe
 
 
 @dataclass
@@ -31,7 +82,10 @@ class CachedProbe:
             return "not_configured"
         now = time.monotonic()
         if now - self._at > PROBE_CACHE_SECONDS:
-            self._value = await self.probe()
+            value = "error: timed out"
+            with anyio.move_on_after(PROBE_TIMEOUT_S):
+                value = await self.probe()
+            self._value = value
             self._at = now
         return self._value
 
