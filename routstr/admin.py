@@ -520,7 +520,7 @@ class AdminService:
         return page_doc([tx_doc(r, h) for r, h in rows], total, limit, offset)
 
     def tx_kinds(self) -> list[str]:
-        return self.db.read(admin_store.tx_kinds)
+        return list(admin_store.TX_KINDS)
 
     # -- prices ----------------------------------------------------------------------------
 

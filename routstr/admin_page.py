@@ -139,6 +139,7 @@ th,td{text-align:left;padding:.35rem .5rem;border-bottom:1px solid var(--line);
 vertical-align:top;white-space:nowrap}
 td.num,th.num{text-align:right;font-variant-numeric:tabular-nums}
 td.wrap{white-space:normal;word-break:break-all;max-width:22rem}
+td.actions{white-space:normal;min-width:15rem}
 tbody tr:hover{background:var(--soft)}
 .muted{color:var(--muted)}
 .badge{display:inline-block;padding:0 .45rem;border-radius:99px;font-size:.75rem;
@@ -238,8 +239,10 @@ def earnings_chart(points: Sequence[Mapping[str, int]]) -> str:
              ' aria-label="msats earned per hour, last 24 hours">',
              f'<line class="axis" x1="{left}" y1="{top + plot_h}" x2="{width - 8}"'
              f' y2="{top + plot_h}"/>',
-             f'<text x="{left - 6}" y="{top + 8}" text-anchor="end">{_e(sats(peak))}</text>',
              f'<text x="{left - 6}" y="{top + plot_h}" text-anchor="end">0</text>']
+    if peak:
+        parts.append(f'<text x="{left - 6}" y="{top + 8}" text-anchor="end">{_e(sats(peak))}'
+                     "</text>")
     for i, p in enumerate(points):
         h = 0.0 if peak == 0 else plot_h * p["msats"] / peak
         x = left + i * slot + slot * 0.12
@@ -351,7 +354,7 @@ def _keys(v: Dashboard) -> str:
             f'<td class="num">{_amount(k["usage_msats"])}</td>'
             f'<td class="num">{k["total_requests"]:,}</td><td>{_limit_text(k)}</td>'
             f'<td>{_when(k["created_at"])}</td><td>{_when(k["last_used_at"])}</td>'
-            f"<td>{status}</td><td>{_key_actions(v, k)}</td></tr>")
+            f'<td>{status}</td><td class="actions">{_key_actions(v, k)}</td></tr>')
     if not rows:
         rows.append('<tr><td colspan="12" class="muted">No keys match.</td></tr>')
     search = v.query.get("kq", "")

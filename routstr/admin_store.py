@@ -308,10 +308,10 @@ def transactions(
     return [(TxRow(*r[:9]), str(r[9])) for r in rows], total
 
 
-def tx_kinds(conn: Conn) -> list[str]:
-    """The kinds present in the log (for the filter's choices)."""
-    return [str(r[0]) for r in conn.execute("SELECT DISTINCT kind FROM txlog ORDER BY kind")
-            .fetchall()]
+# The kinds of log rows the ledger and this module write (the dashboard's filter choices).
+TX_KINDS: Final = ("create", "deposit", "grant", "reserve", "settle", "charge", "release",
+                   "expire", "orphan", "refund", "payout", "change", "reversal", "child_key_fee",
+                   "child_reset", "disable", "enable", "policy", "delete")
 
 
 # --------------------------------------------------------------------------------------------
