@@ -498,6 +498,12 @@ class Database:
         """Copy the WAL back into the database file now (PASSIVE: never waits for readers)."""
         self.conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
 
+    def move_checkpoints_off_this_connection(self) -> None:
+        """Stop sqlite's automatic checkpoint on this connection's commits (it fsyncs the
+        database file every ~1000 WAL pages, a multi-ms stall on whichever request commits
+        then); the caller must run `checkpoint_file` periodically from another thread."""
+        self.conn.execute("PRAGMA wal_autocheckpoint = 0")
+
     def close(self) -> None:
         if self._conn is not None:
             self._conn.close()
@@ -536,3 +542,14 @@ def _migrate(conn: sqlite3.Connection, migrations: tuple[str, ...]) -> None:
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
             raise
+
+
+def checkpoint_file(path: str) -> int:
+    """One PASSIVE checkpoint of `path` on a connection of its own (safe from a worker thread
+    while the main connection keeps committing). Returns the WAL frames checkpointed."""
+    conn = sqlite3.connect(path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None)
+    try:
+        row = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+        return int(row[2]) if row and row[2] is not None and row[2] >= 0 else 0
+    finally:
+        conn.close()
