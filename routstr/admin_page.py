@@ -140,6 +140,7 @@ vertical-align:top;white-space:nowrap}
 td.num,th.num{text-align:right;font-variant-numeric:tabular-nums}
 td.wrap{white-space:normal;word-break:break-all;max-width:22rem}
 td.actions{white-space:normal;min-width:15rem}
+td.actions label{width:14rem}td.actions input,td.actions select{width:100%}
 tbody tr:hover{background:var(--soft)}
 .muted{color:var(--muted)}
 .badge{display:inline-block;padding:0 .45rem;border-radius:99px;font-size:.75rem;

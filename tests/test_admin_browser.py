@@ -1,0 +1,188 @@
+"""The dashboard in a real browser: headless Chromium (Debian's `chromium` + `chromium-driver`,
+installed by .ci/run) driven by Selenium against the real node process.
+
+It logs in through the form, creates a key and sees it in the list, disables one and deletes
+another (accepting the page's confirmation dialog: the inline script runs under the CSP nonce),
+pages the transactions, and takes screenshots in light and dark mode (saved in the test's tmp
+dir; `ROUTSTR_SCREENSHOT_DIR` copies them elsewhere for a look).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from selenium import webdriver
+from selenium.webdriver.chrome.service import Service
+from selenium.webdriver.common.by import By
+from selenium.webdriver.remote.webdriver import WebDriver
+from selenium.webdriver.support import expected_conditions
+from selenium.webdriver.support.ui import WebDriverWait
+
+from routstr.db import Database
+from routstr.keys import hash_key
+from routstr.ledger import Ledger
+from tests.support.node import NodeProcess
+from tests.support.upstream import ScriptedUpstream
+
+ADMIN = "browser-admin-token-42"
+CHROMIUM = "/usr/bin/chromium"
+CHROMEDRIVER = "/usr/bin/chromedriver"
+WAIT_S = 10.0
+
+
+def api(node: NodeProcess, method: str, path: str, body: Any = None) -> Any:
+    status, _, raw = node.request(method, path, body, {"Authorization": f"Bearer {ADMIN}"})
+    assert status < 300, (status, raw)
+    return json.loads(raw)
+
+
+@pytest.fixture
+def browser(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[WebDriver]:
+    monkeypatch.setenv("SE_OFFLINE", "true")  # Selenium Manager must never download anything
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
+                 "--no-first-run", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--window-size=1280,1000",
+                 f"--user-data-dir={tmp_path / 'chromium-profile'}"):
+        options.add_argument(flag)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    driver.set_page_load_timeout(30)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+def wait_for(driver: WebDriver, css: str) -> Any:
+    return WebDriverWait(driver, WAIT_S).until(
+        expected_conditions.presence_of_element_located((By.CSS_SELECTOR, css)))
+
+
+def rows(driver: WebDriver, table: str) -> list[Any]:
+    return driver.find_elements(By.CSS_SELECTOR, f"#{table} tbody tr")
+
+
+def screenshot(driver: WebDriver, path: Path) -> None:
+    height = driver.execute_script("return document.documentElement.scrollHeight")
+    driver.set_window_size(1280, min(int(height) + 40, 6000))
+    assert driver.save_screenshot(str(path))
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 20_000
+    extra = os.environ.get("ROUTSTR_SCREENSHOT_DIR")
+    if extra:
+        shutil.copy(path, Path(extra) / path.name)
+
+
+def test_dashboard_in_headless_chromium(node_factory: Any, browser: WebDriver,
+                                        tmp_path: Path) -> None:
+    with ScriptedUpstream() as upstream:
+        node = node_factory("--admin-token", ADMIN, "--upstream-base-url", upstream.url,
+                            "--name", "Pi behind Tor")
+        # Some history: 13 funded keys (two log rows each), requests settled in earlier hours.
+        keys = [api(node, "POST", "/admin/api/keys", {"balance_msats": 1_000_000 * (i + 1)})
+                for i in range(13)]
+        db = Database(node.database)
+        ledger = Ledger(db)
+        now = int(time.time())
+        for ago in (1, 3, 3, 7, 12):
+            r = ledger.reserve(keys[0]["key"]["id"], 50_000, request_id=f"h{ago}", ttl_s=60,
+                               now=now - ago * 3600)
+            ledger.settle(r.id, 20_000 + ago * 1000, now=now - ago * 3600)
+        empty = api(node, "POST", "/admin/api/keys", {"balance_msats": 0})
+        total_rows = api(node, "GET", "/admin/api/transactions?limit=1")["total"]
+        assert total_rows > 25
+
+        # Log in: a wrong token first, then the right one.
+        browser.get(node.url + "/admin/")
+        assert "admin login" in browser.title
+        browser.find_element(By.NAME, "token").send_keys("not-the-token")
+        browser.find_element(By.CSS_SELECTOR, "form button[type=submit]").click()
+        assert "Invalid admin token" in wait_for(browser, ".banner.error").text
+        browser.find_element(By.NAME, "token").send_keys(ADMIN)
+        browser.find_element(By.CSS_SELECTOR, "form button[type=submit]").click()
+        wait_for(browser, "#overview")
+        assert browser.find_element(By.CSS_SELECTOR, "header h1").text == "Pi behind Tor"
+        cookie = browser.get_cookie("routstr_admin")
+        assert cookie is not None and cookie["httpOnly"] and cookie["sameSite"] == "Strict"
+        assert len(browser.find_elements(By.CSS_SELECTOR, "svg.chart rect.bar")) == 24
+
+        # Create a key with 21 sats; it is shown once and appears in the list.
+        field = browser.find_element(By.NAME, "balance_sats")
+        field.clear()
+        field.send_keys("21")
+        browser.find_element(By.XPATH, "//button[text()='Create key']").click()
+        secret = wait_for(browser, "#secret-value").text
+        assert secret.startswith("sk-") and len(secret) == 35
+        copy = browser.find_element(By.CSS_SELECTOR, "button[data-copy]")
+        assert copy.is_displayed()  # un-hidden by the inline script: the CSP nonce works
+        listed = [r.text for r in rows(browser, "keys-table")]
+        assert any(f"sk-…{secret[-4:]}" in text and "21" in text for text in listed)
+        acct = ledger.get_account(hash_key(secret))
+        assert acct is not None and acct.balance_msats == 21_000
+
+        # Disable it from its row; delete the empty key through the confirmation dialog.
+        row = browser.find_element(By.CSS_SELECTOR, f'tr[data-key-id="{acct.id}"]')
+        row.find_element(By.XPATH, ".//button[text()='Disable']").click()
+        row = wait_for(browser, f'tr[data-key-id="{acct.id}"]')
+        assert "disabled" in row.text and "key disabled" in browser.page_source.lower()
+        row = browser.find_element(By.CSS_SELECTOR, f'tr[data-key-id="{empty["key"]["id"]}"]')
+        row.find_element(By.XPATH, ".//button[text()='Delete']").click()
+        alert = WebDriverWait(browser, WAIT_S).until(expected_conditions.alert_is_present())
+        assert "can never be used again" in alert.text
+        alert.accept()
+        wait_for(browser, ".banner.notice")
+        assert not browser.find_elements(By.CSS_SELECTOR,
+                                         f'tr[data-key-id="{empty["key"]["id"]}"]')
+
+        # Page the transactions: 25 newest, then the older ones, then back.
+        browser.get(node.url + "/admin/#transactions")
+        first_page = rows(browser, "tx-table")
+        assert len(first_page) == 25
+        first_ids = [int(r.find_element(By.CSS_SELECTOR, "td").text) for r in first_page]
+        browser.find_element(By.CSS_SELECTOR, "#transactions a[rel=next]").click()
+        wait_for(browser, "#transactions a[rel=prev]")
+        assert "to=25" in browser.current_url
+        second_ids = [int(r.find_element(By.CSS_SELECTOR, "td").text)
+                      for r in rows(browser, "tx-table")]
+        total_now = api(node, "GET", "/admin/api/transactions?limit=1")["total"]
+        assert len(second_ids) == min(25, total_now - 25)
+        assert max(second_ids) < min(first_ids) and not set(first_ids) & set(second_ids)
+        browser.find_element(By.CSS_SELECTOR, "#transactions a[rel=prev]").click()
+        wait_for(browser, "#transactions a[rel=next]")
+        assert [int(r.find_element(By.CSS_SELECTOR, "td").text)
+                for r in rows(browser, "tx-table")][0] == max(first_ids)
+
+        # Filter to one key's settlements.
+        browser.get(node.url + f"/admin/?tk=%23{keys[0]['key']['id']}&tkind=settle#transactions")
+        kinds = {r.find_elements(By.CSS_SELECTOR, "td")[2].text for r in rows(browser, "tx-table")}
+        assert kinds == {"settle"} and len(rows(browser, "tx-table")) == 5
+
+        # Screenshots, light and dark; the colours follow prefers-color-scheme.
+        browser.get(node.url + "/admin/")
+        wait_for(browser, "#overview")
+        light_bg = browser.execute_script("return getComputedStyle(document.body).backgroundColor")
+        screenshot(browser, tmp_path / "dashboard-light.png")
+        browser.execute_cdp_cmd("Emulation.setEmulatedMedia", {
+            "features": [{"name": "prefers-color-scheme", "value": "dark"}]})
+        dark_bg = browser.execute_script("return getComputedStyle(document.body).backgroundColor")
+        assert light_bg != dark_bg
+        screenshot(browser, tmp_path / "dashboard-dark.png")
+
+        # No request for anything outside the node, no CSP violation, no script error.
+        problems = [e["message"] for e in browser.get_log("browser") if e["level"] == "SEVERE"
+                    and "the server responded with a status of 401" not in e["message"]]
+        assert problems == []
+        urls = browser.execute_script(
+            "return performance.getEntriesByType('resource').map(e => e.name)")
+        assert all(u.startswith(node.url) for u in urls), urls
+        assert ledger.check_invariant()["accounts"] == 15
+        db.close()
+
