@@ -533,7 +533,21 @@ class HttpClient:
             self._ssl_context = ctx
         return self._ssl_context
 
+    async def open_stream(self, host: str, port: int, *, tls: bool) -> ByteStream:
+        """A raw byte stream to host:port, for a protocol that upgrades from HTTP/1.1 (the
+        Nostr relay WebSocket client): TCP — through the SOCKS5 proxy when one is configured,
+        the name resolved by the proxy — then TLS when `tls` (system CAs, SNI, ALPN
+        ``http/1.1``), all within `connect_timeout`. Failures raise `UpstreamConnectError` /
+        `UpstreamConnectTimeout`. Not pooled: the caller owns the stream and closes it."""
+        if self._closed:
+            raise UpstreamConnectError("Upstream client is closed")
+        target = _Target("https" if tls else "http", host, port, b"", b"/")
+        return await self._connect_stream(target)
+
     async def _connect(self, target: _Target) -> _Connection:
+        return _Connection(await self._connect_stream(target))
+
+    async def _connect_stream(self, target: _Target) -> ByteStream:
         where = f"{target.host}:{target.port}"
         if self._proxy is not None:
             where += f" via SOCKS5 {self._proxy.host}:{self._proxy.port}"
@@ -557,7 +571,7 @@ class HttpClient:
             raise UpstreamConnectError(
                 "Unable to connect to upstream service", detail=f"{where}: {_describe(exc)}"
             ) from exc
-        return _Connection(stream)
+        return stream
 
     async def _open_stream(self, target: _Target) -> ByteStream:
         proxy = self._proxy

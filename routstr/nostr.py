@@ -1,0 +1,647 @@
+"""Nostr for a Routstr node, without I/O: keys, events, signatures, the node announcement.
+
+* NIP-19: bech32 (BIP-173, not bech32m) `npub1…` / `nsec1…` for 32-byte keys.
+* BIP-340: Schnorr signatures over secp256k1 with x-only public keys, on the pure-Python
+  group arithmetic of `routstr.cashu.secp256k1`. Pinned by the BIP's own test vectors
+  (`tests/bip340-test-vectors.csv`).
+* NIP-01: the event id is the SHA-256 of the compact JSON array
+  ``[0, pubkey, created_at, kind, tags, content]`` (UTF-8, no whitespace, only the JSON escapes
+  a JavaScript ``JSON.stringify`` makes — which is what Python's ``json.dumps`` with
+  ``ensure_ascii=False`` produces); ``sig`` is the BIP-340 signature of the id.
+  Relay messages: client ``EVENT``/``REQ``/``CLOSE``; relay ``EVENT``/``OK``/``EOSE``/
+  ``CLOSED``/``NOTICE``/``AUTH`` — parsed strictly, anything else is a `RelayProtocolError`.
+* NIP-91 / RIP-02: the provider announcement, kind 38421, exactly as routstr-core publishes it:
+  tags ``["d", id]``, one ``["u", url]`` per endpoint, one ``["mint", url]`` per accepted mint,
+  ``["version", v]``, in that order; content the compact JSON ``{"name": …, "about": …}``.
+  `parse_announcement` turns one into the `/v1/providers/` entry routstr-core serves.
+
+Threat model of the signing key
+-------------------------------
+`routstr.cashu.secp256k1` is not constant-time and says it must not hold a long-lived key that
+signs attacker-chosen input at attacker-measurable times. The node's Nostr key is long-lived, so
+here is why signing with it is acceptable:
+
+- The secret scalar ``d`` goes through a point multiplication exactly once, at start, to derive
+  the public key (``d*G``) — no attacker chooses anything then and it is not repeated.
+- Each signature multiplies only the *nonce* ``k`` by ``G``; ``k`` is fresh per signature (BIP-340
+  nonce from the key, the message and 32 bytes of `os.urandom` aux data), so no series of
+  observations of one ``k`` exists. ``d`` enters a signature only through ``s = k + e*d mod n``:
+  one big-integer multiply and reduction whose timing depends on operand length, not bit pattern.
+- What the node signs is its own announcement (its URLs, mints, name), at times it chooses
+  (start, a change, a period) — nobody outside chooses the message or triggers a signature.
+
+A local attacker who can read process memory or the database holds the key anyway; secrets are
+not wiped from memory (CPython cannot). Verification handles public data only.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import secrets
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlsplit
+
+from .cashu.secp256k1 import G, N, P, lift_x, mul_g, multi_mul
+
+__all__ = [
+    "KIND_ANNOUNCEMENT",
+    "AnnouncementFacts",
+    "Bech32Error",
+    "Event",
+    "InvalidEvent",
+    "RelayAuth",
+    "RelayClosed",
+    "RelayEose",
+    "RelayEvent",
+    "RelayMessage",
+    "RelayNotice",
+    "RelayOk",
+    "RelayProtocolError",
+    "SecretKey",
+    "announced_endpoints",
+    "bech32_decode",
+    "bech32_encode",
+    "build_announcement",
+    "client_close",
+    "client_event",
+    "client_req",
+    "decode_npub",
+    "decode_nsec",
+    "encode_npub",
+    "encode_nsec",
+    "event_id",
+    "parse_announcement",
+    "parse_event",
+    "parse_relay_message",
+    "random_secret",
+    "schnorr_sign",
+    "schnorr_verify",
+    "secret_from_text",
+    "serialize_event",
+    "sign_event",
+    "new_subscription_id",
+    "verify_event",
+    "xonly_pubkey",
+]
+
+KIND_ANNOUNCEMENT = 38421
+#: NIP-19: bech32 strings SHOULD be limited to 5000 characters.
+MAX_BECH32_CHARS = 5000
+#: Bounds on what we accept from a relay in one event (a relay message is bounded by the
+#: WebSocket message limit too).
+MAX_TAGS = 2000
+MAX_TAG_ITEMS = 64
+MAX_SUBSCRIPTION_ID_CHARS = 64
+#: routstr-core never announces this default development URL, and discovery skips it.
+UNANNOUNCED_URL = "http://localhost:8000"
+
+_HEX = frozenset("0123456789abcdef")
+
+
+# --------------------------------------------------------------------------------------------
+# bech32 (BIP-173) and NIP-19
+
+
+class Bech32Error(ValueError):
+    """Not a valid bech32 string, or not the NIP-19 entity that was expected."""
+
+
+_CHARSET = "qpzry9x8gf2tvdw0s3jn54khce6mua7l"
+_CHARSET_REV = {c: i for i, c in enumerate(_CHARSET)}
+_GEN = (0x3B6A57B2, 0x26508E6D, 0x1EA119FA, 0x3D4233DD, 0x2A1462B3)
+_BECH32_CONST = 1  # bech32; bech32m would be 0x2BC830A3
+
+
+def _polymod(values: Iterable[int]) -> int:
+    chk = 1
+    for v in values:
+        top = chk >> 25
+        chk = ((chk & 0x1FFFFFF) << 5) ^ v
+        for i in range(5):
+            if (top >> i) & 1:
+                chk ^= _GEN[i]
+    return chk
+
+
+def _hrp_expand(hrp: str) -> list[int]:
+    return [ord(c) >> 5 for c in hrp] + [0] + [ord(c) & 31 for c in hrp]
+
+
+def _convert_bits(data: Iterable[int], frm: int, to: int, pad: bool) -> list[int]:
+    acc = bits = 0
+    out: list[int] = []
+    maxv = (1 << to) - 1
+    for value in data:
+        acc = (acc << frm) | value
+        bits += frm
+        while bits >= to:
+            bits -= to
+            out.append((acc >> bits) & maxv)
+    if pad:
+        if bits:
+            out.append((acc << (to - bits)) & maxv)
+    elif bits >= frm or (acc << (to - bits)) & maxv:
+        raise Bech32Error("invalid padding in bech32 data")
+    return out
+
+
+def bech32_encode(hrp: str, data: bytes) -> str:
+    """bech32 (BIP-173) of `data` (bytes, regrouped into 5-bit words) under `hrp`."""
+    if not hrp or hrp != hrp.lower() or any(not 33 <= ord(c) <= 126 for c in hrp):
+        raise Bech32Error("invalid human-readable part")
+    words = _convert_bits(data, 8, 5, pad=True)
+    poly = _polymod([*_hrp_expand(hrp), *words, 0, 0, 0, 0, 0, 0]) ^ _BECH32_CONST
+    checksum = [(poly >> 5 * (5 - i)) & 31 for i in range(6)]
+    return hrp + "1" + "".join(_CHARSET[w] for w in words + checksum)
+
+
+def bech32_decode(text: str) -> tuple[str, bytes]:
+    """(hrp, data bytes) of a bech32 string; raises `Bech32Error` on any defect."""
+    if not isinstance(text, str) or not 8 <= len(text) <= MAX_BECH32_CHARS:
+        raise Bech32Error("bech32 string of invalid length")
+    if any(not 33 <= ord(c) <= 126 for c in text):
+        raise Bech32Error("invalid character in bech32 string")
+    if text.lower() != text and text.upper() != text:
+        raise Bech32Error("mixed-case bech32 string")
+    text = text.lower()
+    sep = text.rfind("1")
+    if sep < 1 or sep + 7 > len(text):
+        raise Bech32Error("bech32 separator misplaced")
+    hrp, rest = text[:sep], text[sep + 1 :]
+    try:
+        words = [_CHARSET_REV[c] for c in rest]
+    except KeyError:
+        raise Bech32Error("invalid character in bech32 data") from None
+    if _polymod([*_hrp_expand(hrp), *words]) != _BECH32_CONST:
+        raise Bech32Error("bech32 checksum mismatch")
+    return hrp, bytes(_convert_bits(words[:-6], 5, 8, pad=False))
+
+
+def _decode_key(text: str, hrp: str) -> bytes:
+    got, data = bech32_decode(text.strip())
+    if got != hrp:
+        raise Bech32Error(f"expected an {hrp}, got {got!r}")
+    if len(data) != 32:
+        raise Bech32Error(f"an {hrp} holds 32 bytes, not {len(data)}")
+    return data
+
+
+def encode_npub(pubkey: bytes) -> str:
+    if len(pubkey) != 32:
+        raise Bech32Error("a public key is 32 bytes")
+    return bech32_encode("npub", pubkey)
+
+
+def decode_npub(text: str) -> bytes:
+    return _decode_key(text, "npub")
+
+
+def encode_nsec(seckey: bytes) -> str:
+    if len(seckey) != 32:
+        raise Bech32Error("a secret key is 32 bytes")
+    return bech32_encode("nsec", seckey)
+
+
+def decode_nsec(text: str) -> bytes:
+    return _decode_key(text, "nsec")
+
+
+# --------------------------------------------------------------------------------------------
+# BIP-340 Schnorr signatures
+
+
+def _tagged_hash(tag: str, msg: bytes) -> bytes:
+    t = hashlib.sha256(tag.encode()).digest()
+    return hashlib.sha256(t + t + msg).digest()
+
+
+_CHALLENGE_PREFIX = hashlib.sha256(b"BIP0340/challenge").digest() * 2
+
+
+def _challenge(r: bytes, pk: bytes, msg: bytes) -> int:
+    return int.from_bytes(hashlib.sha256(_CHALLENGE_PREFIX + r + pk + msg).digest(), "big") % N
+
+
+def xonly_pubkey(seckey: bytes) -> bytes:
+    """The 32-byte x-only public key of a 32-byte secret key (BIP-340 PubKey)."""
+    d = int.from_bytes(seckey, "big")
+    if len(seckey) != 32 or not 0 < d < N:
+        raise ValueError("secret key out of range")
+    pt = mul_g(d)
+    assert pt.x is not None
+    return pt.x.to_bytes(32, "big")
+
+
+def schnorr_sign(seckey: bytes, msg: bytes, aux_rand: bytes) -> bytes:
+    """BIP-340 Sign (default signing, the result verified before it is returned)."""
+    if len(aux_rand) != 32:
+        raise ValueError("aux_rand must be 32 bytes")
+    d0 = int.from_bytes(seckey, "big")
+    if len(seckey) != 32 or not 0 < d0 < N:
+        raise ValueError("secret key out of range")
+    pt = mul_g(d0)
+    assert pt.x is not None and pt.y is not None
+    d = d0 if pt.y % 2 == 0 else N - d0
+    pk = pt.x.to_bytes(32, "big")
+    t = (d ^ int.from_bytes(_tagged_hash("BIP0340/aux", aux_rand), "big")).to_bytes(32, "big")
+    k0 = int.from_bytes(_tagged_hash("BIP0340/nonce", t + pk + msg), "big") % N
+    if k0 == 0:
+        raise ValueError("nonce is zero (negligible probability); retry with other aux_rand")
+    r_pt = mul_g(k0)
+    assert r_pt.x is not None and r_pt.y is not None
+    k = k0 if r_pt.y % 2 == 0 else N - k0
+    r = r_pt.x.to_bytes(32, "big")
+    sig = r + ((k + _challenge(r, pk, msg) * d) % N).to_bytes(32, "big")
+    if not schnorr_verify(pk, msg, sig):
+        raise ValueError("BIP-340 self-check failed")  # arithmetic fault: never publish it
+    return sig
+
+
+def schnorr_verify(pubkey: bytes, msg: bytes, sig: bytes) -> bool:
+    """BIP-340 Verify: True iff `sig` is a valid signature of `msg` by x-only `pubkey`."""
+    if len(pubkey) != 32 or len(sig) != 64:
+        return False
+    p_pt = lift_x(int.from_bytes(pubkey, "big"))
+    if p_pt is None:
+        return False
+    r = int.from_bytes(sig[:32], "big")
+    s = int.from_bytes(sig[32:], "big")
+    if r >= P or s >= N:
+        return False
+    e = _challenge(sig[:32], pubkey, msg)
+    r_pt = multi_mul(((s, G), (-e, p_pt)))
+    if r_pt.x is None or r_pt.y is None or r_pt.y % 2:
+        return False
+    return r_pt.x == r
+
+
+def random_secret() -> bytes:
+    """32 random bytes in [1, n-1] (a secret key; no curve math)."""
+    while True:
+        candidate = secrets.token_bytes(32)
+        if 0 < int.from_bytes(candidate, "big") < N:
+            return candidate
+
+
+def secret_from_text(text: str) -> bytes:
+    """The 32 secret bytes of an `nsec1…` or 64 hex digits, range-checked (no curve math);
+    raises ValueError without echoing the input."""
+    text = text.strip()
+    if text.lower().startswith("nsec1"):
+        secret = decode_nsec(text)
+    elif len(text) == 64 and _HEX.issuperset(text.lower()):
+        secret = bytes.fromhex(text)
+    else:
+        raise ValueError("expected an nsec1… bech32 key or 64 hex digits")
+    if not 0 < int.from_bytes(secret, "big") < N:
+        raise ValueError("secret key out of range")
+    return secret
+
+
+class SecretKey:
+    """The node's Nostr identity. Its repr and str show the npub only, never the secret."""
+
+    __slots__ = ("_secret", "public_key")
+
+    def __init__(self, secret: bytes) -> None:
+        self.public_key = xonly_pubkey(secret)  # validates the range
+        self._secret = bytes(secret)
+
+    @classmethod
+    def generate(cls) -> SecretKey:
+        return cls(random_secret())
+
+    @classmethod
+    def parse(cls, text: str) -> SecretKey:
+        """An `nsec1…` (NIP-19) or 64 hex digits; raises ValueError (never echoing the input)."""
+        return cls(secret_from_text(text))
+
+    @property
+    def pubkey_hex(self) -> str:
+        return self.public_key.hex()
+
+    @property
+    def npub(self) -> str:
+        return encode_npub(self.public_key)
+
+    def nsec(self) -> str:
+        """The secret, bech32-encoded: for storage only; never log it."""
+        return encode_nsec(self._secret)
+
+    def sign(self, msg: bytes) -> bytes:
+        return schnorr_sign(self._secret, msg, os.urandom(32))
+
+    def __repr__(self) -> str:
+        return f"SecretKey({self.npub})"
+
+    __str__ = __repr__
+
+
+# --------------------------------------------------------------------------------------------
+# NIP-01 events
+
+
+class InvalidEvent(ValueError):
+    """A relay handed us something that is not a well-formed NIP-01 event."""
+
+
+Tags = tuple[tuple[str, ...], ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    id: str
+    pubkey: str
+    created_at: int
+    kind: int
+    tags: Tags
+    content: str
+    sig: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "pubkey": self.pubkey,
+            "created_at": self.created_at,
+            "kind": self.kind,
+            "tags": [list(t) for t in self.tags],
+            "content": self.content,
+            "sig": self.sig,
+        }
+
+    def tag_values(self, name: str) -> list[str]:
+        return [t[1] for t in self.tags if len(t) >= 2 and t[0] == name]
+
+    def first_tag(self, name: str) -> str | None:
+        for t in self.tags:
+            if len(t) >= 2 and t[0] == name:
+                return t[1]
+        return None
+
+
+def serialize_event(
+    pubkey: str, created_at: int, kind: int, tags: Sequence[Sequence[str]], content: str
+) -> bytes:
+    """The NIP-01 id preimage; raises UnicodeEncodeError for strings with lone surrogates."""
+    doc = [0, pubkey, created_at, kind, [list(t) for t in tags], content]
+    return json.dumps(doc, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+
+
+def event_id(
+    pubkey: str, created_at: int, kind: int, tags: Sequence[Sequence[str]], content: str
+) -> str:
+    return hashlib.sha256(serialize_event(pubkey, created_at, kind, tags, content)).hexdigest()
+
+
+def sign_event(
+    key: SecretKey,
+    kind: int,
+    tags: Sequence[Sequence[str]],
+    content: str,
+    created_at: int,
+) -> Event:
+    frozen_tags: Tags = tuple(tuple(t) for t in tags)
+    eid = event_id(key.pubkey_hex, created_at, kind, frozen_tags, content)
+    sig = key.sign(bytes.fromhex(eid))
+    return Event(eid, key.pubkey_hex, created_at, kind, frozen_tags, content, sig.hex())
+
+
+def _is_hex(value: object, length: int) -> bool:
+    return isinstance(value, str) and len(value) == length and _HEX.issuperset(value)
+
+
+def _is_int(value: object) -> bool:
+    return type(value) is int
+
+
+def parse_event(obj: object) -> Event:
+    """A NIP-01 event from decoded JSON, shape-checked (not yet verified: see `verify_event`)."""
+    if not isinstance(obj, Mapping):
+        raise InvalidEvent("event is not an object")
+    eid, pubkey, sig = obj.get("id"), obj.get("pubkey"), obj.get("sig")
+    created_at, kind = obj.get("created_at"), obj.get("kind")
+    tags, content = obj.get("tags"), obj.get("content")
+    if not _is_hex(eid, 64) or not _is_hex(pubkey, 64) or not _is_hex(sig, 128):
+        raise InvalidEvent("id, pubkey or sig is not lowercase hex of the right length")
+    if not _is_int(created_at) or not 0 <= created_at < 1 << 53:  # type: ignore[operator]
+        raise InvalidEvent("created_at is not a timestamp")
+    if not _is_int(kind) or not 0 <= kind <= 65535:  # type: ignore[operator]
+        raise InvalidEvent("kind is not an integer in 0..65535")
+    if not isinstance(content, str):
+        raise InvalidEvent("content is not a string")
+    if not isinstance(tags, list) or len(tags) > MAX_TAGS:
+        raise InvalidEvent("tags is not a list (or too long)")
+    frozen: list[tuple[str, ...]] = []
+    for tag in tags:
+        if (
+            not isinstance(tag, list)
+            or len(tag) > MAX_TAG_ITEMS
+            or not all(isinstance(item, str) for item in tag)
+        ):
+            raise InvalidEvent("a tag is not a list of strings")
+        frozen.append(tuple(tag))
+    return Event(eid, pubkey, created_at, kind, tuple(frozen), content, sig)  # type: ignore[arg-type]
+
+
+def verify_event(event: Event) -> bool:
+    """The id is the hash of the content and the signature is the author's (BIP-340)."""
+    try:
+        expected = event_id(event.pubkey, event.created_at, event.kind, event.tags, event.content)
+    except UnicodeEncodeError:
+        return False
+    if expected != event.id:
+        return False
+    return schnorr_verify(bytes.fromhex(event.pubkey), bytes.fromhex(event.id),
+                          bytes.fromhex(event.sig))
+
+
+# --------------------------------------------------------------------------------------------
+# The node announcement (kind 38421)
+
+
+def announced_endpoints(http_url: str, onion_url: str) -> tuple[str, ...]:
+    """The `u` tags, as routstr-core derives them: the public HTTP URL (never the default
+    ``http://localhost:8000``), then the onion URL (``http://`` added to a bare host)."""
+    out: list[str] = []
+    http_url = http_url.strip()
+    if http_url and http_url != UNANNOUNCED_URL:
+        out.append(http_url)
+    onion_url = onion_url.strip()
+    if onion_url:
+        if onion_url.endswith(".onion") and not onion_url.startswith(("http://", "https://")):
+            onion_url = "http://" + onion_url
+        out.append(onion_url)
+    return tuple(out)
+
+
+@dataclass(frozen=True, slots=True)
+class AnnouncementFacts:
+    """What the announcement says. Equal facts need no new event."""
+
+    d: str
+    endpoint_urls: tuple[str, ...]
+    mints: tuple[str, ...]
+    version: str
+    name: str
+    about: str
+
+    def tags(self) -> list[list[str]]:
+        tags = [["d", self.d]]
+        tags += [["u", url] for url in self.endpoint_urls]
+        tags += [["mint", m] for m in self.mints if m]
+        if self.version:
+            tags.append(["version", self.version])
+        return tags
+
+    def content(self) -> str:
+        # routstr-core: json.dumps({"name", "about"}, separators=(",", ":")), ASCII-escaped
+        return json.dumps({"name": self.name, "about": self.about}, separators=(",", ":"))
+
+
+def build_announcement(key: SecretKey, facts: AnnouncementFacts, created_at: int) -> Event:
+    return sign_event(key, KIND_ANNOUNCEMENT, facts.tags(), facts.content(), created_at)
+
+
+def parse_announcement(event: Event) -> dict[str, Any] | None:
+    """The `/v1/providers/` entry for a kind-38421 event (routstr-core's shape), or None if
+    the event lacks a `d` tag or an endpoint URL."""
+    if event.kind != KIND_ANNOUNCEMENT:
+        return None
+    d = event.first_tag("d")
+    urls = [u for u in event.tag_values("u") if _plausible_url(u)]
+    if not d or not urls:
+        return None
+    name: object = "Unknown Provider"
+    about: object = None
+    if event.content:
+        try:
+            meta = json.loads(event.content)
+        except (ValueError, RecursionError):
+            meta = None
+        if isinstance(meta, dict):
+            name = meta.get("name", "Unknown Provider")
+            about = meta.get("about")
+    return {
+        "id": d,
+        "pubkey": event.pubkey,
+        "created_at": event.created_at,
+        "kind": event.kind,
+        "endpoint_url": urls[0],
+        "endpoint_urls": urls,
+        "name": name if isinstance(name, str) else "Unknown Provider",
+        "description": about if isinstance(about, str) else None,
+        "mint_urls": event.tag_values("mint"),
+        "version": event.first_tag("version"),
+        "content": event.content,
+    }
+
+
+def _plausible_url(url: str) -> bool:
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return False
+    return parts.scheme in ("http", "https") and bool(parts.hostname) and len(url) <= 2048
+
+
+# --------------------------------------------------------------------------------------------
+# Relay protocol (NIP-01 messages)
+
+
+class RelayProtocolError(ValueError):
+    """A relay message that is not JSON, or not one of the NIP-01 relay-to-client messages."""
+
+
+@dataclass(frozen=True, slots=True)
+class RelayEvent:
+    subscription: str
+    event: object  # decoded JSON; `parse_event` and `verify_event` decide what it is
+
+
+@dataclass(frozen=True, slots=True)
+class RelayOk:
+    event_id: str
+    accepted: bool
+    message: str
+
+
+@dataclass(frozen=True, slots=True)
+class RelayEose:
+    subscription: str
+
+
+@dataclass(frozen=True, slots=True)
+class RelayClosed:
+    subscription: str
+    message: str
+
+
+@dataclass(frozen=True, slots=True)
+class RelayNotice:
+    message: str
+
+
+@dataclass(frozen=True, slots=True)
+class RelayAuth:
+    challenge: str
+
+
+RelayMessage = RelayEvent | RelayOk | RelayEose | RelayClosed | RelayNotice | RelayAuth
+
+
+def _dumps(doc: object) -> str:
+    return json.dumps(doc, ensure_ascii=False, separators=(",", ":"))
+
+
+def client_event(event: Event) -> str:
+    return _dumps(["EVENT", event.to_dict()])
+
+
+def client_req(subscription: str, *filters: Mapping[str, Any]) -> str:
+    return _dumps(["REQ", subscription, *filters])
+
+
+def client_close(subscription: str) -> str:
+    return _dumps(["CLOSE", subscription])
+
+
+def parse_relay_message(text: str) -> RelayMessage:
+    try:
+        msg = json.loads(text)
+    except (ValueError, RecursionError):
+        raise RelayProtocolError("relay message is not JSON") from None
+    if not isinstance(msg, list) or not msg or not isinstance(msg[0], str):
+        raise RelayProtocolError("relay message is not a JSON array led by a string")
+    verb, args = msg[0], msg[1:]
+    if verb == "EVENT" and len(args) == 2 and _is_sub(args[0]):
+        return RelayEvent(args[0], args[1])
+    if (
+        verb == "OK"
+        and len(args) in (2, 3)
+        and _is_hex(args[0], 64)
+        and isinstance(args[1], bool)
+        and (len(args) == 2 or isinstance(args[2], str))
+    ):
+        return RelayOk(args[0], args[1], args[2] if len(args) == 3 else "")
+    if verb == "EOSE" and len(args) == 1 and _is_sub(args[0]):
+        return RelayEose(args[0])
+    if verb == "CLOSED" and len(args) in (1, 2) and _is_sub(args[0]):
+        message = args[1] if len(args) == 2 and isinstance(args[1], str) else ""
+        return RelayClosed(args[0], message)
+    if verb == "NOTICE" and len(args) == 1 and isinstance(args[0], str):
+        return RelayNotice(args[0])
+    if verb == "AUTH" and len(args) == 1 and isinstance(args[0], str):
+        return RelayAuth(args[0])
+    raise RelayProtocolError(f"unexpected relay message {verb[:16]!r} with {len(args)} arguments")
+
+
+def _is_sub(value: object) -> bool:
+    return isinstance(value, str) and 0 < len(value) <= MAX_SUBSCRIPTION_ID_CHARS
+
+
+def new_subscription_id() -> str:
+    return secrets.token_hex(8)
