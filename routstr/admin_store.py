@@ -296,8 +296,11 @@ def transactions(
         where.append("t.time < ?")
         params.append(f.until)
     clause = ("WHERE " + " AND ".join(where)) if where else ""
-    total = int(conn.execute(f"SELECT COUNT(*) FROM txlog t {clause}",  # noqa: S608
-                             params).fetchone()[0])
+    if where:
+        total = int(conn.execute(f"SELECT COUNT(*) FROM txlog t {clause}",  # noqa: S608
+                                 params).fetchone()[0])
+    else:  # append-only, never deleted, no AUTOINCREMENT: ids are exactly 1..N
+        total = int(conn.execute("SELECT COALESCE(MAX(id), 0) FROM txlog").fetchone()[0])
     cols = ", ".join("t." + c.strip() for c in _TX_COLUMNS.split(","))
     rows = conn.execute(
         f"SELECT {cols}, COALESCE(c.hint, k.hint, '') FROM txlog t"  # noqa: S608

@@ -575,6 +575,14 @@ def test_health_and_settings_with_secrets_masked(node: NodeProcess) -> None:
     assert status == 503 and doc["error"]["code"] == "wallet_not_configured"
 
 
+def test_settings_mask_credentials_inside_urls(node_factory: Any) -> None:
+    n = node_factory("--admin-token", ADMIN, "--upstream-proxy",
+                     "socks5h://tor:proxy-password@127.0.0.1:9050")
+    status, doc = api(n, "GET", "/admin/api/settings")
+    assert status == 200 and doc["upstream_proxy"] == "socks5h://********@127.0.0.1:9050"
+    assert "proxy-password" not in json.dumps(doc)
+
+
 def test_dashboard_works_without_javascript(node: NodeProcess, books: Books) -> None:
     status, page, hdrs = call(node, "GET", "/admin/", None, {"Accept": "text/html"})
     assert status == 401 and hdrs["content-type"].startswith("text/html")

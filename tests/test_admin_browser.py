@@ -108,7 +108,7 @@ def test_dashboard_in_headless_chromium(node_factory: Any, browser: WebDriver,
         assert "Invalid admin token" in wait_for(browser, ".banner.error").text
         browser.find_element(By.NAME, "token").send_keys(ADMIN)
         browser.find_element(By.CSS_SELECTOR, "form button[type=submit]").click()
-        wait_for(browser, "#overview")
+        wait_for(browser, "#overview")  # absent from the login page
         assert browser.find_element(By.CSS_SELECTOR, "header h1").text == "Pi behind Tor"
         cookie = browser.get_cookie("routstr_admin")
         assert cookie is not None and cookie["httpOnly"] and cookie["sameSite"] == "Strict"
@@ -131,6 +131,7 @@ def test_dashboard_in_headless_chromium(node_factory: Any, browser: WebDriver,
         # Disable it from its row; delete the empty key through the confirmation dialog.
         row = browser.find_element(By.CSS_SELECTOR, f'tr[data-key-id="{acct.id}"]')
         row.find_element(By.XPATH, ".//button[text()='Disable']").click()
+        WebDriverWait(browser, WAIT_S).until(expected_conditions.staleness_of(row))
         row = wait_for(browser, f'tr[data-key-id="{acct.id}"]')
         assert "disabled" in row.text and "key disabled" in browser.page_source.lower()
         row = browser.find_element(By.CSS_SELECTOR, f'tr[data-key-id="{empty["key"]["id"]}"]')
@@ -138,7 +139,8 @@ def test_dashboard_in_headless_chromium(node_factory: Any, browser: WebDriver,
         alert = WebDriverWait(browser, WAIT_S).until(expected_conditions.alert_is_present())
         assert "can never be used again" in alert.text
         alert.accept()
-        wait_for(browser, ".banner.notice")
+        WebDriverWait(browser, WAIT_S).until(expected_conditions.staleness_of(row))
+        assert "Key deleted." in wait_for(browser, ".banner.notice").text
         assert not browser.find_elements(By.CSS_SELECTOR,
                                          f'tr[data-key-id="{empty["key"]["id"]}"]')
 
@@ -148,6 +150,7 @@ def test_dashboard_in_headless_chromium(node_factory: Any, browser: WebDriver,
         assert len(first_page) == 25
         first_ids = [int(r.find_element(By.CSS_SELECTOR, "td").text) for r in first_page]
         browser.find_element(By.CSS_SELECTOR, "#transactions a[rel=next]").click()
+        WebDriverWait(browser, WAIT_S).until(expected_conditions.staleness_of(first_page[0]))
         wait_for(browser, "#transactions a[rel=prev]")
         assert "to=25" in browser.current_url
         second_ids = [int(r.find_element(By.CSS_SELECTOR, "td").text)
@@ -155,7 +158,9 @@ def test_dashboard_in_headless_chromium(node_factory: Any, browser: WebDriver,
         total_now = api(node, "GET", "/admin/api/transactions?limit=1")["total"]
         assert len(second_ids) == min(25, total_now - 25)
         assert max(second_ids) < min(first_ids) and not set(first_ids) & set(second_ids)
+        older_rows = rows(browser, "tx-table")
         browser.find_element(By.CSS_SELECTOR, "#transactions a[rel=prev]").click()
+        WebDriverWait(browser, WAIT_S).until(expected_conditions.staleness_of(older_rows[0]))
         wait_for(browser, "#transactions a[rel=next]")
         assert [int(r.find_element(By.CSS_SELECTOR, "td").text)
                 for r in rows(browser, "tx-table")][0] == max(first_ids)
