@@ -75,7 +75,7 @@ from .errors import (
 )
 from .keys import secrets_equal
 from .ledger import Ledger
-from .messages import Request, Response, json_response
+from .messages import Request, Response, bounded_int, json_response
 from .pricebook import PRICE_FIELDS, PriceBook
 from .router import Route
 
@@ -234,19 +234,6 @@ def _cookie(request: Request, name: str) -> str | None:
             if sep and key == name:
                 return value.strip().strip('"')
     return None
-
-
-def _int_param(raw: str | None, name: str, default: int, low: int, high: int) -> int:
-    if raw is None or raw.strip() == "":
-        return default
-    try:
-        value = int(raw.strip())
-    except ValueError:
-        raise InvalidRequest(f"'{name}' must be an integer", code="invalid_parameter") from None
-    if not low <= value <= high:
-        raise InvalidRequest(f"'{name}' must be between {low} and {high}",
-                             code="invalid_parameter")
-    return value
 
 
 def _time_param(raw: str | None, name: str) -> int | None:
@@ -449,8 +436,8 @@ class AdminHandlers:
         return self.service.list_keys(
             search=request.query("search") or "",
             kinds=_kinds_param(request.query("kind")),
-            limit=_int_param(request.query("limit"), "limit", 50, 1, MAX_PAGE),
-            offset=_int_param(request.query("offset"), "offset", 0, 0, 1 << 62))
+            limit=bounded_int(request.query("limit"), "limit", 50, 1, MAX_PAGE),
+            offset=bounded_int(request.query("offset"), "offset", 0, 0, 1 << 62))
 
     async def _create_key(self, request: Request, params: dict[str, str]) -> Any:
         return self.service.create_key(request.json_object())
@@ -471,15 +458,15 @@ class AdminHandlers:
     async def _transactions(self, request: Request, params: dict[str, str]) -> Any:
         key_ids: tuple[int, ...] | None = None
         if request.query("key_id"):
-            key_ids = (_int_param(request.query("key_id"), "key_id", 0, 1, 1 << 62),)
+            key_ids = (bounded_int(request.query("key_id"), "key_id", 0, 1, 1 << 62),)
         elif request.query("key"):
             key_ids = self.service.key_filter(request.query("key") or "")
         return self.service.transactions(
             key_ids=key_ids, kinds=_kinds_param(request.query("kind")),
             since=_time_param(request.query("since"), "since"),
             until=_time_param(request.query("until"), "until"),
-            limit=_int_param(request.query("limit"), "limit", 50, 1, MAX_PAGE),
-            offset=_int_param(request.query("offset"), "offset", 0, 0, 1 << 62))
+            limit=bounded_int(request.query("limit"), "limit", 50, 1, MAX_PAGE),
+            offset=bounded_int(request.query("offset"), "offset", 0, 0, 1 << 62))
 
     async def _prices(self, request: Request, params: dict[str, str]) -> Any:
         return self.service.price_list()
@@ -537,8 +524,8 @@ class AdminHandlers:
                       secret: Mapping[str, str] | None = None) -> Response:
         s = self.service
         try:
-            key_offset = _int_param(q.get("ko"), "ko", 0, 0, 1 << 62)
-            tx_offset = _int_param(q.get("to"), "to", 0, 0, 1 << 62)
+            key_offset = bounded_int(q.get("ko"), "ko", 0, 0, 1 << 62)
+            tx_offset = bounded_int(q.get("to"), "to", 0, 0, 1 << 62)
             tx_kinds = _kinds_param(q.get("tkind") or None)
             since = _time_param(q.get("tsince"), "tsince")
             until = _time_param(q.get("tuntil"), "tuntil")
@@ -631,7 +618,7 @@ class AdminHandlers:
         if form.get("action") == "reset":
             self.service.clear_price(model)
             return "price_reset"
-        fields = {f: _int_param(form.get(f), f, 0, 0, 10**15) for f in PRICE_FIELDS
+        fields = {f: bounded_int(form.get(f), f, 0, 0, 10**15) for f in PRICE_FIELDS
                   if form.get(f, "").strip()}
         if not fields:
             raise InvalidRequest("Give at least one price field", code="invalid_parameter")
@@ -639,7 +626,7 @@ class AdminHandlers:
         return "price_set"
 
     async def _form_withdraw(self, form: dict[str, str], params: dict[str, str]) -> Any:
-        amount = _int_param(form.get("amount_sats"), "amount_sats", 0, 1, 10**12)
+        amount = bounded_int(form.get("amount_sats"), "amount_sats", 0, 1, 10**12)
         result = await self.service.withdraw({"amount_sats": amount,
                                               "mint": form.get("mint") or None})
         return {"done": "withdrawn",
@@ -647,7 +634,7 @@ class AdminHandlers:
                            "value": str(result.get("token", "")), "kind": "token"}}
 
     async def _form_pay_out(self, form: dict[str, str], params: dict[str, str]) -> Any:
-        amount = _int_param(form.get("amount_sats"), "amount_sats", 0, 1, 10**12)
+        amount = bounded_int(form.get("amount_sats"), "amount_sats", 0, 1, 10**12)
         await self.service.pay_out({"amount_sats": amount,
                                     "lightning_address": form.get("lightning_address", "")})
         return "paid_out"

@@ -19,25 +19,11 @@ from .keys import (
     parse_bearer,
 )
 from .ledger import Account, Ledger
-from .messages import Request, Response, json_response
+from .messages import Request, Response, bounded_int, json_response
 from .payments import Payments
 from .walletstore import invoice_get
 
 MAX_PAGE = 500
-
-
-def _int_param(request: Request, name: str, default: int, low: int, high: int) -> int:
-    raw = request.query(name)
-    if raw is None or raw == "":
-        return default
-    try:
-        value = int(raw)
-    except ValueError:
-        raise InvalidRequest(f"'{name}' must be an integer", code="invalid_parameter") from None
-    if not low <= value <= high:
-        raise InvalidRequest(f"'{name}' must be between {low} and {high}",
-                             code="invalid_parameter")
-    return value
 
 
 class BalanceHandlers:
@@ -90,8 +76,8 @@ class BalanceHandlers:
 
     async def transactions(self, request: Request, params: dict[str, str]) -> Response:
         account = await self.payments.account_for(request, create=False)
-        limit = _int_param(request, "limit", 50, 1, MAX_PAGE)
-        offset = _int_param(request, "offset", 0, 0, 1 << 62)
+        limit = bounded_int(request.query("limit"), "limit", 50, 1, MAX_PAGE)
+        offset = bounded_int(request.query("offset"), "offset", 0, 0, 1 << 62)
         rows, total = self.ledger.transactions(account.id, limit=limit, offset=offset)
         data = [{
             "id": r.id, "created_at": r.time, "type": r.kind, "amount_msats": r.amount_msats,

@@ -84,6 +84,20 @@ class Response:
         return None
 
 
+def bounded_int(raw: str | None, name: str, default: int, low: int, high: int) -> int:
+    """A query or form value as an integer in [low, high]; absent or empty → `default`."""
+    if raw is None or raw.strip() == "":
+        return default
+    try:
+        value = int(raw.strip())
+    except ValueError:
+        raise InvalidRequest(f"'{name}' must be an integer", code="invalid_parameter") from None
+    if not low <= value <= high:
+        raise InvalidRequest(f"'{name}' must be between {low} and {high}",
+                             code="invalid_parameter")
+    return value
+
+
 def json_response(
     doc: Any, status: int = 200, headers: Sequence[tuple[str, str]] = ()
 ) -> Response:
