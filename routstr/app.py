@@ -21,6 +21,7 @@ from .cashupay import CashuConfig, CashuPayments
 from .client import HttpClient
 from .config import Config
 from .db import Database
+from .discovery import NostrService, open_nostr
 from .errors import UpstreamError
 from .features import Platform, admin_bearer
 from .ledger import Ledger
@@ -63,8 +64,10 @@ class Node:
     wallet: Wallet | None = None
     cashu: CashuPayments | None = None
     platform: Platform = field(init=False)  # rate limits, idempotency, webhooks, metrics, …
+    nostr: NostrService = field(init=False)  # identity, announcement, discovery
 
     def __post_init__(self) -> None:
+        self.nostr = open_nostr(self.config, self.db, self.http)
         self.platform = Platform(self.config, self.db, self.ledger.boot_id,
                                  lambda request: self.payments.account_for(request,
                                                                            create=False))
@@ -97,7 +100,7 @@ class Node:
             "name": c.name,
             "description": c.description,
             "version": __version__,
-            "npub": "",
+            "npub": self.nostr.key.npub,
             "mints": list(c.cashu_mints),
             "http_url": c.http_url,
             "onion_url": c.onion_url,
@@ -176,6 +179,7 @@ def routes(node: Node) -> list[Route]:
         Route("GET", "/v1/models", proxy.models),
         Route("GET", "/models", proxy.models),
         Route("GET", "/v1/transactions", balance.transactions),
+        Route("GET", "/v1/providers", node.nostr.providers),
     ]
     wallet = (NodeWallet(node.wallet, node.db, client_transport(node.http), c.cashu_mints)
               if node.wallet is not None else None)

@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
+from .nostr import secret_from_text
+
 MiB = 1024 * 1024
 
 
@@ -40,6 +42,21 @@ def _urls(values: tuple[str, ...]) -> None:
 def _opt_url(value: str) -> None:
     if value:
         _url(value)
+
+
+def _ws_urls(values: tuple[str, ...]) -> None:
+    for v in values:
+        parts = urlsplit(v)
+        if parts.scheme not in ("ws", "wss") or not parts.hostname or parts.fragment:
+            raise ConfigError(f"not a ws(s):// URL: {v!r}")
+
+
+def _nsec(value: str) -> None:
+    if value.strip():
+        try:
+            secret_from_text(value)
+        except ValueError as exc:  # its message never contains the value
+            raise ConfigError(f"{exc} (value not shown)") from None
 
 
 def _proxy(value: str) -> None:
@@ -195,6 +212,28 @@ class Config:
     )
     webhook_max_attempts: int = field(
         default=12, metadata=_s("webhook delivery attempts before giving up", _positive)
+    )
+    nsec: str = field(
+        default="",
+        metadata=_s("Nostr identity, nsec1… or 64 hex (generated at first start and kept in the"
+                    " database if unset)", _nsec, secret=True),
+    )
+    relays: tuple[str, ...] = field(
+        default=(), metadata=_s("Nostr relays to announce on and discover from, ws(s)://,"
+                                " comma-separated (none: no Nostr)", _ws_urls)
+    )
+    announce_interval: int = field(
+        default=3600, metadata=_s("seconds between re-announcements to every relay", _positive)
+    )
+    providers_refresh: int = field(
+        default=0,
+        metadata=_s("seconds between provider discovery refreshes; 0 disables /v1/providers/",
+                    _non_negative),
+    )
+    providers_allow_private: bool = field(
+        default=False,
+        metadata=_s("probe discovered nodes on private, loopback and link-local addresses"
+                    " (testing)"),
     )
 
     @property

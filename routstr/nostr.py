@@ -622,7 +622,8 @@ def parse_relay_message(text: str) -> RelayMessage:
     if (
         verb == "OK"
         and len(args) in (2, 3)
-        and _is_hex(args[0], 64)
+        and isinstance(args[0], str)
+        and len(args[0]) <= 64  # some relays answer a refused event with an empty id
         and isinstance(args[1], bool)
         and (len(args) == 2 or isinstance(args[2], str))
     ):

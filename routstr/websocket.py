@@ -509,7 +509,9 @@ class WebSocket:
         self._write_timeout = write_timeout
         self._close_timeout = close_timeout
         self._send_lock = anyio.Lock()
-        self._closed: ConnectionClosed | None = None
+        self._closed: ConnectionClosed | None = None  # set once closing or over
+        self._stream_closed = False
+        self.failure: ProtocolError | None = None  # set when the server broke RFC 6455
         self.last_received = anyio.current_time()
 
     @classmethod
@@ -553,112 +555,128 @@ class WebSocket:
 
     @property
     def closed(self) -> bool:
+        """True once the connection is closing or over (sends then raise `ConnectionClosed`)."""
         return self._closed is not None
 
-    async def _write(self, data: bytes) -> None:
-        """Write all of `data` or fail the connection: shielded, bounded by write_timeout."""
+    async def _send(self, data: bytes, *, closing: bool = False) -> None:
+        """Write all of `data` or drop the connection: shielded, bounded by write_timeout.
+        Once closing, only the close frame itself (`closing=True`) still goes out."""
         if not data:
             return
-        if self._closed is not None:
-            raise self._closed
+        if (self._closed is not None and not closing) or self._stream_closed:
+            raise self._closed or ConnectionClosed(CLOSE_ABNORMAL)
         async with self._send_lock:
             with anyio.CancelScope(shield=True):
                 try:
                     with anyio.fail_after(self._write_timeout):
                         await self._stream.send(data)
+                    return
                 except TimeoutError:
-                    await self._abort(ConnectionClosed(CLOSE_ABNORMAL, "write timed out"))
+                    why = "write timed out"
                 except _IO_ERRORS as exc:
-                    await self._abort(ConnectionClosed(CLOSE_ABNORMAL, f"write failed: {exc!r}"))
-        if self._closed is not None:
-            raise self._closed
+                    why = f"write failed: {exc!r}"
+                await self._drop(ConnectionClosed(CLOSE_ABNORMAL, why))
+        raise self._closed or ConnectionClosed(CLOSE_ABNORMAL, why)
 
-    async def _abort(self, reason: ConnectionClosed) -> None:
+    async def _drop(self, reason: ConnectionClosed) -> None:
+        """End the stream now (no more I/O); `reason` unless one is already recorded."""
         if self._closed is None:
             self._closed = reason
+        self._stream_closed = True
         await anyio.aclose_forcefully(self._stream)
 
+    async def _read_event(self) -> WsEvent:
+        """The next protocol event, reading the stream as needed. Raises `ProtocolError`, or
+        `ConnectionClosed` (1006) when the stream ends or breaks."""
+        while True:
+            event = self._proto.next_event()
+            if event is not None:
+                return event
+            if self._stream_closed:
+                raise self._closed or ConnectionClosed(CLOSE_ABNORMAL)
+            try:
+                data = await self._stream.receive(READ_CHUNK_BYTES)
+            except anyio.EndOfStream:
+                await self._drop(ConnectionClosed(CLOSE_ABNORMAL, "closed without a close frame"))
+                raise self._closed or ConnectionClosed(CLOSE_ABNORMAL) from None
+            except _IO_ERRORS as exc:
+                await self._drop(ConnectionClosed(CLOSE_ABNORMAL, f"read failed: {exc!r}"))
+                raise self._closed or ConnectionClosed(CLOSE_ABNORMAL) from None
+            self.last_received = anyio.current_time()
+            self._proto.receive_data(data)
+
     async def send_text(self, text: str) -> None:
-        await self._write(self._proto.send_text(text))
+        if self._closed is not None:
+            raise self._closed
+        await self._send(self._proto.send_text(text))
 
     async def send_binary(self, data: bytes) -> None:
-        await self._write(self._proto.send_binary(data))
+        if self._closed is not None:
+            raise self._closed
+        await self._send(self._proto.send_binary(data))
 
     async def ping(self, payload: bytes = b"") -> None:
-        await self._write(self._proto.ping(payload))
+        await self._send(self._proto.ping(payload))
 
     async def receive(self) -> str | bytes:
         """The next message; answers pings on the way. Raises `ConnectionClosed` at the end
         (after completing the closing handshake) and `ProtocolError` when the server breaks
-        RFC 6455 (the connection is then failed with the matching close code)."""
-        proto = self._proto
+        RFC 6455 (the connection is then failed with the matching close code; `failure`
+        keeps the error)."""
         while True:
+            if self._closed is not None:
+                raise self._closed
             try:
-                event = proto.next_event()
+                event = await self._read_event()
             except ProtocolError as exc:
-                await self._fail(exc.close_code, str(exc))
+                await self._fail(exc)
                 raise
-            if event is None:
-                if self._closed is not None:
-                    raise self._closed
-                try:
-                    data = await self._stream.receive(READ_CHUNK_BYTES)
-                except anyio.EndOfStream:
-                    lost = ConnectionClosed(CLOSE_ABNORMAL, "closed without a close frame")
-                    await self._abort(lost)
-                    raise self._closed or ConnectionClosed(CLOSE_ABNORMAL) from None
-                except _IO_ERRORS as exc:
-                    await self._abort(ConnectionClosed(CLOSE_ABNORMAL, f"read failed: {exc!r}"))
-                    raise self._closed or ConnectionClosed(CLOSE_ABNORMAL) from None
-                self.last_received = anyio.current_time()
-                proto.receive_data(data)
-                continue
             if isinstance(event, TextMessage):
                 return event.text
             if isinstance(event, BinaryMessage):
                 return event.data
             if isinstance(event, Ping):
-                await self._write(proto.pong(event.payload))
+                await self._send(self._proto.pong(event.payload))
             elif isinstance(event, CloseFrame):
                 await self._closing_handshake(event)
-                raise self._closed or ConnectionClosed(event.code, event.reason)
             # Pong: nothing to do beyond last_received
 
     async def _closing_handshake(self, frame: CloseFrame) -> None:
-        """The server closed: echo its code (if we have not sent a close), end the stream."""
+        """The server closed: echo its code (unless we sent a close already), end the stream."""
+        if self._closed is None:
+            self._closed = ConnectionClosed(frame.code, frame.reason)
         echo = self._proto.close(frame.code if frame.code != CLOSE_NO_STATUS else CLOSE_NORMAL)
-        if echo and self._closed is None:
-            try:
-                await self._write(echo)
-            except ConnectionClosed:
-                pass
-        await self._abort(ConnectionClosed(frame.code, frame.reason))
+        try:
+            await self._send(echo, closing=True)
+        except ConnectionClosed:
+            pass
+        await self._drop(self._closed)
 
-    async def _fail(self, code: int, reason: str) -> None:
-        """Fail the connection: send a close frame with `code` (best effort) and drop it."""
-        frame = self._proto.close(code, reason[:100])
-        if frame and self._closed is None:
-            try:
-                await self._write(frame)
-            except ConnectionClosed:
-                pass
-        await self._abort(ConnectionClosed(code, reason))
+    async def _fail(self, exc: ProtocolError) -> None:
+        """Fail the connection: close frame with the error's code (best effort), then drop."""
+        self.failure = exc
+        if self._closed is None:
+            self._closed = ConnectionClosed(exc.close_code, str(exc))
+        try:
+            await self._send(self._proto.close(exc.close_code, str(exc)[:100]), closing=True)
+        except ConnectionClosed:
+            pass
+        await self._drop(self._closed)
 
     async def aclose(self, code: int = CLOSE_NORMAL, reason: str = "") -> None:
         """Closing handshake from our side: send a close frame and wait (at most
-        close_timeout) for the server's; then close the stream. Safe in a cancelled scope."""
-        if self._closed is not None:
+        close_timeout) for the server's; then close the stream. Idempotent, never raises,
+        safe in a cancelled scope. Not to be called while another task is in `receive()`."""
+        if self._stream_closed:
             return
         with anyio.CancelScope(shield=True):
-            frame = self._proto.close(code, reason)
+            if self._closed is None:
+                self._closed = ConnectionClosed(code, reason)
             try:
-                await self._write(frame)
+                await self._send(self._proto.close(code, reason), closing=True)
                 with anyio.move_on_after(self._close_timeout):
                     while not self._proto.close_received:
-                        try:
-                            await self.receive()
-                        except ProtocolError:
-                            break
-            except ConnectionClosed:
+                        await self._read_event()
+            except (ConnectionClosed, ProtocolError, anyio.BusyResourceError):
                 pass
-            await self._abort(ConnectionClosed(code, reason))
+            await self._drop(self._closed)

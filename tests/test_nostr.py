@@ -323,6 +323,8 @@ def test_parse_relay_messages() -> None:
     assert nostr.parse_relay_message(f'["OK","{eid}",false,"invalid: bad"]') == RelayOk(
         eid, False, "invalid: bad")
     assert nostr.parse_relay_message(f'["OK","{eid}",true]') == RelayOk(eid, True, "")
+    assert nostr.parse_relay_message('["OK","",false,"invalid: x"]') == RelayOk("", False,
+                                                                               "invalid: x")
     assert nostr.parse_relay_message('["EOSE","s"]') == RelayEose("s")
     assert nostr.parse_relay_message('["CLOSED","s","error: x"]') == RelayClosed("s", "error: x")
     assert nostr.parse_relay_message('["NOTICE","hi"]') == RelayNotice("hi")
@@ -331,7 +333,7 @@ def test_parse_relay_messages() -> None:
 
 
 @pytest.mark.parametrize("text", [
-    "", "not json", "{}", "[]", "[1]", '["OK"]', '["OK","xyz",true,""]',
+    "", "not json", "{}", "[]", "[1]", '["OK"]', '["OK",1,true,""]', '["OK","' + "a" * 65 + '",true,""]',
     '["OK","' + "ab" * 32 + '","yes",""]', '["EVENT",{}]', '["EVENT","' + "s" * 65 + '",{}]',
     '["EOSE"]', '["NOTICE",1]', '["WHAT","x"]', "[" * 100000 + "]" * 100000, '["EVENT","",{}]',
 ])
