@@ -71,6 +71,7 @@ class Node:
         self.platform = Platform(self.config, self.db, self.ledger.boot_id,
                                  lambda request: self.payments.account_for(request,
                                                                            create=False))
+        self.platform.extra_metrics.append(self.nostr.metrics_extra)
 
     @classmethod
     def open(cls, config: Config) -> Node:

@@ -123,6 +123,7 @@ class Platform:
                                    queue_wait_s=config.rate_limit_queue_wait)
         self.idempotency = IdempotencyStore(db, ttl_s=config.idempotency_ttl, boot_id=boot_id)
         self.metrics = Metrics(db)
+        self.extra_metrics: list[Callable[[], Extra]] = []  # other services' series (Nostr)
         self.webhooks = Webhooks(
             db, account_of,
             WebhookSettings(config.webhooks_allow_private, config.webhook_low_balance_msats,
@@ -160,7 +161,7 @@ class Platform:
         return self.limiter.wrap(self.idempotency.wrap(list_middleware(app)))
 
     def _extra_metrics(self) -> Extra:
-        return {
+        extra: Extra = {
             "routstr_rate_limited_total": (
                 "counter", "Requests refused by a per-key rate limit, by limit.",
                 {(("limit", k),): float(v) for k, v in self.limiter.rejected.items()}),
@@ -172,6 +173,9 @@ class Platform:
                 {(("result", "delivered"),): float(self.webhooks.delivered),
                  (("result", "failed"),): float(self.webhooks.failed_attempts)}),
         }
+        for source in self.extra_metrics:
+            extra.update(source())
+        return extra
 
     # -- proxy observer -----------------------------------------------------------------------
     def settled(self, request: Request, tokens: int, charged_msats: int, account_id: int) -> None:

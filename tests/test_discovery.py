@@ -35,6 +35,7 @@ from tests.support.socks5 import Socks5Server
 from tests.support.wsserver import frame, read_client_frame, scripted, server_handshake
 
 ANNOUNCED_WITHIN_S = 5.0
+ADMIN_TOKEN = "adm-nostr-test-token-0123456789abcdef"
 
 
 @pytest.fixture
@@ -282,7 +283,8 @@ async def test_changed_facts_are_announced_again(relay: RelayProcess) -> None:  
 
 def _node_args(relay_url: str, port: int, *extra: str) -> list[str]:
     return ["--port", str(port), "--relays", relay_url, "--http-url", f"http://127.0.0.1:{port}",
-            "--cashu-mints", "http://127.0.0.1:9", "--name", f"node-{port}", *extra]
+            "--cashu-mints", "http://127.0.0.1:9", "--name", f"node-{port}",
+            "--admin-token", ADMIN_TOKEN, *extra]
 
 
 @pytest.fixture
@@ -314,6 +316,11 @@ def test_node_announces_within_5s_and_the_relay_stored_it(
                                             "about": "A Routstr Node"}
     assert nostr.verify_event(nostr.parse_event(event))
     assert "nsec1" not in node.log_text()
+    status, _, body = node.request("GET", "/metrics",
+                                   headers={"Authorization": f"Bearer {ADMIN_TOKEN}"})
+    assert status == 200
+    assert (f'routstr_nostr_published_total{{relay="{relay.url}",result="accepted"}} 1'
+            in body.decode()), body.decode()
 
     # The relay checks signatures before storing: a forged copy is refused.
     forged = dict(event, content=json.dumps({"name": "evil", "about": "x"}))
