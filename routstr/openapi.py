@@ -135,8 +135,29 @@ SCHEMAS: dict[str, Any] = {
     "RecoverInvoiceRequest": _object({"bolt11": _STR}, ["bolt11"]),
     "Invoice": _object({"invoice_id": _STR, "bolt11": _STR, "amount_sats": _INT,
                         "status": _STR}),
-    "AdminCreateKeyRequest": _object({"balance_msats": {"type": "integer", "minimum": 0,
-                                                         "maximum": 10**15}}),
+    "AdminCreateKeyRequest": _object({
+        "balance_msats": {"type": "integer", "minimum": 0, "maximum": 10**15},
+        "balance_limit_msats": {"type": ["integer", "null"], "minimum": 0},
+        "balance_limit_reset": {"type": ["string", "null"],
+                                "enum": ["daily", "weekly", "monthly", None]},
+        "validity_date": {"type": ["integer", "null"], "minimum": 0}}),
+    "AdminObject": _object({}, description="An admin API document (see routstr/admin.py)."),
+    "AdminPage": _object({"data": {"type": "array", "items": _OBJ}, "total": _INT,
+                          "limit": _INT, "offset": _INT}, ["data"]),
+    "AdminUpdateKeyRequest": _object({
+        "disabled": {"type": "boolean"}, "balance_limit_msats": {"type": ["integer", "null"],
+                                                                  "minimum": 0},
+        "balance_limit_reset": {"type": ["string", "null"],
+                                "enum": ["daily", "weekly", "monthly", None]},
+        "validity_date": {"type": ["integer", "null"], "minimum": 0}}),
+    "AdminGrantRequest": _object({"amount_msats": {"type": "integer", "minimum": 1}},
+                                 ["amount_msats"]),
+    "AdminWithdrawRequest": _object({"amount_sats": {"type": "integer", "minimum": 1},
+                                     "mint": _STR}, ["amount_sats"]),
+    "AdminPayoutRequest": _object({"amount_sats": {"type": "integer", "minimum": 1},
+                                   "lightning_address": _STR},
+                                  ["amount_sats", "lightning_address"]),
+    "AdminLoginRequest": _object({"token": _STR}, ["token"]),
     "AdminCreatedKey": _object({"api_key": _STR, "balance_msats": _MSATS},
                                ["api_key", "balance_msats"]),
     "Health": _object({
@@ -242,9 +263,72 @@ OPERATIONS: dict[tuple[str, str], Op] = {
     ("POST", "/v1/balance/lightning/recover"): Op("Find an invoice by its bolt11", "Lightning",
                                                   "none", body="RecoverInvoiceRequest",
                                                   response="Invoice"),
-    ("POST", "/admin/api/keys"): Op("Create a prepaid key (admin)", "Admin", "admin",
+    ("POST", "/admin/api/keys"): Op("Create a prepaid key", "Admin", "admin",
                                     body="AdminCreateKeyRequest", response="AdminCreatedKey",
                                     status=201),
+    ("GET", "/admin/api/keys"): Op("Search keys", "Admin", "admin", response="AdminPage",
+                                   query=(("search", "string", "hint or key id"),
+                                          ("kind", "string", "api, token, xcashu or child"),
+                                          ("limit", "integer", "page size"),
+                                          ("offset", "integer", "items to skip"))),
+    ("GET", "/admin/api/keys/{id}"): Op("One key", "Admin", "admin", response="AdminObject"),
+    ("PATCH", "/admin/api/keys/{id}"): Op("Change a key's policy (disabled, limits, expiry)",
+                                          "Admin", "admin", body="AdminUpdateKeyRequest",
+                                          response="AdminObject"),
+    ("DELETE", "/admin/api/keys/{id}"): Op("Delete a key", "Admin", "admin",
+                                           response="AdminObject"),
+    ("POST", "/admin/api/keys/{id}/grant"): Op("Grant msats to a key", "Admin", "admin",
+                                               body="AdminGrantRequest", response="AdminObject"),
+    ("GET", "/admin/api/overview"): Op("Totals, earnings and health", "Admin", "admin",
+                                       response="AdminObject"),
+    ("GET", "/admin/api/transactions"): Op(
+        "Transactions of all keys", "Admin", "admin", response="AdminPage",
+        query=(("key", "string", "key search"), ("key_id", "integer", "one key"),
+               ("kind", "string", "transaction kinds, comma-separated"),
+               ("since", "string", "unix time or ISO date"),
+               ("until", "string", "unix time or ISO date"),
+               ("limit", "integer", "page size"), ("offset", "integer", "items to skip"))),
+    ("GET", "/admin/api/prices"): Op("Prices and overrides", "Admin", "admin",
+                                     response="AdminObject"),
+    ("PUT", "/admin/api/prices/{model}"): Op("Override a model's prices", "Admin", "admin",
+                                             body="AdminObject", response="AdminObject"),
+    ("DELETE", "/admin/api/prices/{model}"): Op("Remove a price override", "Admin", "admin",
+                                                response="AdminObject"),
+    ("GET", "/admin/api/health"): Op("Health detail", "Admin", "admin", response="AdminObject"),
+    ("GET", "/admin/api/settings"): Op("Settings (secrets masked)", "Admin", "admin",
+                                       response="AdminObject"),
+    ("GET", "/admin/api/wallet"): Op("The node's ecash per mint", "Admin", "admin",
+                                     response="AdminObject"),
+    ("POST", "/admin/api/wallet/withdraw"): Op("Withdraw ecash as a Cashu token", "Admin",
+                                               "admin", body="AdminWithdrawRequest",
+                                               response="AdminObject"),
+    ("POST", "/admin/api/wallet/payout"): Op("Pay earnings to a Lightning address", "Admin",
+                                             "admin", body="AdminPayoutRequest",
+                                             response="AdminObject"),
+    ("POST", "/admin/withdraw"): Op("Withdraw ecash (routstr-core's form: amount, mint_url,"
+                                    " unit)", "Admin", "admin", body="AdminObject",
+                                    response="AdminObject"),
+    ("GET", "/admin"): Op("Admin dashboard (HTML; session or admin token)", "Admin", "admin",
+                          response=None, content_type="text/html"),
+    ("POST", "/admin/login"): Op("Log in to the dashboard (form field or JSON `token`)",
+                                 "Admin", "none", body="AdminLoginRequest", response=None,
+                                 content_type="text/html"),
+    ("POST", "/admin/logout"): Op("Log out of the dashboard", "Admin", "admin", response=None,
+                                  content_type="text/html"),
+    ("POST", "/admin/keys"): Op("Dashboard form: create a key", "Admin", "admin",
+                                body="form:AdminObject", response=None, content_type="text/html"),
+    ("POST", "/admin/keys/{id}"): Op("Dashboard form: act on a key", "Admin", "admin",
+                                     body="form:AdminObject", response=None,
+                                     content_type="text/html"),
+    ("POST", "/admin/prices"): Op("Dashboard form: set or reset a price", "Admin", "admin",
+                                  body="form:AdminObject", response=None,
+                                  content_type="text/html"),
+    ("POST", "/admin/wallet/withdraw"): Op("Dashboard form: withdraw ecash", "Admin", "admin",
+                                           body="form:AdminObject", response=None,
+                                           content_type="text/html"),
+    ("POST", "/admin/wallet/payout"): Op("Dashboard form: pay out earnings", "Admin", "admin",
+                                         body="form:AdminObject", response=None,
+                                         content_type="text/html"),
     ("POST", "/v1/chat/completions"): Op("Chat completion (OpenAI-compatible)", "Inference",
                                          "pay", body="ChatCompletionRequest", streams=True,
                                          description=_PROXY_DOC),
@@ -337,17 +421,21 @@ def _operation_id(method: str, pattern: str) -> str:
     return method.lower() + "_" + ("_".join(words) or "root")
 
 
+def _path_params(pattern: str) -> list[dict[str, Any]]:
+    return [{"name": seg[1:-1], "in": "path", "required": True,
+             "schema": {"type": "string", "pattern": "^[A-Za-z0-9_.-]+$"}}
+            for seg in pattern.split("/") if seg.startswith("{")]
+
+
 def _operation(method: str, pattern: str, op: Op | None, alias_of: str | None) -> dict[str, Any]:
     if op is None:
         return {"summary": f"{method} {pattern}", "tags": ["Undocumented"],
                 "operationId": _operation_id(method, pattern), "x-undocumented": True,
+                "parameters": _path_params(pattern),
                 "responses": {"default": {"description": "see the source",
                                           "content": {"application/json": {
                                               "schema": _ref("Error")}}}}}
-    params: list[dict[str, Any]] = [
-        {"name": seg[1:-1], "in": "path", "required": True,
-         "schema": {"type": "string", "pattern": "^[A-Za-z0-9_-]+$"}}
-        for seg in pattern.split("/") if seg.startswith("{")]
+    params = _path_params(pattern)
     params += [{"name": name, "in": "query", "required": False, "description": text,
                 "schema": {"type": kind, **({"minimum": 0} if kind == "integer" else {})}}
                for name, kind, text in (op.query + (_LIST_Q if op.listing else ()))]
@@ -367,6 +455,9 @@ def _operation(method: str, pattern: str, op: Op | None, alias_of: str | None) -
     if op.body is not None:
         if op.body.startswith("multipart:"):
             content = {"multipart/form-data": {"schema": _ref(op.body.split(":", 1)[1])}}
+        elif op.body.startswith("form:"):
+            content = {"application/x-www-form-urlencoded": {
+                "schema": _ref(op.body.split(":", 1)[1])}}
         else:
             content = {"application/json": {"schema": _ref(op.body)}}
         doc["requestBody"] = {"required": True, "content": content}

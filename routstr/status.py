@@ -47,7 +47,7 @@ def mint_probe(http: HttpClient, mints: Sequence[str]) -> Probe:
     """A probe asking every mint for ``/v1/info`` at once."""
 
     async def one(mint: str, failures: list[str]) -> None:
-        host = urlsplit(mint).hostname or mint
+        host = urlsplit(mint).netloc or mint
         try:
             with anyio.fail_after(PROBE_TIMEOUT_S):
                 status, _, _ = await http.fetch("GET", mint.rstrip("/") + "/v1/info",
