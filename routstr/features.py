@@ -128,7 +128,7 @@ class Platform:
             db, account_of,
             WebhookSettings(config.webhooks_allow_private, config.webhook_low_balance_msats,
                             config.webhook_scan_interval, config.webhook_retry_base,
-                            config.webhook_max_attempts),
+                            config.webhook_max_attempts, resolve=not config.upstream_proxy),
             HttpClient(connect_timeout=5.0, read_timeout=15.0, write_timeout=15.0,
                        proxy=config.upstream_proxy or None))
 

@@ -33,7 +33,11 @@ SSRF guard
     before every delivery; a private, loopback, link-local, multicast, reserved or unspecified
     address is refused unless ``--webhooks-allow-private`` is set (tests; a LAN receiver).
     Redirects are not followed. Residual risk: the client resolves the name again when it
-    connects, so a DNS answer that changes within that instant is not caught.
+    connects, so a DNS answer that changes within that instant is not caught. With
+    ``--upstream-proxy`` (Tor) deliveries go through the proxy, which resolves names itself:
+    then names are not resolved locally (no DNS leak) and only address literals and
+    ``localhost`` are checked — the proxy's exit, not this host, opens the connection.
+    Secrets are stored as given (the HMAC needs them); they are shown only at creation.
 """
 
 from __future__ import annotations
@@ -84,6 +88,7 @@ class WebhookSettings:
     scan_interval_s: float = 60.0
     retry_base_s: float = 10.0
     max_attempts: int = 12
+    resolve: bool = True  # False when deliveries go through a proxy that resolves names
 
 
 def signature(secret: str, body: bytes) -> str:
@@ -99,8 +104,12 @@ def _forbidden_address(addr: str) -> bool:
                 or ip.is_reserved or ip.is_unspecified or not ip.is_global)
 
 
-async def check_target(url: str, *, allow_private: bool) -> None:
-    """Refuse URLs a webhook must not reach (400 ``webhook_url_forbidden`` and friends)."""
+async def check_target(url: str, *, allow_private: bool, resolve: bool = True) -> None:
+    """Refuse URLs a webhook must not reach (400 ``webhook_url_forbidden`` and friends).
+
+    `resolve=False` (deliveries through a proxy that resolves names): check address literals
+    and ``localhost`` only.
+    """
     if len(url) > MAX_URL_CHARS:
         raise InvalidRequest(f"'url' is longer than {MAX_URL_CHARS} characters",
                              code="invalid_webhook_url")
@@ -116,13 +125,24 @@ async def check_target(url: str, *, allow_private: bool) -> None:
         raise InvalidRequest("'url' must not carry credentials", code="invalid_webhook_url")
     if allow_private:
         return
+    host = parts.hostname.rstrip(".").lower()
     try:
-        infos = await anyio.getaddrinfo(parts.hostname, port, type=socket.SOCK_STREAM)
-    except OSError:
-        raise InvalidRequest(f"'url' host {parts.hostname!r} does not resolve",
-                             code="webhook_url_unresolvable") from None
-    for info in infos:
-        address = str(info[4][0])
+        ipaddress.ip_address(host.split("%", 1)[0])
+        literal = True
+    except ValueError:
+        literal = False
+    if host == "localhost" or host.endswith(".localhost"):
+        addresses = ["127.0.0.1"]
+    elif literal or resolve:
+        try:
+            infos = await anyio.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        except OSError:
+            raise InvalidRequest(f"'url' host {parts.hostname!r} does not resolve",
+                                 code="webhook_url_unresolvable") from None
+        addresses = [str(info[4][0]) for info in infos]
+    else:
+        return
+    for address in addresses:
         if _forbidden_address(address):
             raise InvalidRequest(
                 "Webhook URLs may not target private, loopback or link-local addresses",
@@ -197,7 +217,8 @@ class Webhooks:
                                       or not 0 <= threshold <= 10**15):
             raise InvalidRequest("'balance_threshold_msats' must be a non-negative integer",
                                  code="invalid_webhook_threshold")
-        await check_target(url, allow_private=self.settings.allow_private)
+        await check_target(url, allow_private=self.settings.allow_private,
+                               resolve=self.settings.resolve)
         public_id = "wh_" + secrets.token_hex(12)
         now = int(self._clock())
         default_threshold = self.settings.low_balance_msats
@@ -320,7 +341,8 @@ class Webhooks:
                        attempt: int) -> str | None:
         """One delivery attempt: None on success, else the reason."""
         try:
-            await check_target(url, allow_private=self.settings.allow_private)
+            await check_target(url, allow_private=self.settings.allow_private,
+                               resolve=self.settings.resolve)
         except InvalidRequest as exc:
             return f"refused: {exc.code}"
         headers = [("content-type", "application/json"), ("user-agent", f"routstr/{__version__}"),

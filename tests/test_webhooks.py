@@ -193,3 +193,19 @@ def test_key_expired_fires_once(node_factory: Any) -> None:
         assert headers["x-webhook-signature"] == expected
         time.sleep(0.8)
         assert len(receiver.received) == 1
+
+
+def test_through_a_proxy_names_are_not_resolved_locally(node_factory: Any) -> None:
+    # Deliveries go through the SOCKS5 proxy (Tor), which resolves names itself: no local DNS
+    # lookup (it would leak), but address literals and localhost are still refused.
+    node = node_factory("--admin-token", ADMIN, "--upstream-proxy", "socks5h://127.0.0.1:9")
+    key = new_key(node)
+    status, doc = hook(node, key, {"url": "http://hidden-service-name.onion/hook",
+                                   "events": ["balance.low"]})
+    assert status == 201, doc
+    for url in ("http://127.0.0.1/hook", "http://localhost:8080/hook", "http://[fe80::1]/"):
+        status, doc = hook(node, key, {"url": url, "events": ["balance.low"]})
+        assert (status, doc["error"]["code"]) == (400, "webhook_url_forbidden"), url
+    status, doc = hook(node, key, {"url": "http://unresolvable-name.invalid/hook",
+                                   "events": ["balance.low"]})
+    assert status == 201
