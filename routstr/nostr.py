@@ -8,6 +8,9 @@
   ``[0, pubkey, created_at, kind, tags, content]`` (UTF-8, no whitespace, only the JSON escapes
   a JavaScript ``JSON.stringify`` makes — which is what Python's ``json.dumps`` with
   ``ensure_ascii=False`` produces); ``sig`` is the BIP-340 signature of the id.
+  Other control characters come out as ``\\u00XX`` in lower-case hex, as ``JSON.stringify``
+  writes them (nostr-relay 1.14 writes upper-case hex and so disagrees on such ids; the
+  announcement never contains raw control characters: its content is ASCII-escaped JSON).
   Relay messages: client ``EVENT``/``REQ``/``CLOSE``; relay ``EVENT``/``OK``/``EOSE``/
   ``CLOSED``/``NOTICE``/``AUTH`` — parsed strictly, anything else is a `RelayProtocolError`.
 * NIP-91 / RIP-02: the provider announcement, kind 38421, exactly as routstr-core publishes it:

@@ -118,6 +118,35 @@ def test_identity_is_generated_once_and_kept(tmp_path: Path) -> None:
         db.close()
 
 
+def test_config_validates_nostr_settings_without_echoing_secrets() -> None:
+    from routstr.config import ConfigError, load_config
+
+    good = "nsec1vl029mgpspedva04g90vltkh6fvh240zqtv9k0t9af8935ke9laqsnlfe5"
+    config = load_config(["--nsec", good, "--relays", "wss://a.example/, ws://b.onion:81"], {})
+    assert config.relays == ("wss://a.example", "ws://b.onion:81")
+    assert dict(config.public_items())["nsec"] == "********"
+    bad = good[:-1] + ("q" if good[-1] != "q" else "p")
+    for value in (bad, "nsec1short", "00" * 32, "secret words"):
+        with pytest.raises(ConfigError) as err:
+            load_config(["--nsec", value], {})
+        assert value not in str(err.value) and "--nsec" in str(err.value)
+    for relays in ("https://relay.example", "wss://", "relay.example"):
+        with pytest.raises(ConfigError):
+            load_config(["--relays", relays], {})
+
+
+def test_the_relay_accepts_our_event_ids(relay: RelayProcess) -> None:  # noqa: F811
+    """An independent NIP-01/BIP-340 implementation (the relay's) agrees with our ids and
+    signatures, escapes included."""
+    key = _key(81)
+    now = int(time.time())
+    for i, content in enumerate(['line\nquote" back\\ tab\t é 🎉 \u2028 </script> /',
+                                 "\b\f\r", ""]):
+        event = nostr.sign_event(key, 1, [["t", "é\n"], ["x"]], content, now + i)
+        answer = relay.publish(event.to_dict())
+        assert answer == ["OK", event.id, True, ""], (content, answer)
+
+
 # ------------------------------------------------------------------------------------ in-process
 
 
@@ -386,5 +415,11 @@ def test_a_restarted_relay_gets_the_announcement_again(
     own_relay.restart(fresh=True)  # killed; back on the same port with an empty database
     again = own_relay.wait_for(flt, timeout=15)
     assert again, node.log_text()
-    assert node.request("GET", "/v1/info")[0] == 200
     assert "disconnected" in node.log_text()
+    own_relay.stop()  # gone for good: the node keeps serving and still stops promptly
+    started = time.monotonic()
+    assert node.request("GET", "/v1/info", timeout=2)[0] == 200
+    assert time.monotonic() - started < 1
+    started = time.monotonic()
+    assert node.stop() == 0
+    assert time.monotonic() - started < 5, node.log_text()
