@@ -22,7 +22,10 @@
 * **Prober** — GETs each discovered node's ``/v1/info`` (bounded time, size and concurrency),
   right after it appears and then every refresh interval; private, loopback and link-local
   addresses are not probed unless ``--providers-allow-private`` (announcements are anyone's
-  input: the node must not become a proxy into its own network).
+  input: the node must not become a proxy into its own network). The check looks at literal
+  addresses and ``localhost`` names; a public name that resolves to a private address is not
+  caught — the probe is a GET of ``/v1/info`` only, and its answer is at most
+  `PROBE_MAX_BYTES`.
 
 Bad relays — unreachable, hanging, resetting, sending malformed frames or JSON, oversize
 messages, forged events — are logged (relay text clipped and escaped), counted in `/metrics`
@@ -111,7 +114,7 @@ MAX_SEEN_IDS = 8192
 MAX_PROVIDERS_LISTED = 42  # as routstr-core
 PROBE_TIMEOUT_S = 10.0
 PROBE_CONCURRENCY = 8
-PROBE_MAX_BYTES = 256 * 1024
+PROBE_MAX_BYTES = 64 * 1024
 LOG_CLIP_CHARS = 160
 
 Labels = tuple[tuple[str, str], ...]
