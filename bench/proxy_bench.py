@@ -151,6 +151,9 @@ def main() -> None:
     log = open(tmp / "node.log", "w")  # noqa: SIM115
     node = subprocess.Popen([sys.executable, *(["/tmp/prof_run.py"] if os.environ.get("PROF") else ["-m", "routstr"]), "--port", "0", "--database", db,
                              "--log-level", "WARNING",
+                             # one key drives the whole load: per-key rate limits off
+                             "--rate-limit-requests", "0", "--rate-limit-concurrent", "0",
+                             "--rate-limit-tokens", "0",
                              "--upstream-base-url", f"http://127.0.0.1:{up_port}/v1"],
                             stderr=log, env={**env, "ROUTSTR_BENCH": "1"})
     # --log-level WARNING hides the "listening" line: find the port from /proc instead

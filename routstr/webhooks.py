@@ -183,6 +183,9 @@ class Webhooks:
                                        write_timeout=DELIVERY_TIMEOUT_S)
         self._clock = clock
         self._noted: set[int] = set()
+        # Accounts with a balance.low webhook: settlements of other accounts cost nothing here.
+        # Refreshed by every full scan (so another process's registrations are seen too).
+        self._watched: set[int] | None = None
         self._wake: anyio.Event | None = None  # created by run_forever (needs a running loop)
         self.delivered = 0
         self.failed_attempts = 0
@@ -240,6 +243,8 @@ class Webhooks:
                 (public_id, account.id, url, ",".join(events), secret, threshold, int(below), now))
 
         self.db.transaction(op)
+        if self._watched is not None and "balance.low" in events:
+            self._watched.add(account.id)
         doc = _doc((public_id, url, ",".join(events), secret, threshold, now), with_secret=True)
         return json_response(doc, 201)
 
@@ -264,10 +269,19 @@ class Webhooks:
 
     # -- triggers ---------------------------------------------------------------------------
     def note_settlement(self, account_id: int) -> None:
-        """Called on the settlement path: remember the account, wake the loop (no I/O)."""
+        """Called on the settlement path: if the account has a balance.low webhook, remember
+        it and wake the loop (no I/O)."""
+        if self._watched is not None and account_id not in self._watched:
+            return
         self._noted.add(account_id)
         if self._wake is not None:
             self._wake.set()
+
+    def _load_watched(self) -> None:
+        rows = self.db.read(lambda c: c.execute(
+            "SELECT DISTINCT account_id FROM webhooks"
+            " WHERE instr(',' || events || ',', ',balance.low,') > 0").fetchall())
+        self._watched = {int(r[0]) for r in rows}
 
     def _enqueue(self, conn: Connection, webhook_id: int, event: str, data: dict[str, Any],
                  now: float) -> None:
@@ -420,6 +434,7 @@ class Webhooks:
                 if now - last_scan >= self.settings.scan_interval_s:
                     last_scan = now
                     self._noted.clear()
+                    self._load_watched()
                     self.check_events(None)
                 elif self._noted:
                     noted, self._noted = self._noted, set()
