@@ -170,6 +170,14 @@ SCHEMAS: dict[str, Any] = {
                      "mints": {"type": "array", "items": _STR}, "http_url": _STR,
                      "onion_url": _STR, "models": {"type": "array", "items": _STR}}),
     "Root": _object({"name": _STR, "version": _STR, "status": _STR, "endpoints": _OBJ}),
+    "Providers": _object({"providers": {"type": "array", "items": _object({
+        "id": _STR, "pubkey": _STR, "created_at": _INT, "kind": _INT, "endpoint_url": _STR,
+        "endpoint_urls": {"type": "array", "items": _STR}, "name": _STR,
+        "description": {"type": ["string", "null"]},
+        "mint_urls": {"type": "array", "items": _STR}, "version": {"type": ["string", "null"]},
+        "content": _STR,
+    }, description="with include_json=true: {provider: <this>, health: {status_code, "
+       "endpoint, json}}")}}, ["providers"]),
     "BatchRequest": _object({"requests": {"type": "array", "minItems": 1, "maxItems": 50,
                                           "items": _ref("BatchItem")}}, ["requests"]),
     "BatchItem": _object({"method": {"type": "string", "enum": ["GET", "POST", "DELETE"]},
@@ -229,6 +237,13 @@ OPERATIONS: dict[tuple[str, str], Op] = {
                            description="503 when a configured dependency fails."),
     ("GET", "/v1/info"): Op("Node information", "Status", "none", response="Info"),
     ("GET", "/"): Op("Node summary and links", "Status", "none", response="Root"),
+    ("GET", "/v1/providers"): Op(
+        "Routstr nodes discovered on Nostr (kind 38421)", "Status", "none",
+        response="Providers",
+        description="404 unless --providers-refresh > 0. Newest announcement per node, one per "
+                    "endpoint, at most 42.",
+        query=(("include_json", "boolean", "add each node's /v1/info probe result"),
+               ("pubkey", "string", "only this node (hex or npub)"))),
     ("GET", "/v1/models"): Op("Models and their prices", "Models", "none", response="ModelList",
                               listing=True),
     ("GET", "/v1/transactions"): Op("The key's transaction history", "Balance",
