@@ -20,7 +20,8 @@ Algorithms (all O(1) per key, in this process's memory)
     * concurrency: requests in flight; the slot is released when the response ends — for a
       stream that is the server's shielded ``aclose()``, after the relay has settled. A request
       over this limit first waits up to ``--rate-limit-queue-wait`` seconds for a slot (at most
-      `concurrent` requests per key wait; the seed's own example fires 12 at once), then 429.
+      `WAITERS_PER_SLOT` × `concurrent` requests per key wait — the seed's own example fires
+      12 at once), then 429; so 429 for concurrency means the key's slots stayed busy.
     A refusal is 429 ``rate_limit_exceeded`` with ``Retry-After``; it happens before the
     handler runs, so nothing is reserved, redeemed or charged.
 
@@ -50,6 +51,7 @@ App = Callable[[Request], Awaitable[Response]]
 
 MAX_TRACKED_KEYS = 50_000
 EVICT_SCAN = 8  # idle states checked per admission (amortised cleanup)
+WAITERS_PER_SLOT = 10  # requests of one key that may queue for a concurrency slot, per slot
 MINUTE_S = 60.0
 HOUR_S = 3600.0
 
@@ -231,7 +233,7 @@ class RateLimiter:
 
     async def admit_waiting(self, identity: str) -> Ticket:
         """`admit`, except that a request over the concurrency limit (only) waits up to
-        `queue_wait_s` for a slot; at most `concurrent` requests per key wait at once."""
+        `queue_wait_s` for a slot (at most `WAITERS_PER_SLOT` × `concurrent` per key wait)."""
         deadline = self._clock() + self.queue_wait_s
         while True:
             now = self._clock()
@@ -242,7 +244,7 @@ class RateLimiter:
             if over is None:
                 return self._take(identity, state, now, True)
             if (over[0] != "concurrent" or now >= deadline
-                    or state.waiting >= max(1, self.limits.concurrent)):
+                    or state.waiting >= WAITERS_PER_SLOT * max(1, self.limits.concurrent)):
                 raise self._refusal(over[0], state, now, over[1])
             if state.freed is None:
                 state.freed = anyio.Event()

@@ -6,6 +6,7 @@ moves only by the requests that ran and nothing stays reserved.
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import threading
 import time
@@ -159,20 +160,18 @@ def test_concurrency_slot_held_until_the_stream_ends(node_factory: Any,
 
 def test_over_the_concurrency_limit_waits_for_a_slot(node_factory: Any,
                                                      upstream: ScriptedUpstream) -> None:
-    node = start(node_factory, upstream, "--rate-limit-concurrent", "1",
+    node = start(node_factory, upstream, "--rate-limit-concurrent", "2",
                  "--rate-limit-queue-wait", "5")
     key = new_key(node)
-    upstream.enqueue(Behaviour(delay_s=0.6))
-    results: list[int] = []
-    first = threading.Thread(target=lambda: results.append(chat(node, key)[0]))
-    first.start()
-    time.sleep(0.2)
+    upstream.enqueue(*[Behaviour(delay_s=0.1) for _ in range(12)])
     started = time.monotonic()
-    status, _, _ = chat(node, key)  # queued behind the slow one, then served
-    assert status == 200 and time.monotonic() - started >= 0.3
-    first.join(10)
-    assert results == [200]
-    assert account(node, key).balance_msats == DEPOSIT - 2 * CHAT_COST
+    with concurrent.futures.ThreadPoolExecutor(12) as pool:
+        statuses = list(pool.map(lambda _: chat(node, key)[0], range(12)))
+    elapsed = time.monotonic() - started
+    assert statuses == [200] * 12  # queued for a slot, none refused
+    assert elapsed >= 0.55  # two at a time: six rounds of 0.1 s (unlimited would take ~0.1 s)
+    acct = account(node, key)
+    assert acct.balance_msats == DEPOSIT - 12 * CHAT_COST and acct.reserved_msats == 0
 
 
 def test_memory_is_bounded_and_idle_keys_expire() -> None:
