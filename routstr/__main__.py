@@ -66,6 +66,7 @@ async def run_node(config: Config) -> None:
 async def _serve(node: Node, server: Server, config: Config) -> None:
     async with anyio.create_task_group() as tg:
         tg.start_soon(node.sweep_forever)
+        tg.start_soon(node.checkpoint_forever)
         if config.relays:
             tg.start_soon(node.nostr.run)
         tg.start_soon(node.wallet_forever)

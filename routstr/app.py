@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
 import anyio
+import anyio.to_thread
 
 from . import __version__
 from .admin import admin_routes
@@ -20,7 +21,7 @@ from .cashu.wallet import Wallet, WalletError
 from .cashupay import CashuConfig, CashuPayments
 from .client import HttpClient
 from .config import Config
-from .db import Database
+from .db import Database, checkpoint_file
 from .discovery import NostrService, open_nostr
 from .errors import UpstreamError
 from .features import Platform, admin_bearer
@@ -47,6 +48,7 @@ from .walletstore import SqliteWalletStore, client_transport, setting_get_or_cre
 log = logging.getLogger("routstr.app")
 
 SWEEP_INTERVAL_S = 60.0
+CHECKPOINT_INTERVAL_S = 1.0
 INVOICE_POLL_S = 5.0
 WALLET_RECOVER_S = 60.0
 
@@ -153,6 +155,19 @@ class Node:
                 await self.cashu.payout_once(address, self.config.min_payout_sats)
             except (MintError, WalletError, LnurlError) as exc:
                 log.warning("payout postponed: %s", type(exc).__name__)
+
+    async def checkpoint_forever(self) -> None:
+        """WAL checkpoints in a worker thread, so no request's commit pays for the fsync."""
+        if self.config.database == ":memory:":
+            return
+        self.db.move_checkpoints_off_this_connection()
+        try:
+            while True:
+                await anyio.sleep(CHECKPOINT_INTERVAL_S)
+                await anyio.to_thread.run_sync(checkpoint_file, self.config.database)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await anyio.to_thread.run_sync(checkpoint_file, self.config.database)
 
     async def sweep_forever(self) -> None:
         while True:
