@@ -15,8 +15,8 @@ from . import __version__
 from .admin import admin_routes
 from .admin_wallet import NodeWallet
 from .balance import BalanceHandlers, CashuBalanceHandlers
-from .cashu.mint import MintError
 from .cashu.lnurl import LnurlError
+from .cashu.mint import MintError
 from .cashu.wallet import Wallet, WalletError
 from .cashupay import CashuConfig, CashuPayments
 from .client import HttpClient
