@@ -629,7 +629,10 @@ def render_html(doc: dict[str, Any], *, interactive: bool) -> str:
     for tag in tags:
         nav.append(f"<h3>{_e(tag)}</h3>")
         body.append(f'<h2 id="tag-{_e(tag)}">{_e(tag)}</h2>')
-        for method, path, op in by_tag[tag]:
+        # Canonical paths first, aliases (routstr-core's spellings) after them.
+        entries = sorted(by_tag[tag], key=lambda e: (
+            str(e[2].get("description", "")).startswith("Alias of"), e[1], e[0]))
+        for method, path, op in entries:
             anchor = op["operationId"]
             nav.append(f'<a href="#{_e(anchor)}"><span class="m {method}">{method}</span>'
                        f"{_e(path)}</a>")
