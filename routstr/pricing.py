@@ -525,9 +525,19 @@ def _estimate_prompt_tokens(messages: Any) -> int:
 
 
 @functools.lru_cache(maxsize=4096)
-def _advertised(price: ModelPrice) -> SatsPricing:
-    """`sats_pricing(price).advertised()`, computed once per price (it is on the hot path)."""
-    return sats_pricing(price).advertised()
+def _client_constants(price: ModelPrice) -> tuple[SatsPricing, int, Fraction, Fraction]:
+    """Per-price parts of routstr-core's reservation (computed once: this is the hot path):
+    the advertised pricing, the undiscounted reservation, and the prompt and completion
+    allowances."""
+    sp = sats_pricing(price).advertised()
+    reservation = max(MIN_REQUEST_MSATS, int(sp.max_cost * 1000 * _TOL))
+    prompt_allowed = sp.max_prompt_cost * _TOL
+    completion_allowed = sp.max_completion_cost * _TOL
+    cl, mct = _limits(price)
+    if cl or mct:
+        limit = max(0, cl - mct) if cl and mct else (cl if cl else 0)
+        prompt_allowed = limit * sp.prompt * _TOL
+    return sp, reservation, prompt_allowed, completion_allowed
 
 
 def client_reservation_msats(price: ModelPrice, body: Mapping[str, Any]) -> int:
@@ -538,16 +548,7 @@ def client_reservation_msats(price: ModelPrice, body: Mapping[str, Any]) -> int:
     prompt allowance not used by the estimated prompt, less the completion allowance not used
     by ``max_tokens`` (only that field), at least MIN_REQUEST_MSATS.
     """
-    sp = _advertised(price)
-    reservation = max(MIN_REQUEST_MSATS, int(sp.max_cost * 1000 * _TOL))
-    prompt_allowed = sp.max_prompt_cost * _TOL
-    completion_allowed = sp.max_completion_cost * _TOL
-    cl, mct = _limits(price)
-    limit: int | None = None
-    if cl or mct:
-        limit = max(0, cl - mct) if cl and mct else (cl if cl else 0)
-    if limit is not None:
-        prompt_allowed = limit * sp.prompt * _TOL
+    sp, reservation, prompt_allowed, completion_allowed = _client_constants(price)
     if body.get("messages"):
         delta = prompt_allowed - _estimate_prompt_tokens(body["messages"]) * sp.prompt
         if delta > 0:
