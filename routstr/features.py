@@ -27,11 +27,11 @@ from .batch import Batch, BatchLimits
 from .client import HttpClient
 from .config import Config
 from .db import Database, DatabaseError
-from .errors import AuthenticationFailed, InvalidRequest
+from .errors import AuthenticationFailed
 from .idempotency import IdempotencyStore
 from .keys import secrets_equal
 from .ledger import Account
-from .messages import Request, Response
+from .messages import Request, Response, bounded_int
 from .metrics import Extra, Metrics
 from .openapi import ApiDocs
 from .ratelimit import Limits, RateLimiter
@@ -46,26 +46,12 @@ SWEEP_INTERVAL_S = 600.0
 
 
 # ---- lists: field filtering and pagination ----------------------------------------------------
-def _list_param(request: Request, name: str, low: int, high: int) -> int | None:
-    raw = request.query(name)
-    if raw is None or raw == "":
-        return None
-    try:
-        value = int(raw)
-    except ValueError:
-        raise InvalidRequest(f"'{name}' must be an integer", code="invalid_parameter") from None
-    if not low <= value <= high:
-        raise InvalidRequest(f"'{name}' must be between {low} and {high}",
-                             code="invalid_parameter")
-    return value
-
-
 def shape_list(request: Request, doc: dict[str, Any]) -> dict[str, Any]:
     """Apply ``?fields=`` and, unless the handler paginated already, ``limit``/``offset``."""
     data = doc["data"]
     if "total" not in doc:
-        limit = _list_param(request, "limit", 1, MAX_LIST_LIMIT)
-        offset = _list_param(request, "offset", 0, 1 << 62) or 0
+        limit = bounded_int(request.query("limit"), "limit", 0, 1, MAX_LIST_LIMIT) or None
+        offset = bounded_int(request.query("offset"), "offset", 0, 0, 1 << 62)
         total = len(data)
         page = data[offset:offset + limit] if limit is not None else data[offset:]
         doc = {**doc, "data": page, "has_more": offset + len(page) < total, "total": total,
