@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -23,15 +24,16 @@ from .config import Config, ConfigError, load_config
 from .db import Database
 from .ledger import Ledger
 from .server import Server, ServerOptions
+from .workers import WORKER_COMMAND, WorkerRole, supervise
 
 log = logging.getLogger("routstr")
 
 
-def _setup_logging(level: str) -> None:
+def _setup_logging(level: str, tag: str = "") -> None:
     logging.basicConfig(
         level=level.upper(),
         stream=sys.stderr,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        format=f"%(asctime)s %(levelname)s %(name)s{tag}: %(message)s",
     )
 
 
@@ -44,42 +46,67 @@ def server_options(config: Config) -> ServerOptions:
     )
 
 
-async def run_node(config: Config) -> None:
-    node = Node.open(config)
+def _start_up(node: Node, config: Config, *, single_process: bool) -> None:
     fresh_admin_token = ensure_admin_token(node.db, config)
     if fresh_admin_token:  # printed this once; the database keeps only its hash
         print(f"routstr: generated the admin token (shown only now): {fresh_admin_token}",
               file=sys.stderr, flush=True)
-    released = node.ledger.startup_sweep(single_process=True)
+    # Other workers' reservations are live: only a sole process may release them all.
+    released = node.ledger.startup_sweep(single_process=single_process)
     if released:
         log.warning("released %d reservations left by a previous run", released)
+
+
+async def prepare_database(config: Config) -> None:
+    """`--workers N`: the supervisor's start-up work, done once before any worker runs."""
+    node = Node.open(config)
+    try:
+        _start_up(node, config, single_process=True)
+    finally:
+        with anyio.CancelScope(shield=True):
+            await node.aclose()
+
+
+async def run_node(config: Config, worker: WorkerRole | None = None) -> None:
+    """Serve until SIGTERM. `worker`: one of `--workers N` processes (see `workers`)."""
+    node = Node.open(config)
+    _start_up(node, config, single_process=worker is None)
     server = Server(build_app(node), dataclasses.replace(
         server_options(config), observer=node.platform.metrics.observe_request))
     try:
-        await _serve(node, server, config)
+        await _serve(node, server, config, worker)
     finally:
         with anyio.CancelScope(shield=True):
             await node.aclose()
     log.info("stopped")
 
 
-async def _serve(node: Node, server: Server, config: Config) -> None:
+async def _serve(node: Node, server: Server, config: Config, worker: WorkerRole | None) -> None:
     async with anyio.create_task_group() as tg:
-        tg.start_soon(node.sweep_forever)
-        tg.start_soon(node.checkpoint_forever)
-        if config.relays:
-            tg.start_soon(node.nostr.run)
-        tg.start_soon(node.wallet_forever)
-        tg.start_soon(node.payout_forever)
-        tg.start_soon(node.platform.run_forever)
+        if worker is None or worker.runs_jobs:  # background jobs: in exactly one process
+            tg.start_soon(node.sweep_forever)
+            tg.start_soon(node.checkpoint_forever)
+            if config.relays:
+                tg.start_soon(node.nostr.run)
+            tg.start_soon(node.wallet_forever)
+            tg.start_soon(node.payout_forever)
+            tg.start_soon(node.platform.run_forever)
+        # The receiver stays open while draining: a second signal cannot cut the grace short.
         with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-            port = await tg.start(server.serve, config.host, config.port)
-            log.info("listening on http://%s:%d", config.host, port)
+            serve = functools.partial(server.serve, reuse_port=worker is not None)
+            port = await tg.start(serve, config.host, config.port)
+            if worker is None:
+                log.info("listening on http://%s:%d", config.host, port)
+            else:
+                tg.start_soon(worker.watch_parent)
+                worker.ready()
+                log.info("worker %d of %d serving port %d (background jobs: %s)", worker.index,
+                         worker.count, port, "yes" if worker.runs_jobs else "no")
             async for signum in signals:
                 log.info("signal %d: shutting down (grace %.0fs)", signum, config.shutdown_grace)
                 break
-        await server.shutdown(config.shutdown_grace)
-        tg.cancel_scope.cancel()
+            await server.shutdown(config.shutdown_grace)
+            tg.cancel_scope.cancel()
 
 
 def keys_command(argv: list[str]) -> int:
@@ -105,14 +132,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     if args[:1] == ["keys"]:
         return keys_command(args[1:])
+    worker = None
+    if args[:1] == [WORKER_COMMAND]:  # started by the --workers supervisor
+        worker, args = WorkerRole.parse(args[1:])
     try:
         config = load_config(args, os.environ)
         check_admin_token(config.admin_token)
     except ConfigError as exc:
         print(f"routstr: {exc}", file=sys.stderr)
         return 2
-    _setup_logging(config.log_level)
-    anyio.run(run_node, config)
+    _setup_logging(config.log_level, "" if worker is None else f"[w{worker.index}]")
+    if worker is None and config.workers > 1:
+        return supervise(config, args, prepare_database)
+    anyio.run(run_node, config, worker)
     return 0
 
 

@@ -102,6 +102,11 @@ def _s(help: str, check: Callable[[Any], None] | None = None, secret: bool = Fal
 class Config:
     host: str = field(default="127.0.0.1", metadata=_s("address to listen on", _host))
     port: int = field(default=8000, metadata=_s("TCP port to listen on (0 = any free port)", _port))
+    workers: int = field(
+        default=1,
+        metadata=_s("processes sharing the listening socket and the database (at most the core"
+                    " count is useful); background jobs run in the first", _positive),
+    )
     database: str = field(default="routstr.sqlite3", metadata=_s("sqlite database file"))
     upstream_base_url: str = field(
         default="",

@@ -141,9 +141,13 @@ class Server:
         host: str,
         port: int,
         *,
+        reuse_port: bool = False,
         task_status: anyio.abc.TaskStatus[int] = anyio.TASK_STATUS_IGNORED,
     ) -> None:
-        listener = await anyio.create_tcp_listener(local_host=host, local_port=port, backlog=1024)
+        """Accept connections until `shutdown`. `reuse_port` (SO_REUSEPORT, Linux/BSD) lets
+        several worker processes listen on one port; the kernel spreads connections over them."""
+        listener = await anyio.create_tcp_listener(local_host=host, local_port=port, backlog=1024,
+                                                   reuse_port=reuse_port)
         sockname = listener.extra(anyio.abc.SocketAttribute.local_address)
         self.port = int(sockname[1])
         async with anyio.create_task_group() as tg:
