@@ -49,7 +49,7 @@ from .errors import (
     TooEarly,
     UnprocessableEntity,
 )
-from .keys import generate_api_key, hash_key, key_hint, token_api_key, token_deposit_ref
+from .keys import hash_key, key_hint, token_api_key, token_deposit_ref
 from .ledger import Account, Ledger
 from .money import MSAT_PER_SAT, ceil_div, format_sats
 from .payments import Payer
@@ -165,7 +165,13 @@ class CashuPayments:
                     return existing
                 raise _mint_error(exc) from None
             except (MintError, WalletError) as exc:
-                raise _mint_error(exc, echo=text if echo else None) from None
+                # The wallet reconciles an ambiguous failure itself (NUT-07/09): the swap may
+                # have been done and the account opened after all.
+                existing = self.ledger.get_account(key_hash)
+                if existing is not None:
+                    return existing
+                raise _mint_error(exc, echo=text if echo and _still_spendable(exc)
+                                  else None) from None
             account = self.ledger.get_account(key_hash)
             if account is None:
                 raise InternalError("The token was redeemed but no account was opened",
@@ -192,7 +198,7 @@ class CashuPayments:
                          validity_date: int | None = None) -> tuple[str, Account]:
         """`/v1/balance/create`: a new random `sk-` key funded by the token."""
         token = self.parse(text)
-        api_key = generate_api_key()
+        api_key = self.created_key(text)
         key_hash = hash_key(api_key)
         purpose: dict[str, Any] = {
             "action": "create_account", "key_hash": key_hash, "kind": "api",
@@ -204,15 +210,14 @@ class CashuPayments:
             purpose["balance_limit_reset"] = balance_limit_reset
         if validity_date is not None:
             purpose["validity_date"] = validity_date
-        try:
-            await self.wallet.receive(token, purpose)
-        except (MintError, WalletError) as exc:
-            raise _mint_error(exc) from None
-        account = self.ledger.get_account(key_hash)
-        if account is None:
-            raise InternalError("The token was redeemed but no key was created",
-                                code="cashu_token_consumed")
-        return api_key, account
+        return api_key, await self._redeem(text, token, purpose, key_hash, echo=False)
+
+    def created_key(self, text: str) -> str:
+        """The `sk-` key `/v1/balance/create` opens for a token: derived from it with a node
+        secret, so a client whose answer was lost gets the same key back by retrying (holding
+        the token is what entitles to the key, as with a token used as Bearer)."""
+        mac = hmac.new(self._invoice_secret, b"create\x00" + text.encode(), hashlib.sha256)
+        return "sk-" + _base36(int.from_bytes(mac.digest(), "big"), 32)
 
     async def topup(self, account: Account, text: str) -> tuple[Account, int]:
         """Credit the token's value (less mint fees) to the paying account."""
@@ -220,13 +225,20 @@ class CashuPayments:
         target = account.paying_id
         purpose = {"action": "credit", "account_id": target, "kind": "deposit",
                    "ref": token_deposit_ref(text)}
+        ref = token_deposit_ref(text)
         try:
             received = await self.wallet.receive(token, purpose)
+            added = received.amount * MSAT_PER_SAT
         except (MintError, WalletError) as exc:
-            raise _mint_error(exc) from None
+            # Credited after all (an ambiguous failure reconciled, or a retry of a top-up
+            # whose answer was lost): report it rather than "spent".
+            done = self.ledger.deposit_of(ref)
+            if done is None or done[0] != target:
+                raise _mint_error(exc) from None
+            added = done[1]
         updated = self.ledger.get_account_by_id(target)
         assert updated is not None
-        return updated, received.amount * MSAT_PER_SAT
+        return updated, added
 
     # ---- X-Cashu per request ----------------------------------------------------------------
     def payment_request(self, required_msats: int) -> str:
@@ -459,6 +471,22 @@ class CashuPayments:
 
     def balances(self) -> dict[str, int]:
         return self.wallet.balances()
+
+
+def _still_spendable(exc: MintError | WalletError) -> bool:
+    """Echo the token back only when the mint certainly did not take it."""
+    if isinstance(exc, MintUnreachable):
+        return not exc.maybe_delivered
+    return not isinstance(exc, (ProofsAlreadySpent, ProofsPending, OperationPending))
+
+
+def _base36(n: int, width: int) -> str:
+    digits = "0123456789abcdefghijklmnopqrstuvwxyz"
+    out = []
+    for _ in range(width):
+        n, r = divmod(n, 36)
+        out.append(digits[r])
+    return "".join(out)
 
 
 def require_token_param(value: object) -> str:

@@ -68,6 +68,7 @@ _HOP_BY_HOP = frozenset(
     }
 )
 _BODYLESS_METHODS = frozenset({"GET", "HEAD", "DELETE", "OPTIONS", "TRACE"})
+_IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE"})
 _HAS_POLL = hasattr(select, "poll")
 _BYTES_LIKE = (bytes, bytearray, memoryview)
 
@@ -409,13 +410,29 @@ class HttpClient:
                 conn = None if retried else await self._take_idle(pool)
                 reused = conn is not None
                 if conn is None:
-                    conn = await self._connect(target)
+                    try:
+                        conn = await self._connect(target)
+                    except UpstreamConnectError as exc:
+                        if not retried:
+                            raise
+                        # The first attempt may have reached the server: say so, never
+                        # "refused, not delivered" (a wallet would roll back a done swap).
+                        raise UpstreamProtocolError(
+                            "Upstream closed the connection without a response",
+                            detail=f"{target.host}:{target.port}: retry failed: {exc.detail}",
+                        ) from None
+                sent = False
                 try:
                     await self._send_request(conn, h11_request, body)
+                    sent = True
                     head = await self._receive_head(conn)
                 except _ConnectionLost as exc:
                     await conn.close()
-                    if reused and not retried and isinstance(body, _BYTES_LIKE):
+                    # A stale pooled connection is retried once on a fresh one — but after the
+                    # whole request went out only when repeating it is harmless (the server may
+                    # have acted on it: a POST /v1/swap must never be sent twice blindly).
+                    safe = not sent or method in _IDEMPOTENT_METHODS
+                    if reused and not retried and safe and isinstance(body, _BYTES_LIKE):
                         retried = True
                         continue
                     raise UpstreamProtocolError(

@@ -349,6 +349,14 @@ def get_account_by_id(conn: sqlite3.Connection, account_id: int) -> Account | No
     return _account(row) if row else None
 
 
+def deposit_of(conn: sqlite3.Connection, ref: str) -> tuple[int, int] | None:
+    """(account id, msats) of the deposit made under `ref`, if any (each ref credits once)."""
+    row = conn.execute(
+        "SELECT key_id, amount_msats FROM txlog WHERE kind = 'deposit' AND ref = ?", (ref,)
+    ).fetchone()
+    return None if row is None else (int(row[0]), int(row[1]))
+
+
 def get_reservation(conn: sqlite3.Connection, reservation_id: int) -> Reservation | None:
     return _get_reservation(conn, reservation_id)
 
@@ -1056,6 +1064,9 @@ class Ledger:
 
     def get_account_by_id(self, account_id: int) -> Account | None:
         return get_account_by_id(self.db.conn, account_id)
+
+    def deposit_of(self, ref: str) -> tuple[int, int] | None:
+        return deposit_of(self.db.conn, ref)
 
     def get_reservation(self, reservation_id: int) -> Reservation | None:
         return self.db.read(lambda c: get_reservation(c, reservation_id))

@@ -131,10 +131,21 @@ def test_create_by_get_topup_by_query_and_body(node: NodeProcess, minter: Minter
     assert status == 200 and doc["msats"] == 20_000 and doc["balance"] == 30_000
     status, doc = node.json("POST", "/v1/wallet/topup", {"cashu_token": t3}, auth(key))
     assert status == 200 and doc["amount_added"] == 30_000 and doc["balance"] == 60_000
+    # a client whose answer was lost retries: told what was credited, never credited twice
     status, doc = node.json("POST", "/v1/wallet/topup", {"cashu_token": t3}, auth(key))
-    assert status == 400 and doc["error"]["code"] == "cashu_token_already_spent"
+    assert status == 200 and doc["amount_added"] == 30_000 and doc["balance"] == 60_000
     status, info = node.json("GET", "/v1/balance", headers=auth(key))
     assert info["balance"] == 60_000
+    # the same (spent) token on another key is refused
+    status, other = node.json("POST", "/v1/balance/create",
+                              {"initial_balance_token": minter.token(mint_url, 5)})
+    status, doc = node.json("POST", "/v1/wallet/topup", {"cashu_token": t3}, auth(other["api_key"]))
+    assert status == 400 and doc["error"]["code"] == "cashu_token_already_spent"
+    # create is idempotent per token too: a retry returns the same key, credited once
+    t4 = minter.token(mint_url, 7)
+    first = node.json("POST", "/v1/balance/create", {"initial_balance_token": t4})[1]
+    again = node.json("POST", "/v1/balance/create", {"initial_balance_token": t4})[1]
+    assert first == again == {"api_key": first["api_key"], "balance": 7_000}
     check_books(node)
 
 

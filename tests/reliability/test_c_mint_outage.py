@@ -13,9 +13,8 @@ has reconciled its pending wallet operations, and every client retried as a real
   charges no fees), i.e. deposited − refunded to the msat, and its proofs are unspent at the
   mint; no wallet operation is left pending; the ledger invariant holds.
 
-Two defects found by this scenario are pinned by the strict-xfail tests at the end (each
-reproduces one deterministically); while they stand, the scenario reports them as xfail when
-they are what went wrong, after checking everything else.
+Two defects this scenario found (fixed) keep a deterministic reproduction each at the end:
+a retried POST whose first attempt reached the mint, and a lost answer to `/v1/balance/create`.
 """
 
 from __future__ import annotations
@@ -218,19 +217,17 @@ def test_mint_outage_during_payments_loses_nothing(tmp_path: Path, own_mint: Min
                 break
             run_batch(clients, todo, lambda: None)
         try:
-            known = audit_cashu(clients, payments)
+            audit_cashu(clients, payments)
             assert not unhandled_errors(node)
         finally:
             node.stop()
             minter.close()
     print(f"mint outage x{rounds}: {len(payments)} payments, first-try statuses {first_tries}, "
           f"{time.monotonic() - t0:.1f}s")
-    if known:
-        pytest.xfail("; ".join(sorted(set(known))))
 
 
-def audit_cashu(clients: Clients, payments: list[Payment]) -> list[str]:
-    """The checks of the module docstring; returns the known defects met (else asserts)."""
+def audit_cashu(clients: Clients, payments: list[Payment]) -> None:
+    """The checks of the module docstring (asserts)."""
     db = Database(clients.node.database)
     try:
         totals = Ledger(db).check_invariant()
@@ -255,7 +252,6 @@ def audit_cashu(clients: Clients, payments: list[Payment]) -> list[str]:
     for op_id, kind, inputs in pending:
         in_states = anyio.run(mint_states, [p["secret"] for p in json.loads(inputs)])
         assert "PENDING" in in_states, f"wallet operation {op_id} ({kind}) left pending"
-    known: list[str] = []
     for p in payments:
         if not p.token:
             continue
@@ -267,15 +263,10 @@ def audit_cashu(clients: Clients, payments: list[Payment]) -> list[str]:
         if states == {"UNSPENT"}:
             assert ref not in credited, f"credited but still the client's: {p}"
             continue
-        if ref not in credited and ref in refused:
-            known.append(RETRY_BUG)
-            continue
-        assert ref in credited, f"token spent but never credited: {p}"
-        if p.kind == "create" and not p.key:
-            if any(s == 503 for s, _ in p.results):
-                known.append(CREATE_BUG)
-                continue
-            raise AssertionError(f"token spent and credited, but the client has no key: {p}")
+        assert ref in credited, f"token spent but never credited ({RETRY_BUG}): {p}" \
+            if ref in refused else f"token spent but never credited: {p}"
+        if p.kind == "create":
+            assert p.key, f"token spent and credited, but the client has no key ({CREATE_BUG}): {p}"
     for p in payments:
         for tok in p.received:
             assert clients.states(tok) == {"UNSPENT"}, (p, tok)
@@ -287,11 +278,9 @@ def audit_cashu(clients: Clients, payments: list[Payment]) -> list[str]:
         assert wallet_msats >= totals["liability_msats"]
     else:
         print(f"{len(pending)} wallet operation(s) wait for the mint to settle a swap it holds")
-    return known
 
 
 # ---- the defects, one deterministic reproduction each -------------------------------------------
-@pytest.mark.xfail(strict=True, reason=RETRY_BUG)
 def test_post_delivered_then_refused_is_ambiguous() -> None:
     """The mint receives POST /v1/swap on a kept-alive connection and dies before answering.
 
@@ -337,7 +326,6 @@ def test_post_delivered_then_refused_is_ambiguous() -> None:
     assert isinstance(exc, ConnectionResetError | TimeoutError), repr(exc)
 
 
-@pytest.mark.xfail(strict=True, reason=CREATE_BUG)
 def test_create_key_when_the_mints_answer_is_lost(tmp_path: Path, mint_url: str) -> None:
     """The swap reaches the mint but its answer is lost: the client must end up with a key
     holding the token's value (at once, or by retrying) — or keep an unspent token."""
