@@ -7,7 +7,10 @@ node then closes the header tricklers at `--header-timeout` and the silent ones 
 from __future__ import annotations
 
 import asyncio
+import json
 import statistics
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -26,9 +29,9 @@ from tests.reliability.support import (
 from tests.support.node import NodeProcess
 
 pytestmark = pytest.mark.reliability
+ROOT = Path(__file__).resolve().parents[2]
 
 HEADER_TIMEOUT_S = 6.0
-TRICKLE_S = 0.5
 
 
 def pct(xs: list[float], p: float) -> float:
@@ -53,43 +56,6 @@ async def normal_latencies(port: int, key: str, seconds: float, clients: int = 8
     return out
 
 
-class Slow:
-    """One slow connection: 'silent', 'headers' (trickled) or 'body' (trickled)."""
-
-    def __init__(self, kind: str) -> None:
-        self.kind = kind
-        self.closed_by_node_at: float | None = None
-        self.answer = b""
-
-    async def run(self, port: int, stop: asyncio.Event, opened: list[int],
-                  all_open: asyncio.Event, n: int) -> None:
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        opened.append(1)
-        if len(opened) == n:
-            all_open.set()
-        if self.kind == "headers":
-            writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: n\r\n")
-        elif self.kind == "body":
-            writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: n\r\n"
-                         b"Content-Type: application/json\r\nContent-Length: 100000\r\n\r\n{")
-        read = asyncio.ensure_future(reader.read(65536))
-        try:
-            while not stop.is_set():
-                done, _ = await asyncio.wait({read}, timeout=TRICKLE_S)
-                if done:  # the node answered or closed
-                    self.answer = read.result()
-                    self.closed_by_node_at = time.monotonic()
-                    return
-                if self.kind != "silent":
-                    writer.write(b"x")
-                    await writer.drain()
-        except (ConnectionError, OSError):
-            self.closed_by_node_at = time.monotonic()
-        finally:
-            read.cancel()
-            writer.transport.abort()
-
-
 @pytest.mark.parametrize("n_slow", [pytest.param(500, id="500"),
                                     pytest.param(3000, id="3000", marks=pytest.mark.slow)])
 def test_slow_connections_do_not_hurt_normal_clients(tmp_path: Path, n_slow: int) -> None:
@@ -104,26 +70,25 @@ def test_slow_connections_do_not_hurt_normal_clients(tmp_path: Path, n_slow: int
             assert node.proc is not None
             rss_idle = rss_kib(node.proc.pid)
 
-            async def scenario() -> tuple[list[float], list[float], list[Slow], float, float]:
-                base = await normal_latencies(node.port, key, 2.0)
-                stop = asyncio.Event()
-                opened: list[int] = []
-                slow = [Slow(("silent", "headers", "body")[i % 3]) for i in range(n_slow)]
+            base = asyncio.run(normal_latencies(node.port, key, 2.0))
+            slow = subprocess.Popen([sys.executable, "-m", "tests.reliability.slow_clients",
+                                     str(node.port), str(n_slow)], stdin=subprocess.PIPE,
+                                    stdout=subprocess.PIPE, text=True, cwd=ROOT)
+            try:
                 t_open = time.monotonic()
-                all_open = asyncio.Event()
-                tasks = [asyncio.ensure_future(s.run(node.port, stop, opened, all_open, n_slow))
-                         for s in slow]
-                await asyncio.wait_for(all_open.wait(), 20)
-                await asyncio.sleep(0.5)
-                rss = rss_kib(node.proc.pid)  # type: ignore[union-attr]
-                loaded = await normal_latencies(node.port, key, 3.0)
+                assert slow.stdout is not None and slow.stdin is not None
+                assert slow.stdout.readline().strip() == "open"
+                time.sleep(0.5)
+                rss_loaded = rss_kib(node.proc.pid)
+                loaded = asyncio.run(normal_latencies(node.port, key, 3.0))
                 # the node cuts the tricklers and the silent ones by itself
-                await asyncio.sleep(max(0.0, t_open + HEADER_TIMEOUT_S + 2.5 - time.monotonic()))
-                stop.set()
-                await asyncio.gather(*tasks, return_exceptions=True)
-                return base, loaded, slow, rss, t_open
-
-            base, loaded, slow, rss_loaded, t_open = asyncio.run(scenario())
+                time.sleep(max(0.0, t_open + HEADER_TIMEOUT_S + 2.5 - time.monotonic()))
+                slow.stdin.write("stop\n")
+                slow.stdin.flush()
+                results = json.loads(slow.stdout.readline())
+            finally:
+                slow.kill()
+                slow.wait(10)
             assert not unhandled_errors(node)
             assert node.json("GET", "/health")[0] == 200
         finally:
@@ -136,8 +101,8 @@ def test_slow_connections_do_not_hurt_normal_clients(tmp_path: Path, n_slow: int
     assert l50 <= 2 * b50 + 10, (b50, l50)
     assert l99 <= 3 * b99 + 50, (b99, l99)
     assert statistics.mean(loaded) < 0.25
-    cut = [s for s in slow if s.kind in ("silent", "headers")]
-    assert all(s.closed_by_node_at is not None for s in cut), \
-        sum(s.closed_by_node_at is None for s in cut)
-    assert all(s.closed_by_node_at <= t_open + HEADER_TIMEOUT_S + 2.5 for s in cut)  # type: ignore[operator]
-    assert all(s.answer.startswith(b"HTTP/1.1 408") for s in slow if s.kind == "headers")
+    cut = [r for r in results if r[0] in ("silent", "headers")]
+    assert len(results) == n_slow
+    assert all(r[1] is not None for r in cut), sum(r[1] is None for r in cut)
+    assert all(r[1] <= HEADER_TIMEOUT_S + 2.5 for r in cut), max(r[1] for r in cut)
+    assert all(r[2].startswith("HTTP/1.1 408") for r in results if r[0] == "headers")
