@@ -12,9 +12,11 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """The heavier variants (marker `slow`) are a different run, not skipped cases: without
+    `--run-slow` they are deselected (counted as such in the summary)."""
     if config.getoption("--run-slow"):
         return
-    skip_slow = pytest.mark.skip(reason="heavier variant: run with --run-slow")
-    for item in items:
-        if "slow" in item.keywords:
-            item.add_marker(skip_slow)
+    slow = [item for item in items if "slow" in item.keywords]
+    if slow:
+        config.hook.pytest_deselected(items=slow)
+        items[:] = [item for item in items if "slow" not in item.keywords]
