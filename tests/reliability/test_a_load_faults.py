@@ -10,6 +10,7 @@ import os
 import random
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -26,7 +27,6 @@ from tests.reliability.support import (
     run_calls,
     unhandled_errors,
 )
-from tests.support.node import NodeProcess
 
 pytestmark = pytest.mark.reliability
 
@@ -46,15 +46,15 @@ def reservation_of(database: str, rid: str) -> int:
     pytest.param(2000, 64, 2, id="2000x64-2workers"),
     pytest.param(20000, 128, 1, id="20000x128", marks=pytest.mark.slow),
 ])
-def test_paid_load_with_faults_balances_to_the_msat(tmp_path: Path, requests: int,
+def test_paid_load_with_faults_balances_to_the_msat(tmp_path: Path, spawn: Any, requests: int,
                                                     concurrency: int, workers: int) -> None:
     seed = int(os.environ.get("RELIABILITY_SEED", time.time_ns() % 10**6))
     print(f"seed {seed}")
     rng = random.Random(seed)
     raise_fd_limit(4 * concurrency + 256)
     with FaultyUpstream() as upstream:
-        node = NodeProcess(tmp_path, ["--upstream-base-url", upstream.url, "--workers",
-                                      str(workers), *NODE_FLAGS]).start()
+        node = spawn(tmp_path, ["--upstream-base-url", upstream.url, "--workers", str(workers),
+                                *NODE_FLAGS])
         try:
             deposits = {new_key(node, 10**9): 10**9 for _ in range(20)}
             rich = list(deposits)
@@ -68,6 +68,10 @@ def test_paid_load_with_faults_balances_to_the_msat(tmp_path: Path, requests: in
             t0 = time.monotonic()
             outcomes = asyncio.run(run_calls(node.port, calls, concurrency))
             elapsed = time.monotonic() - t0
+            notable = [ln for ln in node.log_text().splitlines()
+                       if " WARNING " in ln or " ERROR " in ln or "Traceback" in ln]
+            print("\n".join(notable[-40:]))  # shown when an assertion below fails
+            assert "restarting" not in node.log_text()  # no worker died
             assert len(outcomes) == requests
             failures = [o for o in outcomes if o.error and not o.disconnected]
             assert not failures, failures[:5]
@@ -80,7 +84,8 @@ def test_paid_load_with_faults_balances_to_the_msat(tmp_path: Path, requests: in
             assert result.statuses[200] > requests // 3 and result.statuses[402] > 0
             assert sum(n for s, n in result.statuses.items() if s >= 500) > 0
             assert result.kinds["release"] > 0 and result.kinds["settle"] > requests // 3
-            assert sum(o.disconnected for o in outcomes) > requests // 20
+            # ~14 % of the clients hang up at a random moment; those answered first do not count
+            assert sum(o.disconnected for o in outcomes) > requests // 50
             print(f"{requests} requests at concurrency {concurrency}, {workers} worker(s): "
                   f"{elapsed:.1f}s ({requests / elapsed:.0f}/s); statuses "
                   f"{dict(sorted(result.statuses.items()))}; ledger rows "

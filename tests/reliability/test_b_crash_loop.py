@@ -13,6 +13,7 @@ import re
 import signal
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -60,7 +61,7 @@ async def load_until_killed(node: NodeProcess, calls: list, kill_after_s: float,
 
 @pytest.mark.parametrize("crashes", [pytest.param(10, id="10-crashes"),
                                      pytest.param(40, id="40-crashes", marks=pytest.mark.slow)])
-def test_sigkill_under_load_loses_nothing(tmp_path: Path, crashes: int) -> None:
+def test_sigkill_under_load_loses_nothing(tmp_path: Path, spawn: Any, crashes: int) -> None:
     seed = int(os.environ.get("RELIABILITY_SEED", time.time_ns() % 10**6))
     print(f"seed {seed}")
     rng = random.Random(seed)
@@ -70,8 +71,7 @@ def test_sigkill_under_load_loses_nothing(tmp_path: Path, crashes: int) -> None:
     t0 = time.monotonic()
     with FaultyUpstream() as upstream:
         args = ["--upstream-base-url", upstream.url, *NODE_FLAGS]
-        node = NodeProcess(tmp_path, args).start()
-        nodes = [node]  # kept alive: each NodeProcess names its log file after its id()
+        node = spawn(tmp_path, args)
         deposits = {new_key(node, 10**9): 10**9 for _ in range(8)}
         keys = list(deposits)
         for crash in range(crashes):
@@ -83,8 +83,7 @@ def test_sigkill_under_load_loses_nothing(tmp_path: Path, crashes: int) -> None:
             node.log.close()
             held = held_reservations(node.database)
             held_at_crash.append(held)
-            node = NodeProcess(tmp_path, args).start()
-            nodes.append(node)
+            node = spawn(tmp_path, args)
             m = _RELEASED.search(node.log_text())
             assert (int(m.group(1)) if m else 0) == held, node.log_text()
             assert held_reservations(node.database) == 0

@@ -154,7 +154,7 @@ def wait_no_pending(database: str, timeout_s: float = 5.0) -> None:
 @pytest.mark.parametrize("rounds", [pytest.param(1, id="1-round"),
                                     pytest.param(4, id="4-rounds", marks=pytest.mark.slow)])
 def test_mint_outage_during_payments_loses_nothing(tmp_path: Path, own_mint: MintProcess,
-                                                   rounds: int) -> None:
+                                                   spawn: Any, rounds: int) -> None:
     seed = int(os.environ.get("RELIABILITY_SEED", time.time_ns() % 10**6))
     print(f"seed {seed}")
     rng = random.Random(seed)
@@ -163,8 +163,7 @@ def test_mint_outage_during_payments_loses_nothing(tmp_path: Path, own_mint: Min
     with FaultyUpstream() as upstream:
         args = ["--upstream-base-url", upstream.url, "--cashu-mints", own_mint.url,
                 *NODE_FLAGS, "--upstream-read-timeout", "2"]
-        node = NodeProcess(tmp_path, args).start()
-        nodes = [node]  # kept alive: each NodeProcess names its log file after its id()
+        node = spawn(tmp_path, args)
         clients = Clients(node, minter, own_mint.url)
         tokens = [minter.token(own_mint.url, TOKEN_SATS) for _ in range(4 + 8 * 2 * rounds)]
         funded = [Payment("create", tokens.pop()) for _ in range(4)]
@@ -209,8 +208,7 @@ def test_mint_outage_during_payments_loses_nothing(tmp_path: Path, own_mint: Min
         for _round in range(3):
             node.stop()
             assert not unhandled_errors(node)
-            node = clients.node = NodeProcess(tmp_path, args).start()
-            nodes.append(node)
+            node = clients.node = spawn(tmp_path, args)
             wait_no_pending(node.database)
             todo = [p for p in payments if not clients.done(p)]
             if not todo:
@@ -326,14 +324,15 @@ def test_post_delivered_then_refused_is_ambiguous() -> None:
     assert isinstance(exc, ConnectionResetError | TimeoutError), repr(exc)
 
 
-def test_create_key_when_the_mints_answer_is_lost(tmp_path: Path, mint_url: str) -> None:
+def test_create_key_when_the_mints_answer_is_lost(tmp_path: Path, mint_url: str,
+                                                  spawn: Any) -> None:
     """The swap reaches the mint but its answer is lost: the client must end up with a key
     holding the token's value (at once, or by retrying) — or keep an unspent token."""
     proxy = DroppingProxy(int(mint_url.rsplit(":", 1)[1]))
     minter = Minter(tmp_path)
     try:
         token = minter.token(proxy.url, 50)
-        node = NodeProcess(tmp_path, ["--cashu-mints", proxy.url, *NODE_FLAGS]).start()
+        node = spawn(tmp_path, ["--cashu-mints", proxy.url, *NODE_FLAGS])
         try:
             proxy.drop_next(b"POST /v1/swap")
             status, doc = node.json("POST", "/v1/balance/create", {"initial_balance_token": token})

@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -26,7 +27,6 @@ from tests.reliability.support import (
     rss_kib,
     unhandled_errors,
 )
-from tests.support.node import NodeProcess
 
 pytestmark = pytest.mark.reliability
 ROOT = Path(__file__).resolve().parents[2]
@@ -58,13 +58,14 @@ async def normal_latencies(port: int, key: str, seconds: float, clients: int = 8
 
 @pytest.mark.parametrize("n_slow", [pytest.param(500, id="500"),
                                     pytest.param(3000, id="3000", marks=pytest.mark.slow)])
-def test_slow_connections_do_not_hurt_normal_clients(tmp_path: Path, n_slow: int) -> None:
+def test_slow_connections_do_not_hurt_normal_clients(tmp_path: Path, spawn: Any,
+                                                     n_slow: int) -> None:
     limit = raise_fd_limit(2 * n_slow + 512)
     assert limit >= n_slow + 256, f"fd limit {limit} too low for {n_slow} connections"
     with FaultyUpstream() as upstream:
-        node = NodeProcess(tmp_path, ["--upstream-base-url", upstream.url, *NODE_FLAGS,
-                                      "--header-timeout", str(HEADER_TIMEOUT_S),
-                                      "--keepalive-timeout", str(HEADER_TIMEOUT_S)]).start()
+        node = spawn(tmp_path, ["--upstream-base-url", upstream.url, *NODE_FLAGS,
+                                "--header-timeout", str(HEADER_TIMEOUT_S),
+                                "--keepalive-timeout", str(HEADER_TIMEOUT_S)])
         try:
             key = new_key(node, 10**9)
             assert node.proc is not None

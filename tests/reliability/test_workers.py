@@ -14,6 +14,7 @@ import re
 import signal
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -27,7 +28,6 @@ from tests.reliability.support import (
     run_calls,
     unhandled_errors,
 )
-from tests.support.node import NodeProcess
 
 pytestmark = pytest.mark.reliability
 
@@ -64,12 +64,11 @@ def alive(pid: int) -> bool:
     return state not in ("Z", "X")
 
 
-def test_workers_share_the_port_and_the_books(tmp_path: Path) -> None:
+def test_workers_share_the_port_and_the_books(tmp_path: Path, spawn: Any) -> None:
     rng = random.Random(9)
     with FaultyUpstream() as upstream:
         args = ["--upstream-base-url", upstream.url, "--workers", "2", *NODE_FLAGS]
-        node = NodeProcess(tmp_path, args).start()
-        nodes = [node]
+        node = spawn(tmp_path, args)
         assert node.proc is not None
         sup = node.proc.pid
         wait_for(lambda: len(workers_of(sup)) == 2)
@@ -110,8 +109,7 @@ def test_workers_share_the_port_and_the_books(tmp_path: Path) -> None:
         node.log.close()
 
         # the next start releases what the killed workers held; the books balance
-        node = NodeProcess(tmp_path, args).start()
-        nodes.append(node)
+        node = spawn(tmp_path, args)
         try:
             result = audit(node.database, outcomes, deposits)
             assert result.statuses[200] > 300
