@@ -54,6 +54,7 @@ App = Callable[[Request], Awaitable[Response]]
 MAX_HEADER_BYTES = 64 * 1024
 READ_SIZE = 64 * 1024
 GZIP_MIN_BYTES = 1024
+MIN_BODY_RATE = 1024  # bytes/s a request body must average once `body_timeout` has passed
 STREAM_CLOSE_TIMEOUT = 30.0
 API_VERSION = "v1"
 SUPPORTED_VERSIONS = ("v1",)  # accepted in the X-Routstr-Version request header ("1" too)
@@ -252,6 +253,7 @@ class Server:
                             limit_s=self.options.write_timeout)
         chunks: list[bytes] = []
         size = 0
+        started = time.monotonic()
         while True:
             event = conn.h11.next_event()
             if event is h11.NEED_DATA:
@@ -260,6 +262,11 @@ class Server:
                 if scope.cancelled_caught:
                     raise RequestTimeout("Request body not received in time",
                                          code="body_timeout")
+                # A body trickled a byte at a time never trips the per-read timer: past the
+                # first `body_timeout` seconds it must keep a minimum average rate.
+                elapsed = time.monotonic() - started
+                if elapsed > self.options.body_timeout and size < MIN_BODY_RATE * elapsed:
+                    raise RequestTimeout("Request body arriving too slowly", code="body_timeout")
             if isinstance(event, h11.Data):
                 size += len(event.data)
                 if size > limit:

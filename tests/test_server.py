@@ -301,6 +301,32 @@ def test_slowloris_gets_408_and_others_are_served(srv: Running) -> None:
     slow.close()
 
 
+def test_trickled_body_gets_408(srv: Running) -> None:
+    """A body sent a byte at a time (each read well within the per-read timer) is cut once it
+    falls below the minimum average rate."""
+    with srv.connect() as s:
+        s.sendall(b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n")
+        t0 = time.monotonic()
+        status = 0
+        for _ in range(40):  # bounded: 40 × 0.1 s
+            try:
+                s.sendall(b"a")
+            except (BrokenPipeError, ConnectionResetError):
+                break
+            time.sleep(0.1)
+            s.settimeout(0.01)
+            try:
+                data = s.sock.recv(65536, socket.MSG_PEEK)
+            except (TimeoutError, BlockingIOError):
+                continue
+            if data:
+                break
+        s.settimeout(3)
+        status, _, body = read_response(s)
+        assert status == 408 and json.loads(body)["error"]["code"] == "body_timeout"
+        assert time.monotonic() - t0 < 3.5
+
+
 def test_idle_keepalive_closed(srv: Running) -> None:
     with srv.connect() as s:
         s.sendall(ECHO)
