@@ -674,9 +674,9 @@ class AdminHandlers:
 
 def admin_routes(config: Config, db: Database, ledger: Ledger, prices: PriceBook,
                  probes: Mapping[str, Callable[[], Awaitable[str]]],
-                 wallet: AdminWallet | None = None) -> list[Route]:
+                 wallet: AdminWallet | None = None, npub: str = "") -> list[Route]:
     """The admin part of the route table (`app.routes` adds it)."""
-    service = AdminService(config, db, ledger, prices, probes, wallet)
+    service = AdminService(config, db, ledger, prices, probes, wallet, npub=npub)
     return AdminHandlers(service, resolve_admin_hash(db, config)).routes()
 
 

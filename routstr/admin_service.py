@@ -163,6 +163,7 @@ class AdminService:
     clock: Callable[[], float] = time.time
     started_at: float = field(default_factory=time.time)
     _books: tuple[float, str] = (-1e18, "")
+    npub: str = ""  # the node's Nostr identity (issue 12), shown with the settings
 
     def now(self) -> int:
         return int(self.clock())
@@ -342,7 +343,7 @@ class AdminService:
                     host = parts.netloc.rsplit("@", 1)[1]
                     return parts._replace(netloc="********@" + host).geturl()
             return value
-        return {name: show(v) for name, v in self.config.public_items()}
+        return {"npub": self.npub, **{name: show(v) for name, v in self.config.public_items()}}
 
     # -- wallet ----------------------------------------------------------------------------
 

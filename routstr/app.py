@@ -201,7 +201,7 @@ def routes(node: Node) -> list[Route]:
               if node.wallet is not None else None)
     table += admin_routes(c, node.db, node.ledger, node.prices,
                           {"database": status.database, "upstream": status.upstream,
-                           "mint": status.mint}, wallet)
+                           "mint": status.mint}, wallet, npub=node.nostr.key.npub)
     pay = CashuBalanceHandlers(node.ledger, node.payments, node.cashu, c.child_key_cost_msats)
     for prefix in ("/v1/balance", "/v1/wallet"):
         table += [

@@ -569,8 +569,11 @@ def test_health_and_settings_with_secrets_masked(node: NodeProcess) -> None:
     assert doc["port"] == 0 and doc["upstream_base_url"].startswith("http://127.0.0.1")
     raw = json.dumps(doc)
     assert "upstream-secret-value" not in raw and ADMIN not in raw
+    npub = node.json("GET", "/v1/info")[1]["npub"]
+    assert npub.startswith("npub1") and doc["npub"] == npub  # the node's Nostr identity
     page = call(node, "GET", "/admin/", None, AUTH)[1]
     assert "upstream-secret-value" not in page and ADMIN not in page and "********" in page
+    assert npub in page
     status, doc = api(node, "GET", "/admin/api/wallet")
     assert status == 503 and doc["error"]["code"] == "wallet_not_configured"
 
