@@ -24,7 +24,7 @@ from .config import Config, ConfigError, load_config
 from .db import Database
 from .ledger import Ledger
 from .server import Server, ServerOptions
-from .workers import WORKER_COMMAND, WorkerRole, supervise
+from .workers import WORKER_COMMAND, WorkerRole, supervise, worker_boot_id
 
 log = logging.getLogger("routstr")
 
@@ -69,7 +69,7 @@ async def prepare_database(config: Config) -> None:
 
 async def run_node(config: Config, worker: WorkerRole | None = None) -> None:
     """Serve until SIGTERM. `worker`: one of `--workers N` processes (see `workers`)."""
-    node = Node.open(config)
+    node = Node.open(config, boot_id=worker_boot_id(os.getpid()) if worker else None)
     _start_up(node, config, single_process=worker is None)
     server = Server(build_app(node), dataclasses.replace(
         server_options(config), observer=node.platform.metrics.observe_request))

@@ -76,9 +76,9 @@ class Node:
         self.platform.extra_metrics.append(self.nostr.metrics_extra)
 
     @classmethod
-    def open(cls, config: Config) -> Node:
+    def open(cls, config: Config, *, boot_id: str | None = None) -> Node:
         db = Database(config.database)
-        ledger = Ledger(db)
+        ledger = Ledger(db, boot_id=boot_id)
         prices = PriceBook(load_price_table(config.pricing or None), db)
         http = HttpClient(connect_timeout=config.upstream_connect_timeout,
                           read_timeout=config.upstream_read_timeout,

@@ -746,6 +746,12 @@ def release_orphans(conn: sqlite3.Connection, *, owner: str, now: int) -> int:
     return _release_where(conn, "owner != ?", (owner,), "orphan", now, "left by a previous run")
 
 
+def release_owner(conn: sqlite3.Connection, *, owner: str, now: int) -> int:
+    """Release every reservation held by boot `owner` — a `--workers` process that died (its
+    supervisor knows it is gone, so its requests can never settle)."""
+    return _release_where(conn, "owner = ?", (owner,), "orphan", now, "its worker died")
+
+
 def refund(
     conn: sqlite3.Connection,
     account_id: int,
@@ -1191,6 +1197,10 @@ class Ledger:
     def sweep_expired(self, *, now: int | None = None) -> int:
         t = self._now(now)
         return self.db.transaction(lambda c: sweep_expired(c, t))
+
+    def release_owner(self, owner: str, *, now: int | None = None) -> int:
+        t = self._now(now)
+        return self.db.transaction(lambda c: release_owner(c, owner=owner, now=t))
 
     def release_orphans(self, *, now: int | None = None) -> int:
         t = self._now(now)

@@ -43,6 +43,8 @@ from dataclasses import dataclass
 import anyio
 
 from .config import Config
+from .db import Database
+from .ledger import Ledger
 
 log = logging.getLogger("routstr.workers")
 
@@ -56,6 +58,12 @@ POLL_S = 0.2
 PARENT_CHECK_S = 1.0
 
 Prepare = Callable[[Config], Awaitable[None]]
+
+
+def worker_boot_id(pid: int) -> str:
+    """The ledger owner id of a worker's reservations: the supervisor knows its workers' pids,
+    so it can release what a dead one held at once (a pid is reused only after the release)."""
+    return f"worker-{pid}"
 
 
 @dataclass(frozen=True)
@@ -196,6 +204,7 @@ class Supervisor:
                     continue
                 assert w.proc is not None
                 log.warning("worker %d exited with %s; restarting", w.index, w.proc.returncode)
+                self._release_held_by(w.proc.pid)
                 now = time.monotonic()
                 self._restarts = [t for t in self._restarts if now - t < RESTART_WINDOW_S]
                 self._restarts.append(now)
@@ -210,6 +219,17 @@ class Supervisor:
             time.sleep(POLL_S)
         log.info("signal %d: stopping %d workers", self._stop_signal, len(self.workers))
         return 0
+
+    def _release_held_by(self, pid: int) -> None:
+        """The dead worker's requests can never settle: release their reservations now rather
+        than when they expire."""
+        db = Database(self.config.database)
+        try:
+            released = Ledger(db).release_owner(worker_boot_id(pid))
+        finally:
+            db.close()
+        if released:
+            log.warning("released %d reservations held by the dead worker", released)
 
     def _stop_all(self) -> None:
         for w in self.workers:

@@ -116,3 +116,57 @@ def test_workers_share_the_port_and_the_books(tmp_path: Path, spawn: Any) -> Non
         finally:
             assert node.stop() == 0
     print(f"workers: {len(outcomes)} requests; ledger rows {dict(result.kinds)}")
+
+
+def test_dead_workers_reservations_are_released_at_once(tmp_path: Path) -> None:
+    """A SIGKILLed worker's in-flight requests can never settle: the supervisor releases what
+    they held as soon as it sees the worker gone — not when the reservations expire."""
+    import concurrent.futures
+
+    from routstr.db import Database
+    from routstr.ledger import Ledger
+    from tests.support.node import NodeProcess
+    from tests.support.upstream import Behaviour, ScriptedUpstream
+
+    with ScriptedUpstream() as up:
+        node = NodeProcess(tmp_path, ["--workers", "2", "--upstream-base-url", up.url,
+                                      "--admin-token", "adm", "--reservation-ttl", "3600"]).start()
+        try:
+            status, doc = node.json("POST", "/admin/api/keys", {"balance_msats": 10_000_000},
+                                    {"Authorization": "Bearer adm"})
+            assert status == 201
+            key = doc["api_key"]
+            up.enqueue(*[Behaviour(hang=True) for _ in range(4)])
+            body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
+            with concurrent.futures.ThreadPoolExecutor(4) as pool:
+                calls = [pool.submit(node.request, "POST", "/v1/chat/completions", body,
+                                     {"Authorization": f"Bearer {key}"}, 20) for _ in range(4)]
+
+                def held() -> int:
+                    db = Database(node.database)
+                    try:
+                        return Ledger(db).totals()["reserved_msats"]
+                    finally:
+                        db.close()
+
+                wait_for(lambda: held() > 0 and len(up.requests) >= 4)
+                assert node.proc is not None
+                for pid in workers_of(node.proc.pid).values():
+                    os.kill(pid, signal.SIGKILL)
+                wait_for(lambda: held() == 0, timeout_s=10)
+                for call in calls:  # each client saw its connection die
+                    try:
+                        assert call.result(20)[0] != 200
+                    except OSError:
+                        pass
+            wait_for(lambda: len(workers_of(node.proc.pid)) == 2)  # type: ignore[union-attr]
+            db = Database(node.database)
+            try:
+                Ledger(db).check_invariant()
+                acct_reserved = Ledger(db).totals()["reserved_msats"]
+            finally:
+                db.close()
+            assert acct_reserved == 0
+            assert "reservations held by the dead worker" in node.log_text()
+        finally:
+            node.stop()
