@@ -17,8 +17,8 @@ money rule: every change of a user balance goes through the ledger, atomically w
 ``{"action": "debit", "account_id": N, "amount_msats": m, "kind": "refund"|"payout"|"change",
 "ref"?}``
     (send, melt) take `m` msats out when the intent is recorded; if the operation is rolled
-    back the same amount is credited back (a ``deposit`` with the unique ref
-    ``wallet-reversal:<op id>``, so a reversal happens at most once).
+    back the refund is undone (`ledger.reverse_refund`, unique ref ``wallet-reversal:<op id>``,
+    so a reversal happens at most once and is never counted as a new deposit).
 ``None`` / ``{"action": "none"}``
     the node's own money (fees, operator payouts from unassigned proofs).
 
@@ -119,9 +119,9 @@ def apply_purpose(conn: sqlite3.Connection, purpose: Mapping[str, Any], ev: Purp
             ledger.refund(conn, account, amount, kind=str(purpose.get("kind", "refund")),
                           ref=ref, now=ev.now, memo=memo)
         else:
-            ledger.credit(conn, account, amount, kind="deposit",
-                          ref=f"wallet-reversal:{ev.op_id}", now=ev.now,
-                          memo=f"reversal: wallet {ev.op_kind} #{ev.op_id} did not happen")
+            ledger.reverse_refund(conn, account, amount, ref=f"wallet-reversal:{ev.op_id}",
+                                  now=ev.now,
+                                  memo=f"reversal: wallet {ev.op_kind} #{ev.op_id} did not happen")
         return
     raise ValueError(f"unknown wallet purpose action {action!r}")
 

@@ -191,6 +191,8 @@ def test_send_debits_with_the_intent_and_reverses_on_rollback(
     assert store.balances("sat") == {MINT: 32}  # the refused begin changed nothing
     store.abort(op.id, "mint refused")
     assert acct(db, acc).balance_msats == 50_000
+    # the money never left: the refund is undone, not booked as a new deposit
+    assert acct(db, acc).refunded_msats == 0 and acct(db, acc).deposited_msats == 50_000
     assert store.balances("sat") == {MINT: 56}
     store.abort(op.id, "again")  # no second reversal
     assert acct(db, acc).balance_msats == 50_000
