@@ -120,7 +120,7 @@ class CashuPayments:
         self.wallet = wallet
         self.db = db
         self.mints = tuple(normalize_mint_url(m) for m in config.mints)
-        self._invoice_secret = bytes.fromhex(
+        self._key_secret = bytes.fromhex(
             setting_get_or_create(db, "invoice_key_secret", lambda: secrets.token_hex(32)))
 
     # ---- tokens ---------------------------------------------------------------------------
@@ -216,8 +216,11 @@ class CashuPayments:
         """The `sk-` key `/v1/balance/create` opens for a token: derived from it with a node
         secret, so a client whose answer was lost gets the same key back by retrying (holding
         the token is what entitles to the key, as with a token used as Bearer)."""
-        mac = hmac.new(self._invoice_secret, b"create\x00" + text.encode(), hashlib.sha256)
-        return "sk-" + _base36(int.from_bytes(mac.digest(), "big"), 32)
+        return "sk-" + _base36(int.from_bytes(self._mac(b"create\x00" + text.encode()), "big"), 32)
+
+    def _mac(self, data: bytes) -> bytes:
+        """HMAC-SHA256 under the node's key-derivation secret (keys are derived, never stored)."""
+        return hmac.new(self._key_secret, data, hashlib.sha256).digest()
 
     async def topup(self, account: Account, text: str) -> tuple[Account, int]:
         """Credit the token's value (less mint fees) to the paying account."""
@@ -376,8 +379,7 @@ class CashuPayments:
     # ---- Lightning ---------------------------------------------------------------------------
     def invoice_api_key(self, invoice_id: str) -> str:
         """The key a paid `create` invoice opens: derived, so it is never stored in clear."""
-        mac = hmac.new(self._invoice_secret, invoice_id.encode(), hashlib.sha256)
-        return "sk-" + mac.hexdigest()
+        return "sk-" + self._mac(invoice_id.encode()).hex()
 
     async def create_invoice(self, amount_sats: int, purpose: str,
                              account: Account | None) -> dict[str, Any]:
