@@ -60,6 +60,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import re
 import tomllib
 from collections.abc import Iterator, Mapping, Sequence
@@ -524,11 +525,25 @@ def _estimate_prompt_tokens(messages: Any) -> int:
     return total // 3
 
 
-@functools.lru_cache(maxsize=4096)
-def _client_constants(price: ModelPrice) -> tuple[SatsPricing, int, Fraction, Fraction]:
-    """Per-price parts of routstr-core's reservation (computed once: this is the hot path):
-    the advertised pricing, the undiscounted reservation, and the prompt and completion
-    allowances."""
+@dataclass(frozen=True, slots=True)
+class _ClientConstants:
+    """Per-price parts of routstr-core's reservation, scaled to integers over one common
+    denominator `d` (so the per-request arithmetic is exact and needs no `Fraction`):
+    `reservation` msats undiscounted; the prompt / completion allowances and the per-token
+    advertised prices, each × 1000 × d."""
+
+    reservation: int
+    d: int
+    prompt_allowed: int
+    prompt_per_token: int
+    completion_allowed: int
+    completion_per_token: int
+
+
+def _exact_client_constants(price: ModelPrice) -> tuple[int, Fraction, Fraction, Fraction,
+                                                        Fraction]:
+    """(reservation, prompt allowance, prompt sats/token, completion allowance, completion
+    sats/token) from the advertised pricing, in exact arithmetic."""
     sp = sats_pricing(price).advertised()
     reservation = max(MIN_REQUEST_MSATS, int(sp.max_cost * 1000 * _TOL))
     prompt_allowed = sp.max_prompt_cost * _TOL
@@ -537,7 +552,19 @@ def _client_constants(price: ModelPrice) -> tuple[SatsPricing, int, Fraction, Fr
     if cl or mct:
         limit = max(0, cl - mct) if cl and mct else (cl if cl else 0)
         prompt_allowed = limit * sp.prompt * _TOL
-    return sp, reservation, prompt_allowed, completion_allowed
+    return reservation, prompt_allowed, sp.prompt, completion_allowed, sp.completion
+
+
+@functools.lru_cache(maxsize=4096)
+def _client_constants(price: ModelPrice) -> _ClientConstants:
+    """Computed once per price: this is on every request's path."""
+    reservation, pa, pp, ca, cp = _exact_client_constants(price)
+    d = math.lcm(pa.denominator, pp.denominator, ca.denominator, cp.denominator)
+
+    def scaled(x: Fraction) -> int:
+        return x.numerator * (d // x.denominator) * 1000
+
+    return _ClientConstants(reservation, d, scaled(pa), scaled(pp), scaled(ca), scaled(cp))
 
 
 def client_reservation_msats(price: ModelPrice, body: Mapping[str, Any]) -> int:
@@ -546,19 +573,21 @@ def client_reservation_msats(price: ModelPrice, body: Mapping[str, Any]) -> int:
     payment/helpers.py `get_max_cost_for_model` + `calculate_discounted_max_cost`, evaluated in
     exact arithmetic on the floats this node advertises: int(max_cost × 1000 × 0.99), less the
     prompt allowance not used by the estimated prompt, less the completion allowance not used
-    by ``max_tokens`` (only that field), at least MIN_REQUEST_MSATS.
+    by ``max_tokens`` (only that field), at least MIN_REQUEST_MSATS. (Each discount is
+    floor(delta × 1000) for delta > 0, computed as an integer quotient over `d`.)
     """
-    sp, reservation, prompt_allowed, completion_allowed = _client_constants(price)
+    k = _client_constants(price)
+    reservation = k.reservation
     if body.get("messages"):
-        delta = prompt_allowed - _estimate_prompt_tokens(body["messages"]) * sp.prompt
+        delta = k.prompt_allowed - _estimate_prompt_tokens(body["messages"]) * k.prompt_per_token
         if delta > 0:
-            reservation -= int(delta * 1000)  # floor: delta > 0
+            reservation -= delta // k.d
     if body.get("max_tokens") is not None:
         max_tokens = _as_python_int(body["max_tokens"])
         if max_tokens is not None:
-            delta = completion_allowed - max_tokens * sp.completion
+            delta = k.completion_allowed - max_tokens * k.completion_per_token
             if delta > 0:
-                reservation -= int(delta * 1000)
+                reservation -= delta // k.d
     return max(MIN_REQUEST_MSATS, reservation)
 
 

@@ -299,6 +299,26 @@ def test_exact_client_formula_matches_the_float_transcription(price: ModelPrice,
     assert abs(exact - floats) <= pricing.CLIENT_ROUNDING_MARGIN_MSATS
 
 
+@given(st.one_of(prices, builtin_prices), bodies)
+def test_integer_client_formula_equals_the_fraction_form(price: ModelPrice, body: dict) -> None:
+    """The hot path works over integers scaled by a common denominator; it must give exactly
+    what the same formula gives in `Fraction` arithmetic."""
+    reservation, prompt_allowed, prompt, completion_allowed, completion = (
+        pricing._exact_client_constants(price))
+    expected = reservation
+    if body.get("messages"):
+        delta = prompt_allowed - pricing._estimate_prompt_tokens(body["messages"]) * prompt
+        if delta > 0:
+            expected -= int(delta * 1000)
+    max_tokens = (pricing._as_python_int(body["max_tokens"])
+                  if body.get("max_tokens") is not None else None)
+    if max_tokens is not None:
+        delta = completion_allowed - max_tokens * completion
+        if delta > 0:
+            expected -= int(delta * 1000)
+    assert client_reservation_msats(price, body) == max(pricing.MIN_REQUEST_MSATS, expected)
+
+
 @given(
     st.one_of(prices, builtin_prices),
     st.lists(st.text(max_size=300), min_size=1, max_size=4),
