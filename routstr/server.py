@@ -4,6 +4,9 @@ Connection lifecycle:
 1. Wait for the first byte of a request (an idle keep-alive connection is closed silently
    after `keepalive_timeout`); then the whole header block must arrive within `header_timeout`
    (else 408 and close — a slowloris client only ever holds its own task).
+   The two timers every request would pay for — the keep-alive wait and each write
+   (`write_timeout`) — are not cancel scopes of their own: the connection notes a deadline
+   and one reaper task closes connections past theirs (within `_reap_interval`).
 2. Header block over `MAX_HEADER_BYTES` → 431; malformed bytes → 400; both close the connection.
 3. Body by Content-Length or chunked, bounded by `max_body_bytes` (413, answered, then close).
    `Expect: 100-continue` gets its interim 100 only when the body will be read.
@@ -24,9 +27,9 @@ import gzip
 import http
 import logging
 import math
+import os
 import re
 import time
-import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
@@ -94,17 +97,21 @@ class _Conn:
         self.h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEADER_BYTES)
         self.busy = False
         self.scope: anyio.CancelScope | None = None
+        # time.monotonic() past which the reaper cancels `scope` (closing the connection)
+        self.deadline = math.inf
 
     async def send(self, *events: h11.Event, limit_s: float) -> None:
-        """Send events in one write (head, body and end of a small response go together)."""
+        """Send events in one write (head, body and end of a small response go together);
+        a write still blocked after `limit_s` closes the connection (the reaper)."""
         data = b"".join(self.h11.send(event) or b"" for event in events)
         if data:
+            self.deadline = time.monotonic() + limit_s
             try:
-                with anyio.fail_after(limit_s):
-                    await self.stream.send(data)
-            except (OSError, anyio.BrokenResourceError, anyio.ClosedResourceError,
-                    TimeoutError) as exc:
+                await self.stream.send(data)
+            except (OSError, anyio.BrokenResourceError, anyio.ClosedResourceError) as exc:
                 raise _ClientGone() from exc
+            finally:
+                self.deadline = math.inf
 
     async def next_event(self) -> h11.Event | type[h11.PAUSED]:
         while True:
@@ -119,11 +126,15 @@ class _Conn:
             self.h11.receive_data(data)
 
 
+def _new_request_id() -> str:
+    return os.urandom(16).hex()
+
+
 def _request_id(headers: list[tuple[str, str]]) -> str:
     for name, value in headers:
         if name == "x-request-id" and _REQUEST_ID_OK.match(value):
             return value
-    return uuid.uuid4().hex
+    return _new_request_id()
 
 
 class Server:
@@ -135,6 +146,8 @@ class Server:
         self._accept_scope: anyio.CancelScope | None = None
         self._stopping = False
         self._drained: anyio.Event | None = None
+        self._reap_interval = max(0.05, min(1.0, options.keepalive_timeout / 4,
+                                            options.write_timeout / 4))
 
     # ---- lifecycle -------------------------------------------------------------------
     async def serve(
@@ -155,8 +168,19 @@ class Server:
             self._accept_scope = anyio.CancelScope()
             task_status.started(self.port)
             with self._accept_scope:
+                tg.start_soon(self._reap_forever)
                 async with listener:
                     await listener.serve(self._handle_connection, task_group=tg)
+
+    async def _reap_forever(self) -> None:
+        """Close connections past their deadline (an idle keep-alive, a blocked write);
+        ends once the server is stopping and every connection is gone."""
+        while not self._stopping or self._conns:
+            await anyio.sleep(self._reap_interval)
+            now = time.monotonic()
+            for conn in list(self._conns):
+                if conn.deadline <= now and conn.scope is not None:
+                    conn.scope.cancel()
 
     async def shutdown(self, grace: float) -> None:
         """Stop accepting; close idle connections; give busy ones `grace` seconds."""
@@ -219,15 +243,17 @@ class Server:
                 return
 
     async def _wait_first_byte(self, conn: _Conn) -> bool:
-        with anyio.move_on_after(self.options.keepalive_timeout):
-            try:
-                data = await conn.stream.receive(READ_SIZE)
-            except (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError,
-                    OSError):
-                return False
-            conn.h11.receive_data(data)
-            return True
-        return False
+        """Wait for the next request; an idle connection is closed by the reaper."""
+        conn.deadline = time.monotonic() + self.options.keepalive_timeout
+        try:
+            data = await conn.stream.receive(READ_SIZE)
+        except (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError,
+                OSError):
+            return False
+        finally:
+            conn.deadline = math.inf
+        conn.h11.receive_data(data)
+        return True
 
     async def _read_head(self, conn: _Conn) -> h11.Request | None:
         event = conn.h11.next_event()  # usually complete already: no timer needed
@@ -282,7 +308,7 @@ class Server:
     async def _one_request(self, conn: _Conn) -> bool:
         """Serve one request on `conn`. Returns False when the connection must close."""
         started = time.perf_counter()
-        request_id = uuid.uuid4().hex
+        request_id = ""  # the client's X-Request-ID or a new one, once the head is read
         method, path = "-", "-"
         status = 0
         try:
@@ -307,14 +333,17 @@ class Server:
                 if hint == 431
                 else InvalidRequest(f"Malformed HTTP request: {exc}", code="bad_http")
             )
+            request_id = request_id or _new_request_id()
             status = await self._send_error(conn, err, request_id)
             return False
         except (RequestTimeout, PayloadTooLarge) as exc:
+            request_id = request_id or _new_request_id()
             status = await self._send_error(conn, exc, request_id)
             return False
         except _ClientGone:
             raise
         except Exception:  # the one error barrier: 500 if nothing was sent, else close
+            request_id = request_id or _new_request_id()
             log.exception("unhandled error in request %s", request_id)
             err = InternalError("Internal server error; quote the request id to the operator")
             status = await self._send_error(conn, err, request_id) or 500

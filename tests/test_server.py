@@ -26,6 +26,26 @@ from routstr.server import Server, ServerOptions
 BIG = {"items": ["x" * 40] * 100}
 
 
+class FloodStream:
+    """Yields 64 KiB chunks as fast as the connection takes them."""
+
+    def __init__(self, pieces: int) -> None:
+        self.pieces = pieces
+        self.closed = threading.Event()
+        self.sent = 0
+
+    async def _gen(self) -> AsyncIterator[bytes]:
+        for _ in range(self.pieces):
+            self.sent += 1
+            yield b"x" * 65536
+
+    def __aiter__(self) -> AsyncIterator[bytes]:
+        return self._gen()
+
+    async def aclose(self) -> None:
+        self.closed.set()
+
+
 class SlowStream:
     def __init__(self, pieces: int, delay: float) -> None:
         self.pieces, self.delay = pieces, delay
@@ -48,6 +68,7 @@ class SlowStream:
 class App:
     def __init__(self) -> None:
         self.streams: list[SlowStream] = []
+        self.floods: list[FloodStream] = []
         self.router = Router([
             Route("POST", "/echo", self.echo),
             Route("GET", "/big", self.big),
@@ -55,6 +76,7 @@ class App:
             Route("GET", "/bad", self.bad),
             Route("GET", "/slow", self.slow),
             Route("GET", "/stream", self.stream),
+            Route("GET", "/flood", self.flood),
             Route("GET", "/items/{item_id}", self.item),
         ])
 
@@ -83,6 +105,11 @@ class App:
         s = SlowStream(int(request.query("n") or "5"), float(request.query("d") or "0.05"))
         self.streams.append(s)
         return Response(200, [("content-type", "text/event-stream")], stream=s)
+
+    async def flood(self, request: Request, params: dict[str, str]) -> Response:
+        s = FloodStream(int(request.query("n") or "4000"))
+        self.floods.append(s)
+        return Response(200, [("content-type", "application/octet-stream")], stream=s)
 
     async def item(self, request: Request, params: dict[str, str]) -> Response:
         return json_response(params)
@@ -130,7 +157,8 @@ class Sock:
 def srv() -> Iterator[Running]:
     app = App()
     opts = ServerOptions(max_body_bytes=1000, header_timeout=0.5, keepalive_timeout=1.0,
-                         body_timeout=1.0, cors_origins=("https://good.example",))
+                         body_timeout=1.0, write_timeout=1.0,
+                         cors_origins=("https://good.example",))
     server = Server(app, opts)
     with anyio.from_thread.start_blocking_portal() as portal:
         future, _ = portal.start_task(server.serve, "127.0.0.1", 0)
@@ -334,6 +362,21 @@ def test_idle_keepalive_closed(srv: Running) -> None:
         t0 = time.monotonic()
         assert closed(s, timeout=3)
         assert 0.8 < time.monotonic() - t0 < 2.5
+
+
+def test_client_that_stops_reading_is_dropped_after_write_timeout(srv: Running) -> None:
+    """A write blocked for `write_timeout` closes the connection and the response stream."""
+    with srv.connect() as s:
+        s.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        s.sendall(b"GET /flood HTTP/1.1\r\nHost: x\r\n\r\n")  # and never read
+        t0 = time.monotonic()
+        deadline = t0 + 10
+        while not srv.app.floods and time.monotonic() < deadline:
+            time.sleep(0.01)
+        flood = srv.app.floods[-1]
+        assert flood.closed.wait(8), "the blocked stream must be closed"
+        assert 1.0 <= time.monotonic() - t0 < 8
+        assert flood.sent < flood.pieces  # it was cut off, not drained
 
 
 def test_unexpected_exception_is_500_without_internals(srv: Running) -> None:
