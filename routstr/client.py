@@ -15,6 +15,8 @@ What it does
   bodies: Content-Length, chunked or until-close; `UpstreamResponse` yields chunks as they arrive.
 * Timeouts: `connect_timeout` (TCP + SOCKS + TLS handshake), `read_timeout` (each read, i.e.
   inactivity), `write_timeout` (each write); optionally `pool_timeout` (waiting for a slot).
+  Sending a request and reading its response head run under one cancel scope whose deadline
+  is moved before each write and read (one timer per request instead of one per socket call).
 
 Errors: nothing foreign escapes. OSError, anyio stream errors, ssl errors, h11 protocol errors and
 timeouts become `UpstreamConnectError`, `UpstreamTimeout` (`UpstreamConnectTimeout` is both) or
@@ -31,6 +33,7 @@ the upstream promptly. Closing never waits on the network, so it is safe in a ca
 from __future__ import annotations
 
 import ipaddress
+import math
 import select
 import socket
 import ssl
@@ -423,9 +426,15 @@ class HttpClient:
                         ) from None
                 sent = False
                 try:
-                    await self._send_request(conn, h11_request, body)
-                    sent = True
-                    head = await self._receive_head(conn)
+                    with anyio.CancelScope() as scope:
+                        await self._send_request(conn, h11_request, body, scope)
+                        sent = True
+                        head = await self._receive_head(conn, scope)
+                    if scope.cancelled_caught:
+                        raise UpstreamTimeout(
+                            "Upstream service request timed out",
+                            detail=(f"no data from upstream for {self._read_timeout:g} s"
+                                    if sent else "write timed out"))
                 except _ConnectionLost as exc:
                     await conn.close()
                     # A stale pooled connection is retried once on a fresh one — but after the
@@ -617,20 +626,21 @@ class HttpClient:
 
     # -- one exchange -------------------------------------------------------------------------
 
-    async def _write(self, conn: _Connection, data: bytes | bytearray | memoryview) -> None:
+    async def _write(self, conn: _Connection, data: bytes | bytearray | memoryview,
+                     scope: anyio.CancelScope) -> None:
+        """One write, `scope` (the exchange's) expiring `write_timeout` from now; no deadline
+        after it (a streamed body's own iterator may take its time between chunks)."""
+        scope.deadline = anyio.current_time() + self._write_timeout
         try:
-            with anyio.fail_after(self._write_timeout):
-                await conn.stream.send(data)  # type: ignore[arg-type]
-        except TimeoutError:
-            raise UpstreamTimeout(
-                "Upstream service request timed out", detail="write timed out"
-            ) from None
+            await conn.stream.send(data)  # type: ignore[arg-type]
         except _IO_ERRORS as exc:
             # nothing of the response can have been received while we were still sending
             raise _ConnectionLost(f"send failed: {_describe(exc)}") from exc
+        scope.deadline = math.inf
 
     async def _send_request(
-        self, conn: _Connection, request: h11.Request, body: bytes | AsyncIterable[bytes]
+        self, conn: _Connection, request: h11.Request, body: bytes | AsyncIterable[bytes],
+        scope: anyio.CancelScope,
     ) -> None:
         h = conn.h11
         try:
@@ -644,26 +654,26 @@ class HttpClient:
                 h.send_with_data_passthrough(h11.Data(data=body))
             h.send(h11.EndOfMessage())  # b"" with Content-Length framing
             if not body:
-                await self._write(conn, head)
+                await self._write(conn, head, scope)
             elif len(body) <= COALESCE_WRITE_BYTES:
-                await self._write(conn, head + bytes(body))
+                await self._write(conn, head + bytes(body), scope)
             else:
-                await self._write(conn, head)
-                await self._write(conn, body)
+                await self._write(conn, head, scope)
+                await self._write(conn, body, scope)
             return
-        await self._write(conn, head)
+        await self._write(conn, head, scope)
         async for chunk in body:
             if not chunk:
                 continue
             parts = h.send_with_data_passthrough(h11.Data(data=chunk)) or []
             if len(chunk) <= COALESCE_WRITE_BYTES:
-                await self._write(conn, b"".join(parts))
+                await self._write(conn, b"".join(parts), scope)
             else:
                 for part in parts:
-                    await self._write(conn, part)
-        await self._write(conn, h.send(h11.EndOfMessage()))
+                    await self._write(conn, part, scope)
+        await self._write(conn, h.send(h11.EndOfMessage()), scope)
 
-    async def _receive_head(self, conn: _Connection) -> h11.Response:
+    async def _receive_head(self, conn: _Connection, scope: anyio.CancelScope) -> h11.Response:
         h = conn.h11
         received = 0
         while True:
@@ -674,8 +684,9 @@ class HttpClient:
                     "Upstream sent a malformed response", detail=_describe(exc)
                 ) from None
             if event is h11.NEED_DATA:
+                scope.deadline = anyio.current_time() + self._read_timeout
                 try:
-                    data = await self._receive(conn)
+                    data = await self._receive_untimed(conn)
                 except UpstreamProtocolError as exc:
                     if received == 0:  # reset before any byte of the response
                         raise _ConnectionLost(exc.detail) from exc
@@ -696,16 +707,20 @@ class HttpClient:
 
     async def _receive(self, conn: _Connection) -> bytes:
         """One read (b"" at EOF) under the read timeout; failures become Upstream errors."""
+        with anyio.move_on_after(self._read_timeout):
+            return await self._receive_untimed(conn)
+        raise UpstreamTimeout(
+            "Upstream service request timed out",
+            detail=f"no data from upstream for {self._read_timeout:g} s",
+        )
+
+    @staticmethod
+    async def _receive_untimed(conn: _Connection) -> bytes:
+        """One read (b"" at EOF), for a caller whose scope bounds it."""
         try:
-            with anyio.fail_after(self._read_timeout):
-                return await conn.stream.receive(READ_CHUNK_BYTES)
+            return await conn.stream.receive(READ_CHUNK_BYTES)
         except anyio.EndOfStream:
             return b""
-        except TimeoutError:
-            raise UpstreamTimeout(
-                "Upstream service request timed out",
-                detail=f"no data from upstream for {self._read_timeout:g} s",
-            ) from None
         except _IO_ERRORS as exc:
             raise UpstreamProtocolError(
                 "Upstream connection broken", detail=_describe(exc)
@@ -728,6 +743,11 @@ class UpstreamResponse:
         self._client = client
         self._pool = pool
         self._conn: _Connection | None = conn
+
+    @property
+    def finished(self) -> bool:
+        """Read to its end or closed: the connection is back in the pool or gone."""
+        return self._conn is None
 
     def header(self, name: str) -> str | None:
         """The first value of header `name` (case-insensitive), or None."""

@@ -259,6 +259,21 @@ async def test_large_bytes_body_and_response(upstream: ScriptedUpstream) -> None
     assert upstream.requests[0].body == payload
 
 
+async def test_write_timeout_does_not_count_a_slow_body_iterator(upstream: ScriptedUpstream) -> None:
+    """`write_timeout` bounds each write, not the caller's iterator between chunks."""
+
+    async def body() -> AsyncIterator[bytes]:
+        yield CHAT[:10]
+        await anyio.sleep(0.5)
+        yield CHAT[10:]
+
+    async with HttpClient(write_timeout=0.2) as client:
+        status, _h, raw = await client.fetch("POST", f"{upstream.url}/chat/completions", JSON,
+                                             body())  # type: ignore[arg-type]
+    assert status == 200 and json.loads(raw)["object"] == "chat.completion"
+    assert upstream.requests[0].body == CHAT
+
+
 async def test_chunked_download_streams_events_as_they_arrive(upstream: ScriptedUpstream) -> None:
     upstream.enqueue(Behaviour(event_delay_s=0.1))
     arrivals: list[float] = []
