@@ -166,7 +166,8 @@ class Platform:
     # -- proxy observer -----------------------------------------------------------------------
     def settled(self, request: Request, tokens: int, charged_msats: int, account_id: int) -> None:
         """A request was settled (plain def, no I/O: runs on the settlement path)."""
-        self.limiter.record_tokens(self.limiter.identity(request), tokens)
+        if self.limiter.limits.tokens_per_hour:
+            self.limiter.record_tokens(self.limiter.identity(request), tokens)
         self.metrics.observe_settlement(charged_msats)
         self.webhooks.note_settlement(account_id)
 

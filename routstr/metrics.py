@@ -37,6 +37,7 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 LATENCY_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
                      120.0, 300.0)
 UNMATCHED = "unmatched"
+ROUTE_CACHE_SIZE = 1024  # (method, path) pairs whose route is remembered
 Labels = tuple[tuple[str, str], ...]
 Extra = dict[str, tuple[str, str, dict[Labels, float]]]  # name → (type, help, {labels: value})
 
@@ -86,6 +87,7 @@ class Metrics:
     def __init__(self, db: Database) -> None:
         self.db = db
         self._router: Router | None = None
+        self._route_cache: dict[tuple[str, str], str] = {}
         self.requests: dict[tuple[str, str, str], int] = {}
         self.latency: dict[str, _Histogram] = {}
         self.upstream_errors: dict[str, int] = {}
@@ -94,8 +96,19 @@ class Metrics:
 
     def set_routes(self, routes: Iterable[Route]) -> None:
         self._router = Router([Route(r.method, r.pattern, _Tag(r.pattern)) for r in routes])
+        self._route_cache.clear()
 
     def route_of(self, method: str, path: str) -> str:
+        """The route pattern serving (method, path); remembered for the first paths seen."""
+        key = (method, path)
+        route = self._route_cache.get(key)
+        if route is None:
+            route = self._resolve(method, path)
+            if len(self._route_cache) < ROUTE_CACHE_SIZE:
+                self._route_cache[key] = route
+        return route
+
+    def _resolve(self, method: str, path: str) -> str:
         if self._router is None:
             return UNMATCHED
         try:

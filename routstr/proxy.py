@@ -576,7 +576,7 @@ class Proxy:
                 await self.payments.after_failure(payer, exc)
             raise
         finally:
-            if upstream is not None and not handed_off:
+            if upstream is not None and not handed_off and not upstream.finished:
                 with anyio.CancelScope(shield=True):
                     await upstream.aclose()
             if not billing.finished and not handed_off:
