@@ -199,3 +199,46 @@ def test_measure_commit_cost(database: Database, capsys) -> None:
     with capsys.disabled():
         print(f"\n[db] median commit: NORMAL {normal:.1f} µs, FULL {full:.1f} µs")
     assert normal < 50_000 and full < 1_000_000
+
+
+def test_wal_stays_bounded_under_sustained_writes(tmp_path: Path) -> None:
+    """A writer that keeps going, with the periodic checkpoint running beside it: the WAL is
+    started over again and again instead of growing for as long as the load lasts (a passive
+    checkpoint alone never catches up with such a writer)."""
+    path = tmp_path / "node.sqlite3"
+    writer = Database(path)
+    writer.move_checkpoints_off_this_connection()
+    writer.transaction(lambda c: c.execute(
+        "INSERT INTO keys (key_hash, kind, created_at) VALUES (?, 'api', 0)", ("d" * 64,)))
+    stop = threading.Event()
+    checkpoints = 0
+
+    def checkpointer() -> None:
+        nonlocal checkpoints
+        while not stop.wait(0.2):
+            dbmod.checkpoint_file(str(path))
+            checkpoints += 1
+
+    thread = threading.Thread(target=checkpointer)
+    thread.start()
+    sizes: list[int] = []
+    try:
+        deadline = time.monotonic() + 3.0
+        i = 0
+        while time.monotonic() < deadline:  # bounded: stops by itself
+            i += 1
+            writer.transaction(lambda c, n=i: c.execute(
+                "INSERT INTO txlog (time, kind, key_id, amount_msats, memo) VALUES (?, 'grant', 1,"
+                " 1, ?)", (n, "x" * 200)))
+            if i % 100 == 0:
+                sizes.append((tmp_path / "node.sqlite3-wal").stat().st_size)
+            time.sleep(0.0002)  # what a proxied request spends between its two transactions
+    finally:
+        stop.set()
+        thread.join()
+        writer.close()
+    assert checkpoints >= 5 and len(sizes) >= 30
+    third = len(sizes) // 3
+    early, late = max(sizes[:third]), max(sizes[-third:])
+    # growing without restarts, the late WAL is about three times the early one
+    assert late < 2 * early, f"WAL grew from {early} to {late} bytes"
