@@ -69,6 +69,10 @@ DatabaseError = sqlite3.Error
 log = logging.getLogger(__name__)
 
 BUSY_TIMEOUT_MS = 5000
+# Every commit appends each page it touched to the WAL in full: with the node's small rows, 1 KiB
+# pages write a quarter of what sqlite's default 4 KiB do (a proxied request: ~16 KB instead of
+# ~60 KB) and made the per-request ledger work about a quarter faster here.
+PAGE_SIZE_BYTES = 1024
 WAL_RESTART_FRAMES = 2000  # WAL frames left after a passive checkpoint that force a restart
 WAL_SIZE_LIMIT_BYTES = 16 * 1024 * 1024  # a restarted WAL file is truncated back to this
 SLOW_TRANSACTION_S = 0.050
@@ -407,6 +411,8 @@ class Database:
         conn = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None)
         try:
             conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+            # Only a new (empty) file takes it; an existing one keeps the size it was made with.
+            conn.execute(f"PRAGMA page_size = {PAGE_SIZE_BYTES}")
             if self.path != ":memory:":
                 mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
                 if str(mode).lower() != "wal":

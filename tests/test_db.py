@@ -29,6 +29,8 @@ def test_open_settings(database: Database) -> None:
     assert pragma(database, "foreign_keys") == 1
     assert pragma(database, "busy_timeout") == 5000
     assert pragma(database, "synchronous") == 1  # NORMAL
+    assert pragma(database, "page_size") == dbmod.PAGE_SIZE_BYTES
+    assert pragma(database, "journal_size_limit") == dbmod.WAL_SIZE_LIMIT_BYTES
     assert database.schema_version == len(MIGRATIONS)
 
 
