@@ -1,17 +1,22 @@
 """Proxy overhead benchmark: the same load straight at a fake upstream and through the node.
 
-    python bench/proxy_bench.py [--requests 2000] [--seconds 5] [--concurrency 64]
+    python bench/proxy_bench.py [--requests 2000] [--seconds 5] [--concurrency 64] [--rounds 5]
 
-Starts (as separate processes, all on 127.0.0.1) a minimal asyncio fake upstream and the node
-(`python -m routstr`, fresh sqlite file, a prepaid key), then measures with raw keep-alive
-HTTP/1.1 clients, for paid requests (auth + reserve + forward + settle):
+Starts (as separate processes, all on 127.0.0.1) a minimal asyncio fake upstream, the node
+(`python -m routstr`, fresh sqlite file, a prepaid key) and, as a reference, a *floor relay*:
+the least an h11 + anyio relay can do (parse the request, forward it on a kept-alive upstream
+connection, relay the answer — no auth, no billing, no headers touched). Then it measures with
+raw keep-alive HTTP/1.1 clients, for paid requests (auth + reserve + forward + settle):
 
 * latency at concurrency 1: p50 / p99, direct vs through the node (the difference is the
   node's added latency);
 * throughput at concurrency N: requests/s, and the node's share of the direct figure;
 * streaming time to first byte (first SSE event), p50, direct vs through the node.
 
-Prints a Markdown table (the one quoted in README's Performance section).
+Each measure alternates short rounds over direct / node / floor (`--rounds`), so a slow
+moment of a shared machine lands on all of them alike; latencies pool the rounds' samples,
+throughput takes the median round. Prints a Markdown table (the one quoted in README's
+Performance section).
 """
 
 from __future__ import annotations
@@ -64,6 +69,44 @@ async def main():
 asyncio.run(main())
 '''
 
+
+FLOOR = r'''
+import sys, anyio, anyio.abc, h11
+UP = int(sys.argv[1])
+async def relay(client: anyio.abc.SocketStream) -> None:
+    up = await anyio.connect_tcp("127.0.0.1", UP)
+    cs, us = h11.Connection(h11.SERVER), h11.Connection(h11.CLIENT)
+    async def next_event(conn, stream):
+        while (event := conn.next_event()) is h11.NEED_DATA:
+            try:
+                conn.receive_data(await stream.receive())
+            except anyio.EndOfStream:
+                conn.receive_data(b"")
+        return event
+    async with client, up:
+        while True:
+            request = await next_event(cs, client)
+            if not isinstance(request, h11.Request):
+                return
+            body = b""
+            while not isinstance(event := await next_event(cs, client), h11.EndOfMessage):
+                body += event.data
+            out = us.send(request) + us.send(h11.Data(data=body)) + us.send(h11.EndOfMessage())
+            await up.send(out)
+            response = await next_event(us, up)
+            head = h11.Response(status_code=response.status_code, headers=response.headers)
+            await client.send(cs.send(head))
+            while not isinstance(event := await next_event(us, up), h11.EndOfMessage):
+                await client.send(cs.send(h11.Data(data=event.data)))
+            await client.send(cs.send(h11.EndOfMessage()))
+            us.start_next_cycle()
+            cs.start_next_cycle()
+async def main() -> None:
+    listener = await anyio.create_tcp_listener(local_host="127.0.0.1", local_port=0)
+    print(listener.extra(anyio.abc.SocketAttribute.local_address)[1], flush=True)
+    await listener.serve(relay)
+anyio.run(main)
+'''
 
 class Client:
     """One raw keep-alive HTTP/1.1 connection (Content-Length or chunked responses)."""
@@ -133,15 +176,35 @@ def pct(xs: list[float], p: float) -> float:
     return xs[min(len(xs) - 1, int(len(xs) * p))] * 1000
 
 
+def start_port(argv: list[str], env: dict[str, str] | None = None) -> subprocess.Popen[str]:
+    """A helper process that prints its port on its first line."""
+    return subprocess.Popen(argv, stdout=subprocess.PIPE, text=True, env=env)
+
+
+def listening_port(pid: int, timeout: float = 20.0) -> int:
+    """The port process `pid` listens on (the node logs at WARNING: no "listening" line)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        time.sleep(0.1)
+        out = subprocess.run(["ss", "-ltnpH"], capture_output=True, text=True).stdout
+        for line in out.splitlines():
+            if f"pid={pid}," in line:
+                return int(line.split()[3].rsplit(":", 1)[1])
+    raise RuntimeError("the node did not start listening")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--requests", type=int, default=2000)
     ap.add_argument("--seconds", type=float, default=5.0)
     ap.add_argument("--concurrency", type=int, default=64)
+    ap.add_argument("--rounds", type=int, default=5)
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="routstr-bench-"))
-    up = subprocess.Popen([sys.executable, "-c", UPSTREAM], stdout=subprocess.PIPE, text=True)
+    up = start_port([sys.executable, "-c", UPSTREAM])
     up_port = int(up.stdout.readline())  # type: ignore[union-attr]
+    floor = start_port([sys.executable, "-c", FLOOR, str(up_port)])
+    floor_port = int(floor.stdout.readline())  # type: ignore[union-attr]
     db = str(tmp / "bench.sqlite3")
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     out = subprocess.run([sys.executable, "-m", "routstr", "keys", "create", "--balance-msats",
@@ -149,43 +212,52 @@ def main() -> None:
                          env=env, check=True)
     key = json.loads(out.stdout)["api_key"]
     log = open(tmp / "node.log", "w")  # noqa: SIM115
-    node = subprocess.Popen([sys.executable, *(["/tmp/prof_run.py"] if os.environ.get("PROF") else ["-m", "routstr"]), "--port", "0", "--database", db,
+    node = subprocess.Popen([sys.executable, "-m", "routstr", "--port", "0", "--database", db,
                              "--log-level", "WARNING",
                              # one key drives the whole load: per-key rate limits off
                              "--rate-limit-requests", "0", "--rate-limit-concurrent", "0",
                              "--rate-limit-tokens", "0",
                              "--upstream-base-url", f"http://127.0.0.1:{up_port}/v1"],
-                            stderr=log, env={**env, "ROUTSTR_BENCH": "1"})
-    # --log-level WARNING hides the "listening" line: find the port from /proc instead
-    port = 0
-    deadline = time.monotonic() + 20
-    while not port and time.monotonic() < deadline:
-        time.sleep(0.1)
-        out = subprocess.run(["ss", "-ltnpH"], capture_output=True, text=True).stdout
-        for line in out.splitlines():
-            if f"pid={node.pid}," in line:
-                port = int(line.split()[3].rsplit(":", 1)[1])
+                            stderr=log, env=env)
+    targets = {"direct": up_port, "node": listening_port(node.pid), "floor": floor_port}
+    lat: dict[str, list[float]] = {t: [] for t in targets}
+    ttfb: dict[str, list[float]] = {t: [] for t in targets}
+    tput: dict[str, list[float]] = {t: [] for t in targets}
+    path = "/v1/chat/completions"
+    rounds = max(1, args.rounds)
     try:
-        direct_lat = asyncio.run(latency(up_port, "/v1/chat/completions", key, args.requests, CHAT))
-        node_lat = asyncio.run(latency(port, "/v1/chat/completions", key, args.requests, CHAT))
-        direct_ttfb = asyncio.run(latency(up_port, "/v1/chat/completions", key, args.requests // 2, STREAM, True))
-        node_ttfb = asyncio.run(latency(port, "/v1/chat/completions", key, args.requests // 2, STREAM, True))
-        direct_tp = asyncio.run(throughput(up_port, "/v1/chat/completions", key, args.concurrency, args.seconds))
-        node_tp = asyncio.run(throughput(port, "/v1/chat/completions", key, args.concurrency, args.seconds))
+        for _ in range(rounds):  # alternate, so a slow moment lands on every target alike
+            for name, port in targets.items():
+                lat[name] += asyncio.run(latency(port, path, key, args.requests // rounds, CHAT))
+                ttfb[name] += asyncio.run(latency(port, path, key, args.requests // 2 // rounds,
+                                                  STREAM, True))
+                tput[name].append(asyncio.run(throughput(port, path, key, args.concurrency,
+                                                         args.seconds / rounds)))
     finally:
         node.terminate()
         node.wait(15)
-        up.terminate()
-        up.wait(5)
-    d50, d99, n50, n99 = pct(direct_lat, .5), pct(direct_lat, .99), pct(node_lat, .5), pct(node_lat, .99)
-    t_d, t_n = pct(direct_ttfb, .5), pct(node_ttfb, .5)
-    print(f"| measure (paid requests, {os.cpu_count()} cores) | direct upstream | through node | added / ratio |")
-    print("|---|---|---|---|")
-    print(f"| latency p50, concurrency 1 | {d50:.2f} ms | {n50:.2f} ms | +{n50 - d50:.2f} ms |")
-    print(f"| latency p99, concurrency 1 | {d99:.2f} ms | {n99:.2f} ms | +{n99 - d99:.2f} ms |")
-    print(f"| throughput, concurrency {args.concurrency} | {direct_tp:.0f} req/s | {node_tp:.0f} req/s | {100 * node_tp / direct_tp:.0f} % |")
-    print(f"| streaming time to first byte p50 | {t_d:.2f} ms | {t_n:.2f} ms | +{t_n - t_d:.2f} ms |")
-    print(f"\nmedian of means check: {statistics.mean(node_lat) * 1000:.2f} ms mean through node")
+        for proc in (up, floor):
+            proc.terminate()
+            proc.wait(5)
+    d50, d99, n50, n99 = (pct(lat["direct"], .5), pct(lat["direct"], .99), pct(lat["node"], .5),
+                          pct(lat["node"], .99))
+    f50, f99 = pct(lat["floor"], .5), pct(lat["floor"], .99)
+    t_d, t_n, t_f = (pct(ttfb[t], .5) for t in ("direct", "node", "floor"))
+    tp = {t: statistics.median(xs) for t, xs in tput.items()}
+    print(f"| measure (paid requests, {os.cpu_count()} cores) | direct upstream | through node "
+          "| added / ratio | floor relay (h11 + anyio, no billing): added / ratio |")
+    print("|---|---|---|---|---|")
+    print(f"| latency p50, concurrency 1 | {d50:.2f} ms | {n50:.2f} ms | +{n50 - d50:.2f} ms "
+          f"| +{f50 - d50:.2f} ms |")
+    print(f"| latency p99, concurrency 1 | {d99:.2f} ms | {n99:.2f} ms | +{n99 - d99:.2f} ms "
+          f"| +{f99 - d99:.2f} ms |")
+    print(f"| throughput, concurrency {args.concurrency} | {tp['direct']:.0f} req/s "
+          f"| {tp['node']:.0f} req/s | {100 * tp['node'] / tp['direct']:.1f} % "
+          f"| {tp['floor']:.0f} req/s = {100 * tp['floor'] / tp['direct']:.1f} % |")
+    print(f"| streaming time to first byte p50 | {t_d:.2f} ms | {t_n:.2f} ms "
+          f"| +{t_n - t_d:.2f} ms | +{t_f - t_d:.2f} ms |")
+    print(f"\nnode mean latency {statistics.mean(lat['node']) * 1000:.2f} ms over "
+          f"{len(lat['node'])} requests; {rounds} alternating rounds")
 
 
 if __name__ == "__main__":
