@@ -43,7 +43,7 @@ Durability (measured on this machine's ext4 disk, see the numbers below)
     Measured on this machine (ext4 on a virtual disk; tests/test_db.py and
     tests/test_ledger.py print their numbers): a NORMAL commit ≈ 8 µs, a FULL commit ≈ 0.2–0.8
     ms median (one WAL fdatasync; p99 a few ms). One reserve + settle pair — two NORMAL
-    transactions, what every proxied request costs the ledger — ≈ 90 µs median; a durable
+    transactions, what every proxied request costs the ledger — ≈ 65 µs median; a durable
     credit ≈ 0.2 ms. FULL for every per-request operation would add two fsyncs per request for
     nothing a user can observe, hence the split. The pair's p99 (≈ 3.5 ms) is sqlite's automatic
     WAL checkpoint (every 1000 pages, about every 70 requests), which fsyncs the database file;

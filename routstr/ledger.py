@@ -52,6 +52,12 @@ periodically), and `release_orphans` releases at start every reservation made by
 only valid when this process is the only one using the database (single-process mode); with
 ``--workers N`` the expiry sweep alone bounds how long a dead worker's reservations stay held.
 
+The per-request pair runs on every paid request, so it is kept to a few statements: `reserve`
+holds a plain key's money (not a child, no balance limit) with one UPDATE whose WHERE clause is
+the policy checks, and reads the key only when that UPDATE matches no row (a child key, a balance
+limit, or to raise the precise refusal); `settle` reads the reservation and the payer's balance
+and limit window, deletes the reservation and moves the money in one UPDATE of the payer.
+
 Every operation is a plain ``def op(conn, ...)`` that expects to run inside a transaction opened
 by `db.Database.transaction` (so another module, e.g. the wallet's proof store, can credit inside
 its own transaction); `Ledger` wraps each op in its own transaction and picks the durability:
@@ -258,14 +264,25 @@ def window_start(reset: str | None, now: int) -> int | None:
     return int(start.timestamp())
 
 
+def _limit_window(
+    reset: str | None, started: int | None, spent: int, now: int
+) -> tuple[int, int | None]:
+    """(spent in the limit window containing `now`, that window's start) for an account whose
+    window began at `started` with `spent` counted in it; once that window has ended, a new one
+    starts counting from zero."""
+    start = window_start(reset, now)
+    if start is None:
+        return spent, started
+    if started is None or started < start:
+        return 0, start
+    return spent, started
+
+
 def _limit_spent_now(acct: Account, now: int) -> tuple[int, int | None]:
     """(spent in the current limit window, that window's start)."""
-    start = window_start(acct.balance_limit_reset, now)
-    if start is None:
-        return acct.limit_spent_msats, acct.limit_window_start
-    if acct.limit_window_start is None or acct.limit_window_start < start:
-        return 0, start
-    return acct.limit_spent_msats, acct.limit_window_start
+    return _limit_window(
+        acct.balance_limit_reset, acct.limit_window_start, acct.limit_spent_msats, now
+    )
 
 
 def _log(
@@ -322,10 +339,6 @@ def _insufficient(required: int, available: int) -> errors.InsufficientBalance:
 def _get_reservation(conn: sqlite3.Connection, reservation_id: int) -> Reservation | None:
     row = conn.execute(_SELECT_RESERVATION + " WHERE id = ?", (reservation_id,)).fetchone()
     return Reservation(*row) if row else None
-
-
-def _requester_id(r: Reservation) -> int:
-    return r.child_id if r.child_id is not None else r.key_id
 
 
 # --------------------------------------------------------------------------------------------
@@ -536,10 +549,43 @@ def reserve(
     403 ``key_expired``; the requesting key's `balance_limit` (spent in the current window +
     reserved by this key + amount > limit) → 402 ``balance_limit_exceeded``; spendable balance
     short → 402 ``insufficient_balance`` with details {required, available}.
+
+    The common case — a key that is not a child and has no balance limit — is one conditional
+    UPDATE whose WHERE clause is exactly those checks; when it changes no row (a check fails,
+    no such key, a child key, a balance limit), `_hold_checked` reads the key, raises the precise
+    error or holds the money.
     """
     _amount(amount_msats)
     if ttl_s <= 0:
         raise ValueError("ttl_s must be positive")
+    # `_hold_checked`'s checks for a plain key, in SQL (usable while now < validity_date).
+    held = conn.execute(
+        "UPDATE keys SET balance_msats = balance_msats - ?, reserved_msats = reserved_msats + ?,"
+        " total_requests = total_requests + 1, last_used_at = ?"
+        " WHERE id = ? AND parent_id IS NULL AND balance_limit_msats IS NULL AND disabled = 0"
+        " AND (validity_date IS NULL OR validity_date > ?) AND balance_msats >= ?",
+        (amount_msats, amount_msats, now, account_id, now, amount_msats),
+    )
+    if held.rowcount == 1:
+        payer_id, child_id = account_id, None
+    else:
+        payer_id, child_id = _hold_checked(conn, account_id, amount_msats, now=now)
+    cur = conn.execute(
+        "INSERT INTO reservations (key_id, child_id, amount_msats, request_id, owner,"
+        " created_at, expires_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+        (payer_id, child_id, amount_msats, request_id, owner, now, now + ttl_s),
+    )
+    _log(conn, "reserve", payer_id, amount_msats, child_id=child_id, request_id=request_id, now=now)
+    assert cur.lastrowid is not None
+    return Reservation(
+        cur.lastrowid, payer_id, child_id, amount_msats, request_id, owner, now, now + ttl_s
+    )
+
+
+def _hold_checked(
+    conn: sqlite3.Connection, account_id: int, amount_msats: int, *, now: int
+) -> tuple[int, int | None]:
+    """`reserve`'s checks one by one (see there), then the hold: (paying id, child id or None)."""
     key = _require(conn, account_id)
     payer = _require(conn, key.parent_id) if key.parent_id is not None else key
     _check_usable(key, now)
@@ -574,50 +620,61 @@ def reserve(
             "UPDATE keys SET total_requests = total_requests + 1, last_used_at = ? WHERE id = ?",
             (now, child_id),
         )
-    cur = conn.execute(
-        "INSERT INTO reservations (key_id, child_id, amount_msats, request_id, owner,"
-        " created_at, expires_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
-        (payer.id, child_id, amount_msats, request_id, owner, now, now + ttl_s),
-    )
-    _log(conn, "reserve", payer.id, amount_msats, child_id=child_id, request_id=request_id, now=now)
-    assert cur.lastrowid is not None
-    return Reservation(
-        cur.lastrowid, payer.id, child_id, amount_msats, request_id, owner, now, now + ttl_s
-    )
+    return payer.id, child_id
 
 
-def _charge_from(
+def _charge(
     conn: sqlite3.Connection,
-    payer: Account,
+    payer_id: int,
     requester_id: int,
     held: int,
     cost: int,
     *,
     now: int,
-) -> tuple[int, int, int]:
-    """Consume `held` reserved msats for a request costing `cost`: (charged, released, overdraft).
+) -> tuple[int, int, int, int]:
+    """Consume `held` reserved msats of `payer_id` for a request costing `cost` made with key
+    `requester_id`: (charged, released, overdraft, the payer's balance afterwards).
 
     The excess over `held` is taken from the spendable balance, down to zero and no further.
+    The requester's usage and limit-window spending grow by the charge — in the payer's own
+    UPDATE when the requester is the payer, else in a second UPDATE on the child key.
     """
+    row = conn.execute(
+        "SELECT balance_msats, balance_limit_reset, limit_window_start, limit_spent_msats"
+        " FROM keys WHERE id = ?",
+        (payer_id,),
+    ).fetchone()
+    if row is None:
+        raise AccountNotFound(f"Key not found (account {payer_id})")
+    balance, reset, started, limit_spent = row
     if cost <= held:
         charged, released, extra = cost, held - cost, 0
     else:
-        extra = min(cost - held, payer.balance_msats)
+        extra = min(cost - held, balance)
         charged, released = held + extra, 0
-    overdraft = cost - charged
-    conn.execute(
-        "UPDATE keys SET reserved_msats = reserved_msats - ?,"
-        " balance_msats = balance_msats + ? - ?, spent_msats = spent_msats + ? WHERE id = ?",
-        (held, released, extra, charged, payer.id),
-    )
-    requester = payer if requester_id == payer.id else _require(conn, requester_id)
-    spent, start = _limit_spent_now(requester, now)
-    conn.execute(
-        "UPDATE keys SET usage_msats = usage_msats + ?, limit_spent_msats = ?,"
-        " limit_window_start = ? WHERE id = ?",
-        (charged, spent + charged, start, requester.id),
-    )
-    return charged, released, overdraft
+    if requester_id == payer_id:
+        spent, start = _limit_window(reset, started, limit_spent, now)
+        conn.execute(
+            "UPDATE keys SET reserved_msats = reserved_msats - ?,"
+            " balance_msats = balance_msats + ? - ?, spent_msats = spent_msats + ?,"
+            " usage_msats = usage_msats + ?, limit_spent_msats = ?, limit_window_start = ?"
+            " WHERE id = ?",
+            (held, released, extra, charged, charged, spent + charged, start, payer_id),
+        )
+    else:
+        conn.execute(
+            "UPDATE keys SET reserved_msats = reserved_msats - ?,"
+            " balance_msats = balance_msats + ? - ?, spent_msats = spent_msats + ? WHERE id = ?",
+            (held, released, extra, charged, payer_id),
+        )
+        requester = _require(conn, requester_id)
+        spent, start = _limit_spent_now(requester, now)
+        conn.execute(
+            "UPDATE keys SET usage_msats = usage_msats + ?, limit_spent_msats = ?,"
+            " limit_window_start = ? WHERE id = ?",
+            (charged, spent + charged, start, requester_id),
+        )
+    return charged, released, cost - charged, balance + released - extra
 
 
 def settle(
@@ -630,29 +687,32 @@ def settle(
     that no longer exists → `ReservationGone` (nothing charged).
     """
     _amount(cost_msats, "cost_msats")
-    r = _get_reservation(conn, reservation_id)
-    if r is None:
+    row = conn.execute(
+        "SELECT key_id, child_id, amount_msats, request_id FROM reservations WHERE id = ?",
+        (reservation_id,),
+    ).fetchone()
+    if row is None:
         raise ReservationGone(reservation_id)
-    conn.execute("DELETE FROM reservations WHERE id = ?", (r.id,))
-    payer = _require(conn, r.key_id)
-    charged, released, overdraft = _charge_from(
-        conn, payer, _requester_id(r), r.amount_msats, cost_msats, now=now
+    payer_id, child_id, held, request_id = row
+    conn.execute("DELETE FROM reservations WHERE id = ?", (reservation_id,))
+    requester_id = payer_id if child_id is None else child_id
+    charged, released, overdraft, balance = _charge(
+        conn, payer_id, requester_id, held, cost_msats, now=now
     )
-    memo = f"cost={cost_msats} held={r.amount_msats} released={released}"
+    memo = f"cost={cost_msats} held={held} released={released}"
     if overdraft:
         memo += f" overdraft={overdraft}"
     _log(
         conn,
         "settle",
-        r.key_id,
+        payer_id,
         charged,
-        child_id=r.child_id,
-        request_id=r.request_id,
+        child_id=child_id,
+        request_id=request_id,
         now=now,
         memo=memo,
     )
-    balance = _require(conn, r.key_id).balance_msats
-    return Settlement(r.id, charged, released, overdraft, balance)
+    return Settlement(reservation_id, charged, released, overdraft, balance)
 
 
 def charge(
@@ -668,11 +728,10 @@ def charge(
     """
     _amount(cost_msats, "cost_msats")
     key = _require(conn, account_id)
-    payer = _require(conn, key.paying_id)
-    charged, _, overdraft = _charge_from(conn, payer, key.id, 0, cost_msats, now=now)
+    charged, _, overdraft, balance = _charge(conn, key.paying_id, key.id, 0, cost_msats, now=now)
     memo = f"cost={cost_msats} held=0" + (f" overdraft={overdraft}" if overdraft else "")
     _log_for(conn, key, "charge", charged, request_id=request_id, now=now, memo=memo)
-    return Settlement(None, charged, 0, overdraft, _require(conn, payer.id).balance_msats)
+    return Settlement(None, charged, 0, overdraft, balance)
 
 
 def _release_row(conn: sqlite3.Connection, r: Reservation, kind: str, now: int, memo: str) -> None:
@@ -700,7 +759,8 @@ def release(conn: sqlite3.Connection, reservation_id: int, *, now: int) -> Settl
     if r is None:
         raise ReservationGone(reservation_id)
     _release_row(conn, r, "release", now, "")
-    return Settlement(r.id, 0, r.amount_msats, 0, _require(conn, r.key_id).balance_msats)
+    balance = conn.execute("SELECT balance_msats FROM keys WHERE id = ?", (r.key_id,)).fetchone()
+    return Settlement(r.id, 0, r.amount_msats, 0, int(balance[0]))
 
 
 def renew(conn: sqlite3.Connection, reservation_id: int, *, ttl_s: int, now: int) -> Reservation:

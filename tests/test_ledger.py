@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import re
 import sqlite3
 import threading
 import time
@@ -34,6 +35,7 @@ from routstr.ledger import (
 )
 
 NOW = 1_750_000_000  # 2025-06-15T15:06:40Z, a Sunday
+DAY = 86_400
 
 
 def new_hash() -> str:
@@ -211,6 +213,295 @@ def test_release_orphans_only_touches_other_boots(db: Database) -> None:
     assert new.get_reservation(mine.id) is not None
     assert new.transactions(a.id)[0][0].kind == "orphan"
     new.check_invariant()
+
+
+# --------------------------------------------------------------------------------------------
+# reserve's one-UPDATE path (plain key, no balance limit) against its checked path, and settle's
+# one-UPDATE charge: every boundary between them
+# --------------------------------------------------------------------------------------------
+
+
+def state(lg: Ledger, account_id: int) -> tuple[int, ...]:
+    a = lg.get_account_by_id(account_id)
+    return (
+        a.balance_msats,
+        a.reserved_msats,
+        a.spent_msats,
+        a.usage_msats,
+        a.total_requests,
+        a.tx_count,
+        a.limit_spent_msats,
+    )
+
+
+def refused(lg: Ledger, account_id: int, amount: int, code: str, **kw) -> errors.ApiError:
+    """reserve is refused with `code` and changes nothing (no row, no count, no log)."""
+    before = state(lg, account_id), lg.totals()
+    with pytest.raises(errors.ApiError) as e:
+        lg.reserve(account_id, amount, request_id="refused", ttl_s=60, **kw)
+    assert e.value.code == code
+    assert (state(lg, account_id), lg.totals()) == before
+    lg.check_invariant()
+    return e.value
+
+
+def test_reserve_expires_exactly_at_validity_date(lg: Ledger) -> None:
+    a = funded(lg, 1_000, validity_date=NOW + 10)
+    r = lg.reserve(a.id, 100, request_id="last-second", ttl_s=60, now=NOW + 9)
+    assert (r.key_id, r.child_id, r.amount_msats) == (a.id, None, 100)
+    e = refused(lg, a.id, 100, "key_expired", now=NOW + 10)
+    assert e.status == 403 and e.details == {"validity_date": NOW + 10}
+    refused(lg, a.id, 100, "key_expired", now=NOW + 11)
+    lg.settle(r.id, 100, now=NOW + 11)  # an expired key's request in flight still settles
+    assert state(lg, a.id)[:5] == (900, 0, 100, 100, 1)
+
+
+def test_reserve_disabled_key_and_the_order_of_refusals(lg: Ledger) -> None:
+    a = funded(lg, 1_000, validity_date=NOW + 10)
+    lg.set_disabled(a.id, True)
+    e = refused(lg, a.id, 5_000, "key_disabled")  # disabled is reported before the balance
+    assert e.status == 401
+    refused(lg, a.id, 5_000, "key_disabled", now=NOW + 10)  # ... and before expiry
+    lg.set_disabled(a.id, False)
+    refused(lg, a.id, 5_000, "insufficient_balance")
+    refused(lg, a.id, 5_000, "key_expired", now=NOW + 10)
+    lg.release(lg.reserve(a.id, 1_000, request_id="ok", ttl_s=60).id)
+    assert state(lg, a.id)[:5] == (1_000, 0, 0, 0, 1)
+
+
+def test_reserve_exactly_the_balance_then_one_msat_more(lg: Ledger) -> None:
+    a = funded(lg, 1_000)
+    r = lg.reserve(a.id, 1_000, request_id="all", ttl_s=60)
+    assert state(lg, a.id)[:5] == (0, 1_000, 0, 0, 1)
+    e = refused(lg, a.id, 1, "insufficient_balance")
+    assert e.details == {"required": 1, "available": 0}
+    zero = lg.reserve(a.id, 0, request_id="free", ttl_s=60)  # 0 msats fits an empty balance
+    assert zero.amount_msats == 0
+    rows = [
+        (t.kind, t.key_id, t.child_id, t.amount_msats, t.request_id, t.memo)
+        for t in lg.transactions(a.id)[0][:2]
+    ]
+    assert rows == [
+        ("reserve", a.id, None, 0, "free", ""),
+        ("reserve", a.id, None, 1_000, "all", ""),
+    ]
+    lg.release(r.id)
+    lg.release(zero.id)
+    assert state(lg, a.id)[:5] == (1_000, 0, 0, 0, 2)
+    lg.check_invariant()
+
+
+def test_reserve_unknown_key(lg: Ledger) -> None:
+    with pytest.raises(ledger.AccountNotFound):
+        lg.reserve(12_345, 1, request_id="x", ttl_s=60)
+    assert lg.totals()["reservations"] == 0
+
+
+def test_plain_key_with_a_balance_limit_is_still_limited(lg: Ledger) -> None:
+    a = funded(lg, 10_000, balance_limit_msats=1_000)  # an api key, not a child
+    e = refused(lg, a.id, 1_001, "balance_limit_exceeded")
+    assert e.details == {"balance_limit": 1_000, "spent": 0, "reserved": 0, "required": 1_001}
+    r = lg.reserve(a.id, 600, request_id="a", ttl_s=60)
+    e = refused(lg, a.id, 401, "balance_limit_exceeded")  # what is held counts
+    assert e.details["reserved"] == 600
+    lg.settle(r.id, 600)
+    assert state(lg, a.id) == (9_400, 0, 600, 600, 1, 4, 600)
+    r = lg.reserve(a.id, 400, request_id="b", ttl_s=60)  # 600 spent + 400 = the limit
+    lg.settle(r.id, 1_000)  # a cost above the hold is charged all the same
+    refused(lg, a.id, 1, "balance_limit_exceeded")
+    assert state(lg, a.id) == (8_400, 0, 1_600, 1_600, 2, 6, 1_600)
+    lg.check_invariant()
+
+
+def test_child_key_reserve_and_settle(lg: Ledger) -> None:
+    parent = funded(lg, 10_000)
+    child = lg.create_child(parent.id, new_hash())
+    free = lg.reserve(child.id, 0, request_id="free", ttl_s=60)  # held on the parent, even 0
+    assert (free.key_id, free.child_id) == (parent.id, child.id)
+    lg.release(free.id)
+    r = lg.reserve(child.id, 3_000, request_id="c", ttl_s=60)
+    assert (r.key_id, r.child_id) == (parent.id, child.id)
+    assert state(lg, parent.id)[:5] == (7_000, 3_000, 0, 0, 2)
+    assert state(lg, child.id)[:5] == (0, 0, 0, 0, 2)
+    s = lg.settle(r.id, 3_500)  # 500 above the hold: from the parent's balance
+    assert (s.charged_msats, s.released_msats, s.overdraft_msats, s.balance_msats) == (
+        3_500,
+        0,
+        0,
+        6_500,
+    )
+    assert state(lg, parent.id)[:5] == (6_500, 0, 3_500, 0, 2)
+    assert state(lg, child.id) == (0, 0, 0, 3_500, 2, 5, 3_500)
+    row = lg.transactions(child.id)[0][0]
+    assert (row.kind, row.key_id, row.child_id, row.amount_msats, row.memo) == (
+        "settle",
+        parent.id,
+        child.id,
+        3_500,
+        "cost=3500 held=3000 released=0",
+    )
+    lg.set_disabled(parent.id, True)  # the child path checks the parent too
+    refused(lg, child.id, 1, "key_disabled")
+    lg.check_invariant()
+
+
+def test_settle_cost_equal_to_the_hold_and_zero(lg: Ledger) -> None:
+    a = funded(lg, 10_000)
+    s = lg.settle(lg.reserve(a.id, 4_000, request_id="eq", ttl_s=60).id, 4_000)
+    assert (s.charged_msats, s.released_msats, s.overdraft_msats, s.balance_msats) == (
+        4_000,
+        0,
+        0,
+        6_000,
+    )
+    s = lg.settle(lg.reserve(a.id, 1_000, request_id="free", ttl_s=60).id, 0)
+    assert (s.charged_msats, s.released_msats, s.balance_msats) == (0, 1_000, 6_000)
+    rows = [(t.kind, t.amount_msats, t.request_id, t.memo) for t in lg.transactions(a.id)[0][:4]]
+    assert rows == [
+        ("settle", 0, "free", "cost=0 held=1000 released=1000"),
+        ("reserve", 1_000, "free", ""),
+        ("settle", 4_000, "eq", "cost=4000 held=4000 released=0"),
+        ("reserve", 4_000, "eq", ""),
+    ]
+    acct = lg.get_account_by_id(a.id)
+    assert state(lg, a.id) == (6_000, 0, 4_000, 4_000, 2, 6, 4_000)
+    assert (acct.limit_window_start, acct.last_used_at) == (None, NOW)
+    lg.check_invariant()
+
+
+def test_settle_overdraft_drains_to_zero_and_records_it(lg: Ledger) -> None:
+    a = funded(lg, 1_500)
+    r = lg.reserve(a.id, 1_000, request_id="big", ttl_s=60)
+    s = lg.settle(r.id, 2_000)  # 1000 above the hold; only 500 left to take
+    assert (s.charged_msats, s.released_msats, s.overdraft_msats, s.balance_msats) == (
+        1_500,
+        0,
+        500,
+        0,
+    )
+    row = lg.transactions(a.id)[0][0]
+    assert (row.kind, row.amount_msats, row.memo) == (
+        "settle",
+        1_500,
+        "cost=2000 held=1000 released=0 overdraft=500",
+    )
+    assert state(lg, a.id) == (0, 0, 1_500, 1_500, 1, 4, 1_500)
+    lg.check_invariant()
+
+
+@pytest.mark.parametrize("child", [False, True])
+def test_settle_rolls_the_limit_window_over(lg: Ledger, child: bool) -> None:
+    parent = funded(lg, 100_000, now=NOW)
+    policy = {"balance_limit_msats": 50_000, "balance_limit_reset": "daily", "now": NOW}
+    if child:
+        key = lg.create_child(parent.id, new_hash(), **policy)
+    else:
+        key = lg.create_account(key_hash=new_hash(), kind="api", deposit_msats=100_000, **policy)
+    today = ledger.window_start("daily", NOW)
+    assert lg.get_account_by_id(key.id).limit_window_start == today
+    held_over = lg.reserve(key.id, 1_000, request_id="overnight", ttl_s=DAY, now=NOW)
+    lg.settle(lg.reserve(key.id, 5_000, request_id="a", ttl_s=60, now=NOW).id, 3_000, now=NOW)
+    a = lg.get_account_by_id(key.id)
+    assert (a.limit_spent_msats, a.limit_window_start, a.usage_msats) == (3_000, today, 3_000)
+    tomorrow = NOW + DAY
+    lg.settle(held_over.id, 700, now=tomorrow)  # the first charge of a new day starts it over
+    a = lg.get_account_by_id(key.id)
+    assert (a.limit_spent_msats, a.limit_window_start, a.usage_msats) == (700, today + DAY, 3_700)
+    lg.settle(lg.reserve(key.id, 100, request_id="b", ttl_s=60, now=tomorrow).id, 100, now=tomorrow)
+    late = NOW  # a settle stamped in the old window does not move the window back
+    lg.settle(lg.reserve(key.id, 50, request_id="c", ttl_s=60, now=tomorrow).id, 50, now=late)
+    a = lg.get_account_by_id(key.id)
+    assert (a.limit_spent_msats, a.limit_window_start, a.usage_msats) == (850, today + DAY, 3_850)
+    if child:
+        p = lg.get_account_by_id(parent.id)
+        assert (p.usage_msats, p.limit_spent_msats, p.limit_window_start) == (0, 0, None)
+    lg.check_invariant()
+
+
+def test_charge_without_reservation_updates_limits_like_settle(lg: Ledger) -> None:
+    a = funded(lg, 1_000, balance_limit_msats=5_000, balance_limit_reset="weekly", now=NOW)
+    s = lg.charge(a.id, 400, request_id="late", now=NOW + 7 * DAY)
+    assert (s.reservation_id, s.charged_msats, s.overdraft_msats, s.balance_msats) == (
+        None,
+        400,
+        0,
+        600,
+    )
+    acct = lg.get_account_by_id(a.id)
+    week = ledger.window_start("weekly", NOW + 7 * DAY)
+    assert (acct.limit_spent_msats, acct.limit_window_start, acct.usage_msats) == (400, week, 400)
+    s = lg.charge(a.id, 1_000, request_id="late2", now=NOW + 7 * DAY)
+    assert (s.charged_msats, s.overdraft_msats, s.balance_msats) == (600, 400, 0)
+    assert lg.transactions(a.id)[0][0].memo == "cost=1000 held=0 overdraft=400"
+    lg.check_invariant()
+
+
+def test_release_returns_the_hold_and_reports_the_balance(lg: Ledger) -> None:
+    parent = funded(lg, 5_000)
+    child = lg.create_child(parent.id, new_hash())
+    r1 = lg.reserve(parent.id, 1_000, request_id="p", ttl_s=60)
+    r2 = lg.reserve(child.id, 2_500, request_id="c", ttl_s=60)
+    s = lg.release(r2.id)
+    assert (s.reservation_id, s.charged_msats, s.released_msats, s.balance_msats) == (
+        r2.id,
+        0,
+        2_500,
+        4_000,
+    )
+    row = lg.transactions(parent.id)[0][0]
+    assert (row.kind, row.key_id, row.child_id, row.amount_msats, row.request_id) == (
+        "release",
+        parent.id,
+        child.id,
+        2_500,
+        "c",
+    )
+    assert lg.release(r1.id).balance_msats == 5_000
+    assert state(lg, parent.id)[:4] == (5_000, 0, 0, 0)
+    with pytest.raises(ReservationGone):
+        lg.release(r1.id)
+    lg.check_invariant()
+
+
+def statement_shapes(db: Database, op) -> list[str]:
+    """The statements `op()` runs, as 'UPDATE keys', 'SELECT FROM reservations', ... (a trigger's
+    statements repeat the INSERT that fired it; repeats are dropped)."""
+    seen: list[str] = []
+    db.conn.set_trace_callback(seen.append)
+    try:
+        op()
+    finally:
+        db.conn.set_trace_callback(None)
+    shapes: list[str] = []
+    for sql in seen:
+        m = re.match(r"(BEGIN|COMMIT|UPDATE \w+|INSERT INTO \w+|DELETE FROM \w+|SELECT)", sql)
+        assert m, sql
+        shape = m.group(1)
+        if shape == "SELECT":
+            shape += " FROM " + re.search(r" FROM (\w+)", sql).group(1)
+        if not shapes or shapes[-1] != shape:
+            shapes.append(shape)
+    return shapes
+
+
+def test_the_common_pair_takes_the_short_paths(lg: Ledger, db: Database) -> None:
+    """A guard for the hot path: a plain key's reserve is one conditional UPDATE and two INSERTs
+    (a stricter WHERE clause would still be correct, only slower: the results cannot tell)."""
+    a = funded(lg, 10_000)
+    held: list[ledger.Reservation] = []
+    assert statement_shapes(
+        db, lambda: held.append(lg.reserve(a.id, 10_000, request_id="r", ttl_s=60))
+    ) == ["BEGIN", "UPDATE keys", "INSERT INTO reservations", "INSERT INTO txlog", "COMMIT"]
+    assert statement_shapes(db, lambda: lg.settle(held[0].id, 9_000)) == [
+        "BEGIN",
+        "SELECT FROM reservations",
+        "DELETE FROM reservations",
+        "SELECT FROM keys",
+        "UPDATE keys",
+        "INSERT INTO txlog",
+        "COMMIT",
+    ]
+    lg.check_invariant()
 
 
 # --------------------------------------------------------------------------------------------
@@ -609,6 +900,159 @@ class LedgerMachine(RuleBasedStateMachine):
 TestLedgerMachine = LedgerMachine.TestCase
 TestLedgerMachine.settings = settings(
     max_examples=60,
+    stateful_step_count=40,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+
+
+limits = st.none() | st.integers(min_value=0, max_value=60_000)
+resets = st.sampled_from([None, *ledger.LIMIT_RESETS])
+lifetimes = st.sampled_from([None, None, None, None, 0, 1, DAY])  # seconds from now
+waits = st.sampled_from([0, 0, 0, 1, 3_600, DAY, 7 * DAY, 31 * DAY])  # before a request
+
+
+class PolicyMachine(RuleBasedStateMachine):
+    """Key policy under random sequences: plain and child keys with balance limits, limit
+    windows, validity dates and the disabled flag, a clock that moves by seconds or days, and
+    requests settled at once, released, or held and settled later. Each reserve's outcome is
+    predicted from the accounts as they stand — so reserve's one-UPDATE path and its checked
+    path answer to the same rules — and every key's usage and limit-window spending must
+    reconcile with its settle rows in the log."""
+
+    keys = Bundle("keys")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tmp = __import__("tempfile").TemporaryDirectory()
+        self.db = Database(Path(self.tmp.name) / "p.sqlite3")
+        self.now = NOW
+        self.lg = Ledger(self.db, boot_id="boot", clock=lambda: self.now)
+        self.held: list[ledger.Reservation] = []
+
+    def teardown(self) -> None:
+        self.db.close()
+        self.tmp.cleanup()
+
+    def refusal(self, account: int, amount: int) -> str | None:
+        key = self.lg.get_account_by_id(account)
+        assert key is not None
+        payer = self.lg.get_account_by_id(key.paying_id)
+        assert payer is not None
+        for acct in (key, payer):  # the key first, then its parent
+            if acct.disabled:
+                return "key_disabled"
+            if acct.validity_date is not None and self.now >= acct.validity_date:
+                return "key_expired"
+        if key.balance_limit_msats is not None:
+            start = ledger.window_start(key.balance_limit_reset, self.now)
+            rolled = start is not None and (
+                key.limit_window_start is None or key.limit_window_start < start
+            )
+            spent = 0 if rolled else key.limit_spent_msats
+            if spent + self.lg.reserved_by(key) + amount > key.balance_limit_msats:
+                return "balance_limit_exceeded"
+        if payer.balance_msats < amount:
+            return "insufficient_balance"
+        return None
+
+    @initialize(target=keys)
+    def first(self) -> int:
+        return funded(self.lg, 100_000).id
+
+    @rule(target=keys, deposit=st.integers(0, 100_000), limit=limits, reset=resets, life=lifetimes)
+    def create(self, deposit: int, limit: int | None, reset: str | None, life: int | None) -> int:
+        return self.lg.create_account(
+            key_hash=new_hash(),
+            kind="api",
+            deposit_msats=deposit,
+            balance_limit_msats=limit,
+            balance_limit_reset=reset,
+            validity_date=None if life is None else self.now + life,
+        ).id
+
+    @rule(target=keys, parent=keys, limit=limits, reset=resets, life=lifetimes)
+    def create_child(
+        self, parent: int, limit: int | None, reset: str | None, life: int | None
+    ) -> int:
+        try:
+            return self.lg.create_child(
+                parent,
+                new_hash(),
+                balance_limit_msats=limit,
+                balance_limit_reset=reset,
+                validity_date=None if life is None else self.now + life,
+            ).id
+        except (ChildKeyNotAllowed, errors.AuthenticationFailed, errors.Forbidden):
+            return parent
+
+    @rule(key=keys, disabled=st.sampled_from([True, False, False]))
+    def set_disabled(self, key: int, disabled: bool) -> None:
+        self.lg.set_disabled(key, disabled)
+
+    @rule(
+        key=keys,
+        amount=st.integers(0, 2) | st.integers(0, 60_000),
+        then=st.sampled_from(["settle", "release", "hold"]),
+        cost=st.integers(0, 80_000),
+        wait=waits,
+    )
+    def request(self, key: int, amount: int, then: str, cost: int, wait: int) -> None:
+        self.now += wait
+        expected = self.refusal(key, amount)
+        try:
+            r = self.lg.reserve(key, amount, request_id="p", ttl_s=60)
+        except errors.ApiError as e:
+            assert e.code == expected
+            return
+        assert expected is None
+        if then == "settle":
+            self.settled(self.lg.settle(r.id, cost), r.key_id)
+        elif then == "release":
+            self.settled(self.lg.release(r.id), r.key_id)
+        else:
+            self.held.append(r)
+
+    @precondition(lambda self: len(self.held) > 0)
+    @rule(cost=st.integers(0, 80_000), wait=waits)
+    def settle_held(self, cost: int, wait: int) -> None:
+        self.now += wait  # possibly in a later limit window than its reserve
+        r = self.held.pop(0)
+        self.settled(self.lg.settle(r.id, cost), r.key_id)
+
+    def settled(self, s: ledger.Settlement, payer: int) -> None:
+        acct = self.lg.get_account_by_id(payer)
+        assert acct is not None and s.balance_msats == acct.balance_msats
+
+    @invariant()
+    def books_balance(self) -> None:
+        self.lg.check_invariant()
+
+    @invariant()
+    def usage_and_limits_reconcile_with_the_log(self) -> None:
+        keys = self.db.conn.execute(
+            "SELECT id, created_at, usage_msats, limit_spent_msats, limit_window_start,"
+            " balance_limit_reset FROM keys"
+        ).fetchall()
+        for key_id, created, usage, limit_spent, started, reset in keys:
+            rows = self.db.conn.execute(  # what was charged for this key's own requests
+                "SELECT time, amount_msats FROM txlog WHERE kind IN ('settle', 'charge')"
+                " AND (child_id = ? OR (key_id = ? AND child_id IS NULL)) ORDER BY id",
+                (key_id, key_id),
+            ).fetchall()
+            assert usage == sum(a for _, a in rows)
+            if reset is None:
+                assert (limit_spent, started) == (usage, None)
+                continue
+            # the window is the one of the last charge (the clock only moves forward here)
+            last = rows[-1][0] if rows else created
+            assert started == ledger.window_start(reset, last)
+            assert limit_spent == sum(a for t, a in rows if t >= started)
+
+
+TestPolicyMachine = PolicyMachine.TestCase
+TestPolicyMachine.settings = settings(
+    max_examples=100,
     stateful_step_count=40,
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow],
