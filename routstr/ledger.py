@@ -24,7 +24,10 @@ also enforced by CHECK constraints in the schema, so a buggy write aborts instea
      − Σ reversal rows = refunded;
  I6. a reservation is consumed at most once: settle, release, expiry and orphan release each
      delete the row in the same transaction that moves its money; a second attempt finds
-     nothing and raises `ReservationGone` — never a second charge or a second release;
+     nothing and raises `ReservationGone` — never a second charge or a second release. A
+     reservation's id is the id of its ``reserve`` row in the log, so it is never reused (sqlite
+     hands a plain table's deleted top id out again: a late settle of an expired reservation
+     would consume a stranger's);
  I7. a deposit reference (`ref` of a ``deposit`` row: token, invoice) is credited at most once,
      and a refund reversal reference applied at most once (unique index; `DuplicateDeposit`).
 
@@ -296,12 +299,15 @@ def _log(
     request_id: str | None = None,
     ref: str | None = None,
     memo: str = "",
-) -> None:
-    conn.execute(
+) -> int:
+    """Append one row to the log; its id."""
+    cur = conn.execute(
         "INSERT INTO txlog (time, kind, key_id, child_id, amount_msats, request_id, ref, memo)"
         " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
         (now, kind, key_id, child_id, amount_msats, request_id, ref, memo),
     )
+    assert cur.lastrowid is not None
+    return cur.lastrowid
 
 
 def _log_for(conn: sqlite3.Connection, acct: Account, kind: str, amount: int, **kw: Any) -> None:
@@ -570,16 +576,15 @@ def reserve(
         payer_id, child_id = account_id, None
     else:
         payer_id, child_id = _hold_checked(conn, account_id, amount_msats, now=now)
-    cur = conn.execute(
-        "INSERT INTO reservations (key_id, child_id, amount_msats, request_id, owner,"
-        " created_at, expires_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
-        (payer_id, child_id, amount_msats, request_id, owner, now, now + ttl_s),
+    # the log row's id is the reservation's: unique for ever (the log never loses a row)
+    rid = _log(conn, "reserve", payer_id, amount_msats, child_id=child_id,
+               request_id=request_id, now=now)
+    conn.execute(
+        "INSERT INTO reservations (id, key_id, child_id, amount_msats, request_id, owner,"
+        " created_at, expires_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+        (rid, payer_id, child_id, amount_msats, request_id, owner, now, now + ttl_s),
     )
-    _log(conn, "reserve", payer_id, amount_msats, child_id=child_id, request_id=request_id, now=now)
-    assert cur.lastrowid is not None
-    return Reservation(
-        cur.lastrowid, payer_id, child_id, amount_msats, request_id, owner, now, now + ttl_s
-    )
+    return Reservation(rid, payer_id, child_id, amount_msats, request_id, owner, now, now + ttl_s)
 
 
 def _hold_checked(

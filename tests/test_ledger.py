@@ -189,6 +189,29 @@ def test_sweep_expired_then_settle_is_gone_and_charge_is_bounded(lg: Ledger) -> 
     lg.check_invariant()
 
 
+def test_a_reservation_id_is_never_handed_out_again(lg: Ledger) -> None:
+    """A expires and is swept; B (another key) reserves next. A's late settle must find A gone
+    — not consume B's reservation, which would charge B for A's request."""
+    a, b = funded(lg, 1_000), funded(lg, 1_000)
+    late = lg.reserve(a.id, 600, request_id="late", ttl_s=30, now=NOW)
+    assert lg.sweep_expired(now=NOW + 30) == 1  # the table is empty again
+    other = lg.reserve(b.id, 500, request_id="other", ttl_s=300, now=NOW + 31)
+    assert other.id != late.id
+    with pytest.raises(ReservationGone):
+        lg.settle(late.id, 400, now=NOW + 32)
+    with pytest.raises(ReservationGone):
+        lg.release(late.id, now=NOW + 32)
+    assert lg.get_reservation(other.id) is not None
+    assert lg.get_account_by_id(b.id).reserved_msats == 500
+    lg.settle(other.id, 100, now=NOW + 33)
+    assert lg.get_account_by_id(b.id).balance_msats == 900
+    assert lg.get_account_by_id(a.id).balance_msats == 1_000
+    # the id is its reserve row's in the log
+    rows = [t for t in lg.transactions(b.id)[0] if t.kind == "reserve"]
+    assert [t.id for t in rows] == [other.id]
+    lg.check_invariant()
+
+
 def test_renew_extends_expiry(lg: Ledger) -> None:
     a = funded(lg, 1_000)
     r = lg.reserve(a.id, 10, request_id="stream", ttl_s=30, now=NOW)
@@ -491,7 +514,7 @@ def test_the_common_pair_takes_the_short_paths(lg: Ledger, db: Database) -> None
     held: list[ledger.Reservation] = []
     assert statement_shapes(
         db, lambda: held.append(lg.reserve(a.id, 10_000, request_id="r", ttl_s=60))
-    ) == ["BEGIN", "UPDATE keys", "INSERT INTO reservations", "INSERT INTO txlog", "COMMIT"]
+    ) == ["BEGIN", "UPDATE keys", "INSERT INTO txlog", "INSERT INTO reservations", "COMMIT"]
     assert statement_shapes(db, lambda: lg.settle(held[0].id, 9_000)) == [
         "BEGIN",
         "SELECT FROM reservations",
