@@ -414,7 +414,7 @@ class Database:
             # Only a new (empty) file takes it; an existing one keeps the size it was made with.
             conn.execute(f"PRAGMA page_size = {PAGE_SIZE_BYTES}")
             if self.path != ":memory:":
-                mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+                mode = _switch_to_wal(conn)
                 if str(mode).lower() != "wal":
                     raise RuntimeError(f"could not switch {self.path} to WAL (got {mode})")
             conn.execute("PRAGMA foreign_keys = ON")
@@ -528,6 +528,21 @@ class Database:
 
 def _user_version(conn: sqlite3.Connection) -> int:
     return int(conn.execute("PRAGMA user_version").fetchone()[0])
+
+
+def _switch_to_wal(conn: sqlite3.Connection) -> str:
+    """``journal_mode = WAL``; the switch of a new file needs an exclusive lock and sqlite does
+    not wait for it (no busy handler), so processes opening a new file together (workers
+    starting) retry it for up to the busy timeout."""
+    deadline = time.monotonic() + BUSY_TIMEOUT_MS / 1000
+    while True:
+        try:
+            return str(conn.execute("PRAGMA journal_mode = WAL").fetchone()[0])
+        except sqlite3.OperationalError as exc:
+            busy = exc.sqlite_errorcode in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
+            if not busy or time.monotonic() > deadline:
+                raise
+            time.sleep(0.005)
 
 
 def _migrate(conn: sqlite3.Connection, migrations: tuple[str, ...]) -> None:
