@@ -70,8 +70,8 @@ log = logging.getLogger(__name__)
 
 BUSY_TIMEOUT_MS = 5000
 # Every commit appends each page it touched to the WAL in full: with the node's small rows, 1 KiB
-# pages write a quarter of what sqlite's default 4 KiB do (a proxied request: ~16 KB instead of
-# ~60 KB) and made the per-request ledger work about a quarter faster here.
+# pages write a quarter of what sqlite's default 4 KiB do (a proxied request: ~17 KB instead of
+# ~66 KB) and made the per-request ledger work about a quarter faster here.
 PAGE_SIZE_BYTES = 1024
 WAL_RESTART_FRAMES = 2000  # WAL frames left after a passive checkpoint that force a restart
 WAL_SIZE_LIMIT_BYTES = 16 * 1024 * 1024  # a restarted WAL file is truncated back to this
@@ -574,7 +574,7 @@ def checkpoint_file(path: str) -> int:
     while the main connection keeps committing). Returns the WAL frames checkpointed.
 
     A passive checkpoint never waits, so under sustained writes it never catches up with the
-    last frame and the WAL is never started over: it would grow without bound (~60 KB per
+    last frame and the WAL is never started over: it would grow without bound (~17 KB per
     proxied request). When more than `WAL_RESTART_FRAMES` remain after it, a RESTART checkpoint
     follows: it waits for the running write transaction, copies what was written meanwhile (a
     little, the passive pass did the bulk), and makes the next writer start the WAL from its
