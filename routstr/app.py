@@ -34,8 +34,10 @@ from .proxy import (
     AUDIO,
     CHAT,
     COMPLETIONS,
+    COUNT_TOKENS,
     EMBEDDINGS,
     IMAGES,
+    MESSAGES,
     MODERATIONS,
     RESPONSES,
     Proxy,
@@ -221,7 +223,8 @@ def routes(node: Node) -> list[Route]:
             Route("GET", prefix + "/invoice/{invoice_id}/status", pay.invoice_status),
             Route("POST", prefix + "/recover", pay.invoice_recover),
         ]
-    for endpoint in (CHAT, COMPLETIONS, EMBEDDINGS, IMAGES, AUDIO, RESPONSES, MODERATIONS):
+    for endpoint in (CHAT, COMPLETIONS, EMBEDDINGS, IMAGES, AUDIO, RESPONSES, MODERATIONS,
+                     MESSAGES, COUNT_TOKENS):
         handler = proxy.handler(endpoint)
         table.append(Route("POST", "/v1" + endpoint.path, handler))
         table.append(Route("POST", endpoint.path, handler))  # routstr-core serves both

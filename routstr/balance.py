@@ -32,7 +32,7 @@ class BalanceHandlers:
         self.payments = payments
 
     def _presented_key(self, request: Request) -> str | None:
-        cred = parse_bearer(request.header("authorization"))
+        cred = parse_bearer(request.authorization())
         if isinstance(cred, ApiKeyCredential):
             return cred.api_key
         if isinstance(cred, CashuCredential):

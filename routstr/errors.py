@@ -195,7 +195,9 @@ def status_of(err: ApiError) -> int:
     return err.status
 
 
-def render(err: ApiError, request_id: str | None = None) -> tuple[int, list[tuple[str, str]], bytes]:
+def render(
+    err: ApiError, request_id: str | None = None
+) -> tuple[int, list[tuple[str, str]], bytes]:
     """The one place an error becomes a response: (status, headers, JSON body)."""
     body = json.dumps(err.body(request_id), separators=(",", ":")).encode()
     headers = [("content-type", "application/json")] + err.headers

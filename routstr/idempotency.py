@@ -56,7 +56,7 @@ _NOT_STORED = frozenset({"connection", "content-length", "transfer-encoding", "d
 
 def owner_of(request: Request) -> str | None:
     """A hash of the request's credential headers (None: no credential, header ignored)."""
-    auth = (request.header("authorization") or "").strip()
+    auth = (request.authorization() or "").strip()
     xcashu = (request.header("x-cashu") or "").strip()
     if not auth and not xcashu:
         return None

@@ -47,6 +47,16 @@ class Request:
                 return value
         return None
 
+    def authorization(self) -> str | None:
+        """`Authorization`, else an `x-api-key` (where the Anthropic SDKs send the key) as a
+        Bearer value."""
+        value = self.header("authorization")
+        if value is None:
+            key = self.header("x-api-key")
+            if key is not None and key.strip():
+                return "Bearer " + key.strip()
+        return value
+
     def query(self, name: str) -> str | None:
         values = parse_qs(self.query_string, keep_blank_values=True).get(name)
         return values[0] if values else None

@@ -97,6 +97,14 @@ SCHEMAS: dict[str, Any] = {
         ["model", "input"]),
     "ModerationRequest": _object({"model": _STR, "input": {"oneOf": [_STR, {
         "type": "array", "items": _STR}]}}, ["input"]),
+    "MessagesRequest": _object({"model": _STR, "max_tokens": _TOKENS, "messages": {
+        "type": "array", "items": _OBJ}, "system": {"oneOf": [_STR, {"type": "array",
+                                                                     "items": _OBJ}]},
+        "stream": _STREAM}, ["model", "max_tokens", "messages"],
+        description="Anthropic's Messages API, passed to the upstream as sent; the key may "
+                    "also come in `x-api-key`."),
+    "CountTokensRequest": _object({"model": _STR, "messages": {"type": "array", "items": _OBJ}},
+                                  ["model", "messages"]),
     "UpstreamObject": _object({}, description=(
         "The upstream's OpenAI-shaped answer, passed through; `usage` gains `cost` "
         "(msats), `cost_sats` and `remaining_balance_msats`.")),
@@ -363,6 +371,11 @@ OPERATIONS: dict[tuple[str, str], Op] = {
                                   body="ResponsesRequest", streams=True, description=_PROXY_DOC),
     ("POST", "/v1/moderations"): Op("Moderation (OpenAI-compatible, free)", "Inference", "pay",
                                     body="ModerationRequest", description=_PROXY_DOC),
+    ("POST", "/v1/messages"): Op("Messages (Anthropic-compatible)", "Inference", "pay",
+                                 body="MessagesRequest", streams=True, description=_PROXY_DOC),
+    ("POST", "/v1/messages/count_tokens"): Op("Count tokens (Anthropic-compatible, free)",
+                                              "Inference", "pay", body="CountTokensRequest",
+                                              description=_PROXY_DOC),
     ("POST", "/v1/batch"): Op("Several calls in one request", "Platform", body="BatchRequest",
                               response="BatchResponse",
                               description="Each item is dispatched through the same handlers "

@@ -64,7 +64,7 @@ class Payments:
 
     async def account_for(self, request: Request, *, create: bool = True) -> Account:
         """The account behind `Authorization` (redeeming a Cashu token on first use)."""
-        credential = parse_bearer(request.header("authorization"))
+        credential = parse_bearer(request.authorization())
         if credential is None:
             raise AuthenticationFailed("Missing API key: use 'Authorization: Bearer sk-…'",
                                        code="missing_api_key")

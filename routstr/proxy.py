@@ -72,7 +72,8 @@ class Endpoint:
     billing: str  # "tokens" | "prompt" | "per_request" | "free"
     streams: bool = False  # may answer with SSE
     json_body: bool = True
-    usage_style: str = "chat"  # "chat" (data chunks, [DONE]) | "responses" (typed events)
+    # "chat" (data chunks, [DONE]) | "responses" (typed events) | "anthropic" (Messages API)
+    usage_style: str = "chat"
 
 
 CHAT = Endpoint("/chat/completions", "tokens", streams=True)
@@ -82,6 +83,10 @@ IMAGES = Endpoint("/images/generations", "per_request")
 AUDIO = Endpoint("/audio/transcriptions", "per_request", json_body=False)
 RESPONSES = Endpoint("/responses", "tokens", streams=True, usage_style="responses")
 MODERATIONS = Endpoint("/moderations", "free")
+# Anthropic's Messages API, passed through to an upstream that serves it (routstr-core clients
+# call it); billed from its usage like the others. Counting tokens costs nothing.
+MESSAGES = Endpoint("/messages", "tokens", streams=True, usage_style="anthropic")
+COUNT_TOKENS = Endpoint("/messages/count_tokens", "free")
 
 
 class ProxyObserver(Protocol):
@@ -102,16 +107,24 @@ class ProxyConfig:
 
 
 # ---- usage and cost ------------------------------------------------------------------------
+def _count(value: object) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
+
+
 def usage_tokens(usage: object) -> tuple[int, int] | None:
-    """(prompt, completion) tokens from an OpenAI- or Responses-style `usage` object."""
+    """(prompt, completion) tokens from an OpenAI-, Responses- or Anthropic-style `usage` object.
+
+    Anthropic reports cache reads and writes beside `input_tokens`, not inside it: they count
+    as prompt tokens too."""
     if not isinstance(usage, dict):
         return None
-    prompt = usage.get("prompt_tokens", usage.get("input_tokens"))
-    completion = usage.get("completion_tokens", usage.get("output_tokens", 0))
-    if not isinstance(prompt, int) or isinstance(prompt, bool) or prompt < 0:
+    prompt = _count(usage.get("prompt_tokens", usage.get("input_tokens")))
+    if prompt is None:
         return None
-    if not isinstance(completion, int) or isinstance(completion, bool) or completion < 0:
-        completion = 0
+    if "prompt_tokens" not in usage:
+        for name in ("cache_read_input_tokens", "cache_creation_input_tokens"):
+            prompt += _count(usage.get(name)) or 0
+    completion = _count(usage.get("completion_tokens", usage.get("output_tokens", 0))) or 0
     return prompt, completion
 
 
@@ -308,6 +321,48 @@ class Relay:
         if isinstance(doc.get("delta"), str):  # Responses API output_text.delta
             self.relayed_chars += len(doc["delta"])
 
+    def _is_final(self, event: SSEEvent) -> bool:
+        """The stream's last event: `[DONE]`, or Anthropic's `message_stop`."""
+        if event.is_done:
+            return True
+        if self.billing.endpoint.usage_style != "anthropic" or not event.has_data:
+            return False
+        if event.event is not None:
+            return event.event == "message_stop"
+        doc = event.json()
+        return isinstance(doc, dict) and doc.get("type") == "message_stop"
+
+    def _inspect_anthropic(self, event: SSEEvent, doc: dict[str, Any]) -> bytes | None:
+        """Messages API: input tokens come in `message_start`, the (cumulative) output count in
+        `message_delta` — held, to carry the cost, until `message_stop`."""
+        kind = doc.get("type")
+        if kind == "message_start":
+            message = doc.get("message")
+            usage = message.get("usage") if isinstance(message, dict) else None
+            if isinstance(usage, dict):
+                self.usage = dict(usage)
+        elif kind == "message_delta":
+            usage = doc.get("usage")
+            if isinstance(usage, dict):
+                merged = dict(self.usage) if isinstance(self.usage, dict) else {}
+                merged.update({k: v for k, v in usage.items() if v is not None})
+                self.usage = merged
+            previous, self._held = self._held, event
+            return previous.raw if previous is not None else None
+        elif kind == "content_block_delta":
+            delta = doc.get("delta")
+            if isinstance(delta, dict) and isinstance(delta.get("text"), str):
+                self.relayed_chars += len(delta["text"])
+        return event.raw
+
+    def _error_event(self, code: str, message: str) -> bytes:
+        """A final error event in the stream's own dialect."""
+        if self.billing.endpoint.usage_style == "anthropic":
+            return encode_event(json.dumps({"type": "error", "error": {
+                "type": "api_error", "code": code, "message": message}}), "error")
+        return encode_event(json.dumps({"error": {
+            "type": "upstream_error", "code": code, "message": message, "details": {}}}))
+
     def _inspect(self, event: SSEEvent) -> bytes | None:
         """Bytes to pass on now for `event` (None = hold or drop)."""
         if not event.has_data or event.is_done:
@@ -315,6 +370,8 @@ class Relay:
         doc = event.json()
         if not isinstance(doc, dict):
             return event.raw
+        if self.billing.endpoint.usage_style == "anthropic":
+            return self._inspect_anthropic(event, doc)
         if self.billing.endpoint.usage_style == "responses":
             if doc.get("type") == "response.completed" or event.event == "response.completed":
                 resp = doc.get("response")
@@ -343,6 +400,10 @@ class Relay:
             return None
         doc = held.json()
         assert isinstance(doc, dict)
+        if self.billing.endpoint.usage_style == "anthropic":
+            if isinstance(doc.get("usage"), dict):
+                doc["usage"].update(self.billing.usage_fields())
+            return encode_event(json.dumps(doc, separators=(",", ":")), held.event)
         if self.billing.endpoint.usage_style == "responses":
             resp = doc.get("response")
             if isinstance(resp, dict) and isinstance(resp.get("usage"), dict):
@@ -373,7 +434,7 @@ class Relay:
             async for chunk in self.upstream:
                 self._keep_reserved()
                 for event in self._decoder.feed(chunk):
-                    if event.is_done:
+                    if self._is_final(event):
                         done_seen = True
                         self._settle()  # a plain def: no await, cannot be cancelled
                         held = self._held_with_cost()
@@ -393,9 +454,8 @@ class Relay:
             if self.billing.observer is not None:
                 self.billing.observer.upstream_error("upstream_stream_failed")
             self._settle()  # a plain def: no await, cannot be cancelled
-            yield encode_event(json.dumps({"error": {
-                "type": "upstream_error", "code": "upstream_stream_failed",
-                "message": "The upstream stream ended unexpectedly", "details": {}}}))
+            yield self._error_event("upstream_stream_failed",
+                                    "The upstream stream ended unexpectedly")
             yield b"".join(await self._trailer())
             return
         if not done_seen:
@@ -403,10 +463,9 @@ class Relay:
             held = self._held_with_cost()
             if held:
                 yield held
-            if self.billing.endpoint.usage_style == "chat":
-                yield encode_event(json.dumps({"error": {
-                    "type": "upstream_error", "code": "upstream_stream_incomplete",
-                    "message": "The upstream stream ended without [DONE]", "details": {}}}))
+            if self.billing.endpoint.usage_style in ("chat", "anthropic"):
+                yield self._error_event("upstream_stream_incomplete",
+                                        "The upstream stream ended before its last event")
         for extra in await self._trailer():
             yield extra
 
@@ -515,6 +574,8 @@ class Proxy:
             headers.append(("authorization", f"Bearer {self.config.upstream_api_key}"))
             if self.config.chat_completions_api_version:
                 headers.append(("api-key", self.config.upstream_api_key))
+            if endpoint in (MESSAGES, COUNT_TOKENS):  # where Anthropic's API expects it
+                headers.append(("x-api-key", self.config.upstream_api_key))
         payload = request.body
         if stream and endpoint in (CHAT, COMPLETIONS):
             opts = body.get("stream_options")

@@ -125,7 +125,7 @@ class RateLimiter:
     # -- identity -----------------------------------------------------------------------------
     @staticmethod
     def identity(request: Request) -> str | None:
-        auth = request.header("authorization")
+        auth = request.authorization()
         if auth is not None and auth.strip():
             try:
                 cred = parse_bearer(auth)

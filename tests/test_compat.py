@@ -237,3 +237,76 @@ def test_error_envelope_codes(node: NodeProcess) -> None:
     status, doc = node.json("GET", "/v1/balance/info", headers={"Authorization": "Bearer sk-unknown"})
     assert status == 401 and doc["error"]["code"] == "invalid_api_key"
     assert json.dumps(doc)
+
+
+# ---- Anthropic's Messages API (the Routstr SDK calls /v1/messages) ------------------------------
+CLAUDE = "claude-3-5-haiku"
+SAY_HELLO = [{"role": "user", "content": "Say hello"}]
+
+
+def test_anthropic_messages_with_the_anthropic_sdk(node: NodeProcess,
+                                                    upstream: ScriptedUpstream) -> None:
+    from anthropic import Anthropic
+
+    key = new_key(node)
+    client = Anthropic(api_key=key, base_url=node.url, max_retries=0)  # it sends x-api-key
+    cost = actual_cost(PRICES.get(CLAUDE), 12, 5).total_msats
+    m = client.messages.create(model=CLAUDE, max_tokens=100, messages=SAY_HELLO)
+    assert m.content[0].text == "Hello from upstream!"  # type: ignore[union-attr]
+    assert m.usage.model_dump()["cost"]["total_msats"] == cost
+    seen = upstream.requests[-1]
+    assert seen.path == "/v1/messages" and seen.json()["max_tokens"] == 100
+    assert "x-api-key" not in seen.headers and "authorization" not in seen.headers  # never ours
+    assert seen.headers["anthropic-version"]  # the client's protocol headers pass through
+
+    with client.messages.stream(model=CLAUDE, max_tokens=100, messages=SAY_HELLO) as stream:
+        text = "".join(stream.text_stream)
+        final = stream.get_final_message()
+    assert text == "Hello from upstream!"
+    assert (final.usage.input_tokens, final.usage.output_tokens) == (12, 5)
+
+    events = list(client.messages.create(model=CLAUDE, max_tokens=100, messages=SAY_HELLO,
+                                         stream=True))
+    assert [e.type for e in events][-2:] == ["message_delta", "message_stop"]
+    assert events[-2].usage.model_dump()["cost"]["total_msats"] == cost  # type: ignore[union-attr]
+
+    assert client.messages.count_tokens(model=CLAUDE, messages=SAY_HELLO).input_tokens == 12
+    assert upstream.requests[-1].path == "/v1/messages/count_tokens"
+    status, info = node.json("GET", "/v1/wallet/info", headers={"x-api-key": key})
+    assert status == 200  # the balance API takes the key where the Anthropic SDK puts it
+    assert info["balance"] == 5_000_000 - 3 * cost and info["reserved"] == 0  # counting is free
+
+
+def test_anthropic_cache_tokens_are_prompt_tokens(node: NodeProcess,
+                                                  upstream: ScriptedUpstream) -> None:
+    key = new_key(node)
+    usage = {"input_tokens": 10, "output_tokens": 5, "cache_read_input_tokens": 100,
+             "cache_creation_input_tokens": 20}
+    upstream.enqueue(Behaviour(usage=usage))
+    status, headers, raw = node.request(
+        "POST", "/v1/messages", {"model": CLAUDE, "max_tokens": 50, "messages": SAY_HELLO},
+        {"x-api-key": key, "anthropic-version": "2023-06-01"})
+    assert status == 200, raw
+    cost = actual_cost(PRICES.get(CLAUDE), 130, 5).total_msats
+    assert int(headers["x-routstr-cost-msats"]) == cost
+    assert json.loads(raw)["usage"]["cache_read_input_tokens"] == 100  # passed on as sent
+
+
+def test_anthropic_stream_cut_short_ends_with_an_anthropic_error_event(
+        node: NodeProcess, upstream: ScriptedUpstream) -> None:
+    key = new_key(node)
+    upstream.enqueue(Behaviour(fail_after_events=3))  # message_start + 2 events, then the cut
+    status, _, raw = node.request(
+        "POST", "/v1/messages",
+        {"model": CLAUDE, "max_tokens": 50, "messages": SAY_HELLO, "stream": True},
+        {"Authorization": f"Bearer {key}"})
+    assert status == 200
+    last = raw.decode().strip().split("\n\n")[-1]
+    assert last.startswith("event: error\n")
+    error = json.loads(last.split("data: ", 1)[1])
+    assert error["type"] == "error" and error["error"]["code"] == "upstream_stream_failed"
+    status, info = node.json("GET", "/v1/balance", headers={"Authorization": f"Bearer {key}"})
+    charged = 5_000_000 - info["balance"]
+    assert info["reserved"] == 0
+    # billed from what message_start reported (12 in, 1 out so far), not the worst case
+    assert charged == actual_cost(PRICES.get(CLAUDE), 12, 1).total_msats

@@ -26,6 +26,11 @@ Every request consumes the next enqueued `Behaviour` (FIFO) or, when none is que
   response.content_part.added, response.output_text.delta ×N, response.output_text.done,
   response.content_part.done, response.output_item.done, response.completed (the full response
   with usage). No ``[DONE]`` (OpenAI sends none on this API).
+* ``POST /v1/messages`` (Anthropic's Messages API): a ``message`` (text "Hello from upstream!",
+  usage input 12 / output 5, cache counts 0); streamed as Anthropic does, ``event: <type>`` +
+  ``data: <json>``: message_start (input tokens), content_block_start, content_block_delta ×N,
+  content_block_stop, message_delta (output tokens), message_stop. ``POST
+  /v1/messages/count_tokens``: ``{"input_tokens": 12}``.
 * Anything else: 404 with an OpenAI-style error body.
 
 `closed_connections()` counts connections the *client* closed (EOF/reset seen by the server,
@@ -66,6 +71,12 @@ RESPONSES_USAGE = {
     "output_tokens": 5,
     "output_tokens_details": {"reasoning_tokens": 0},
     "total_tokens": 17,
+}
+MESSAGES_USAGE = {
+    "input_tokens": 12,
+    "output_tokens": 5,
+    "cache_creation_input_tokens": 0,
+    "cache_read_input_tokens": 0,
 }
 MODELS = [
     "gpt-4o-mini",
@@ -421,6 +432,8 @@ class _Routes:
             ("GET", "/v1/models"): self.models,
             ("POST", "/v1/moderations"): self.moderations,
             ("POST", "/v1/responses"): self.responses,
+            ("POST", "/v1/messages"): self.messages,
+            ("POST", "/v1/messages/count_tokens"): self.count_tokens,
         }
         self.paths = {path for _method, path in self.table}
 
@@ -813,6 +826,47 @@ class _Routes:
             ev("response.completed", response=response("completed", [message], True)),
         ]
         return _Reply(events=events, content_type="text/event-stream")
+
+
+    def messages(
+        self, req: RecordedRequest, doc: dict[str, Any], b: Behaviour, seq: int
+    ) -> _Reply:
+        pieces = self._pieces(b)
+        usage = self._usage(b, MESSAGES_USAGE)
+        message: dict[str, Any] = {
+            "id": f"msg_scripted{seq}",
+            "type": "message",
+            "role": "assistant",
+            "model": doc.get("model") or "claude-3-5-haiku",
+            "content": [{"type": "text", "text": "".join(pieces)}],
+            "stop_reason": "end_turn",
+            "stop_sequence": None,
+            "usage": usage,
+        }
+        if not doc.get("stream"):
+            return _Reply.of_json(message)
+
+        def ev(type_: str, **fields: Any) -> bytes:
+            return _sse({"type": type_, **fields}, type_)
+
+        start_usage = None if usage is None else {**usage, "output_tokens": 1}
+        events = [
+            ev("message_start", message={**message, "content": [], "stop_reason": None,
+                                         "usage": start_usage}),
+            ev("content_block_start", index=0, content_block={"type": "text", "text": ""}),
+            *(ev("content_block_delta", index=0, delta={"type": "text_delta", "text": piece})
+              for piece in pieces),
+            ev("content_block_stop", index=0),
+            ev("message_delta", delta={"stop_reason": "end_turn", "stop_sequence": None},
+               usage=None if usage is None else {"output_tokens": usage["output_tokens"]}),
+            ev("message_stop"),
+        ]
+        return _Reply(events=events, content_type="text/event-stream")
+
+    def count_tokens(
+        self, req: RecordedRequest, doc: dict[str, Any], b: Behaviour, seq: int
+    ) -> _Reply:
+        return _Reply.of_json({"input_tokens": 12})
 
 
 # ---------------------------------------------------------------------------------------------
