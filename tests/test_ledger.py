@@ -763,23 +763,30 @@ def test_ops_compose_inside_a_larger_transaction(lg: Ledger, db: Database) -> No
 amounts = st.integers(min_value=0, max_value=50_000)
 
 
-class LedgerMachine(RuleBasedStateMachine):
+class _BooksMachine(RuleBasedStateMachine):
+    """A fresh database and ledger per run, on a clock the rules move (`self.now`)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tmp = __import__("tempfile").TemporaryDirectory()
+        self.db = Database(Path(self.tmp.name) / "books.sqlite3")
+        self.now = NOW
+        self.lg = Ledger(self.db, boot_id="boot", clock=lambda: self.now)
+
+    def teardown(self) -> None:
+        self.db.close()
+        self.tmp.cleanup()
+
+
+class LedgerMachine(_BooksMachine):
     accounts = Bundle("accounts")
     reservations = Bundle("reservations")
 
     def __init__(self) -> None:
         super().__init__()
-        self.tmp = __import__("tempfile").TemporaryDirectory()
-        self.db = Database(Path(self.tmp.name) / "h.sqlite3")
-        self.now = NOW
-        self.lg = Ledger(self.db, boot_id="boot", clock=lambda: self.now)
         self.balance: dict[int, int] = {}  # expected spendable balance of paying accounts
         self.held: dict[int, tuple[int, int]] = {}  # reservation id -> (payer, amount)
         self.gone: set[int] = set()
-
-    def teardown(self) -> None:
-        self.db.close()
-        self.tmp.cleanup()
 
     def payer(self, account_id: int) -> int:
         acct = self.lg.get_account_by_id(account_id)
@@ -935,7 +942,7 @@ lifetimes = st.sampled_from([None, None, None, None, 0, 1, DAY])  # seconds from
 waits = st.sampled_from([0, 0, 0, 1, 3_600, DAY, 7 * DAY, 31 * DAY])  # before a request
 
 
-class PolicyMachine(RuleBasedStateMachine):
+class PolicyMachine(_BooksMachine):
     """Key policy under random sequences: plain and child keys with balance limits, limit
     windows, validity dates and the disabled flag, a clock that moves by seconds or days, and
     requests settled at once, released, or held and settled later. Each reserve's outcome is
@@ -947,15 +954,7 @@ class PolicyMachine(RuleBasedStateMachine):
 
     def __init__(self) -> None:
         super().__init__()
-        self.tmp = __import__("tempfile").TemporaryDirectory()
-        self.db = Database(Path(self.tmp.name) / "p.sqlite3")
-        self.now = NOW
-        self.lg = Ledger(self.db, boot_id="boot", clock=lambda: self.now)
         self.held: list[ledger.Reservation] = []
-
-    def teardown(self) -> None:
-        self.db.close()
-        self.tmp.cleanup()
 
     def refusal(self, account: int, amount: int) -> str | None:
         key = self.lg.get_account_by_id(account)
