@@ -166,8 +166,7 @@ class Platform:
     # -- proxy observer -----------------------------------------------------------------------
     def settled(self, request: Request, tokens: int, charged_msats: int, account_id: int) -> None:
         """A request was settled (plain def, no I/O: runs on the settlement path)."""
-        if self.limiter.limits.tokens_per_hour:
-            self.limiter.record_tokens(self.limiter.identity(request), tokens)
+        self.limiter.record_tokens(request, tokens)
         self.metrics.observe_settlement(charged_msats)
         self.webhooks.note_settlement(account_id)
 

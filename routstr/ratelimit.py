@@ -266,9 +266,13 @@ class RateLimiter:
                 state.freed.set()
                 state.freed = None
 
-    def record_tokens(self, identity: str | None, tokens: int) -> None:
-        """Debit settled usage from the key's tokens/hour bucket."""
-        if identity is None or tokens <= 0 or not self.limits.tokens_per_hour:
+    def record_tokens(self, request: Request, tokens: int) -> None:
+        """Debit settled usage from the requesting key's tokens/hour bucket (when that limit is
+        on: the key is not even identified otherwise)."""
+        if tokens <= 0 or not self.limits.tokens_per_hour:
+            return
+        identity = self.identity(request)
+        if identity is None:
             return
         now = self._clock()
         state = self._state(identity, now)
