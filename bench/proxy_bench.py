@@ -34,6 +34,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from node_bench import start_node  # noqa: E402
 
 UPSTREAM = r'''
 import asyncio, json, sys
@@ -181,18 +183,6 @@ def start_port(argv: list[str], env: dict[str, str] | None = None) -> subprocess
     return subprocess.Popen(argv, stdout=subprocess.PIPE, text=True, env=env)
 
 
-def listening_port(pid: int, timeout: float = 20.0) -> int:
-    """The port process `pid` listens on (the node logs at WARNING: no "listening" line)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        time.sleep(0.1)
-        out = subprocess.run(["ss", "-ltnpH"], capture_output=True, text=True).stdout
-        for line in out.splitlines():
-            if f"pid={pid}," in line:
-                return int(line.split()[3].rsplit(":", 1)[1])
-    raise RuntimeError("the node did not start listening")
-
-
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--requests", type=int, default=2000)
@@ -211,15 +201,10 @@ def main() -> None:
                           str(10**13), "--database", db], capture_output=True, text=True,
                          env=env, check=True)
     key = json.loads(out.stdout)["api_key"]
-    log = open(tmp / "node.log", "w")  # noqa: SIM115
-    node = subprocess.Popen([sys.executable, "-m", "routstr", "--port", "0", "--database", db,
-                             "--log-level", "WARNING",
-                             # one key drives the whole load: per-key rate limits off
-                             "--rate-limit-requests", "0", "--rate-limit-concurrent", "0",
-                             "--rate-limit-tokens", "0",
-                             "--upstream-base-url", f"http://127.0.0.1:{up_port}/v1"],
-                            stderr=log, env=env)
-    targets = {"direct": up_port, "node": listening_port(node.pid), "floor": floor_port}
+    # the node as node_bench.py starts it: warnings only, per-key rate limits off (one key
+    # drives the whole load), ready once it listens
+    node, node_port = start_node(db, up_port, 1, tmp)
+    targets = {"direct": up_port, "node": node_port, "floor": floor_port}
     lat: dict[str, list[float]] = {t: [] for t in targets}
     ttfb: dict[str, list[float]] = {t: [] for t in targets}
     tput: dict[str, list[float]] = {t: [] for t in targets}
