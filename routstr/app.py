@@ -172,8 +172,10 @@ class Node:
                 await anyio.to_thread.run_sync(checkpoint_file, self.config.database)
 
     async def sweep_forever(self) -> None:
+        """Renew the holds of this process's requests in flight and release expired ones; at
+        least three times per ttl, so a live request's hold never expires (ledger.sweep_expired)."""
         while True:
-            await anyio.sleep(SWEEP_INTERVAL_S)
+            await anyio.sleep(min(SWEEP_INTERVAL_S, self.config.reservation_ttl / 3))
             released = self.ledger.sweep_expired()
             if released:
                 log.warning("released %d expired reservations", released)

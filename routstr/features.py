@@ -110,6 +110,8 @@ class Platform:
         self.idempotency = IdempotencyStore(db, ttl_s=config.idempotency_ttl, boot_id=boot_id)
         self.metrics = Metrics(db)
         self.extra_metrics: list[Callable[[], Extra]] = []  # other services' series (Nostr)
+        self.overreports = 0  # upstream usage reports above the request's ceiling
+        self.unbilled_msats = 0  # costs the payer's money could not cover: the operator's loss
         self.webhooks = Webhooks(
             db, account_of,
             WebhookSettings(config.webhooks_allow_private, config.webhook_low_balance_msats,
@@ -158,6 +160,12 @@ class Platform:
                 "counter", "Webhook delivery attempts, by result.",
                 {(("result", "delivered"),): float(self.webhooks.delivered),
                  (("result", "failed"),): float(self.webhooks.failed_attempts)}),
+            "routstr_upstream_overreports_total": (
+                "counter", "Upstream usage reports above the request's ceiling (charged the"
+                " ceiling at most).", {(): float(self.overreports)}),
+            "routstr_unbilled_msats_total": (
+                "counter", "Msats of priced usage the payer's money could not cover (the"
+                " operator's loss).", {(): float(self.unbilled_msats)}),
         }
         for source in self.extra_metrics:
             extra.update(source())
@@ -172,6 +180,12 @@ class Platform:
 
     def upstream_error(self, code: str) -> None:
         self.metrics.observe_upstream_error(code)
+
+    def overreported(self) -> None:
+        self.overreports += 1
+
+    def unbilled(self, msats: int) -> None:
+        self.unbilled_msats += msats
 
     # -- background ---------------------------------------------------------------------------
     async def run_forever(self) -> None:

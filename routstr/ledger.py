@@ -797,8 +797,24 @@ def _release_where(
     return len(rows)
 
 
-def sweep_expired(conn: sqlite3.Connection, now: int) -> int:
-    """Release every reservation whose expiry has passed (log kind 'expire'); the count."""
+def renew_live(conn: sqlite3.Connection, live: dict[int, int], *, now: int) -> None:
+    """Push the expiry of the reservations of requests still in flight (`live`: id → ttl_s) to
+    ``now + ttl_s``: a hold lives as long as its request, however long that takes."""
+    conn.executemany(
+        "UPDATE reservations SET expires_at = MAX(expires_at, ?) WHERE id = ?",
+        [(now + ttl, rid) for rid, ttl in live.items()],
+    )
+
+
+def sweep_expired(conn: sqlite3.Connection, now: int, live: dict[int, int] | None = None) -> int:
+    """Release every reservation whose expiry has passed (log kind 'expire'); the count.
+
+    `live` (this process's requests in flight) are renewed first, in the same transaction, so
+    expiry only ever takes the holds of requests that are gone (a crash, a dead worker) — and
+    the same holds for another process's sweep as long as each renews more often than its ttl.
+    """
+    if live:
+        renew_live(conn, live, now=now)
     return _release_where(conn, "expires_at <= ?", (now,), "expire", now, "expired")
 
 
@@ -1109,6 +1125,8 @@ class Ledger:
         self.db = db
         self.boot_id = boot_id or secrets.token_hex(8)
         self._clock = clock
+        # reservation id → ttl_s of this process's requests in flight: renewed by every sweep
+        self._live: dict[int, int] = {}
 
     def _now(self, now: int | None) -> int:
         return int(self._clock()) if now is None else now
@@ -1227,7 +1245,7 @@ class Ledger:
         now: int | None = None,
     ) -> Reservation:
         t = self._now(now)
-        return self.db.transaction(
+        r = self.db.transaction(
             lambda c: reserve(
                 c,
                 account_id,
@@ -1238,9 +1256,17 @@ class Ledger:
                 owner=self.boot_id,
             )
         )
+        self._live[r.id] = ttl_s
+        return r
+
+    @property
+    def live_reservations(self) -> int:
+        """How many of this process's reservations belong to requests still in flight."""
+        return len(self._live)
 
     def settle(self, reservation_id: int, cost_msats: int, *, now: int | None = None) -> Settlement:
         t = self._now(now)
+        self._live.pop(reservation_id, None)
         return self.db.transaction(lambda c: settle(c, reservation_id, cost_msats, now=t))
 
     def charge(
@@ -1253,6 +1279,7 @@ class Ledger:
 
     def release(self, reservation_id: int, *, now: int | None = None) -> Settlement:
         t = self._now(now)
+        self._live.pop(reservation_id, None)
         return self.db.transaction(lambda c: release(c, reservation_id, now=t))
 
     def renew(self, reservation_id: int, *, ttl_s: int, now: int | None = None) -> Reservation:
@@ -1260,8 +1287,10 @@ class Ledger:
         return self.db.transaction(lambda c: renew(c, reservation_id, ttl_s=ttl_s, now=t))
 
     def sweep_expired(self, *, now: int | None = None) -> int:
+        """Renew this process's live reservations, then release the expired (see there)."""
         t = self._now(now)
-        return self.db.transaction(lambda c: sweep_expired(c, t))
+        live = dict(self._live)
+        return self.db.transaction(lambda c: sweep_expired(c, t, live))
 
     def release_owner(self, owner: str, *, now: int | None = None) -> int:
         t = self._now(now)

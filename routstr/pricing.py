@@ -79,7 +79,10 @@ MIN_REQUEST_MSATS: Final = 1  # routstr-core's MIN_REQUEST_MSAT
 # formula's three roundings; the node's cap stays below it by this much.
 CLIENT_ROUNDING_MARGIN_MSATS: Final = 3
 PROMPT_OVERHEAD_TOKENS: Final = 16  # chat-template tokens not present as body bytes
-MAX_N: Final = 128
+MAX_N: Final = 128  # the most choices (`n`, `best_of`) or images a request may ask for
+DEFAULT_MAX_OUTPUT_TOKENS: Final = 32_000  # a model with no limits: routstr-core's fallback
+DEFAULT_CONTEXT_TOKENS: Final = 1_000_000  # likewise, for a prompt the body only points at
+MAX_TOKENS_BOUND: Final = 10**9  # any token limit above this is taken as this
 MAX_PRICE_VALUE: Final = 10**15
 
 _TOL: Final = Fraction(100 - TOLERANCE_PERCENT, 100)
@@ -648,51 +651,118 @@ def _refers_outside(body: Any, depth: int = 0) -> bool:
     return False
 
 
+def _choices(body: Mapping[str, Any]) -> int:
+    """How many outputs the request asks for: the larger of `n` and `best_of` (legacy
+    completions generate `best_of` and bill them all), each an integer in 1..MAX_N when given."""
+    choices = 1
+    for name in ("n", "best_of"):
+        value = body.get(name)
+        if value is None:
+            continue
+        if type(value) is not int or not 1 <= value <= MAX_N:
+            raise errors.InvalidRequest(f"'{name}' must be an integer from 1 to {MAX_N}",
+                                        code=f"invalid_{name}")
+        choices = max(choices, value)
+    return choices
+
+
+def _default_output_tokens(price: ModelPrice) -> int:
+    """What a model can write when the request sets no limit (capped by the caller)."""
+    return price.max_output_tokens or price.context_length or DEFAULT_MAX_OUTPUT_TOKENS
+
+
 def _max_output_tokens(price: ModelPrice, body: Mapping[str, Any]) -> int:
-    """The output-token bound a request sets (``max_tokens`` / ``max_completion_tokens`` /
-    ``max_output_tokens``; the largest if several), else — or if one is not a non-negative int —
-    at least the model's ``max_output_tokens``."""
-    valid: list[int] = []
-    fallback = True
+    """The output tokens one choice may have: the largest of ``max_tokens`` /
+    ``max_completion_tokens`` / ``max_output_tokens`` the request sets (an upstream honours the
+    one it knows, so the largest bounds them all) — else, or where one is not a non-negative
+    int, the model's default. Never above the model's own limits (``max_output_tokens``, the
+    context length): an upstream refuses a larger limit, and no model writes past its context."""
+    limits: list[int] = []
     for name in ("max_tokens", "max_completion_tokens", "max_output_tokens"):
         value = body.get(name)
         if value is None:
             continue
-        if type(value) is int and value >= 0:
-            valid.append(value)
-            fallback = False
-        else:
-            valid.append(price.max_output_tokens)
-    if fallback:
-        valid.append(price.max_output_tokens)
-    return max(valid)
+        ok = type(value) is int and value >= 0
+        limits.append(value if ok else _default_output_tokens(price))
+    out = max(limits) if limits else _default_output_tokens(price)
+    limits = [n for n in (price.max_output_tokens, price.context_length) if n]
+    return min(out, *limits, MAX_TOKENS_BOUND)
 
 
-def safe_upper_bound_msats(price: ModelPrice, body: Mapping[str, Any], body_len: int) -> int:
-    """An upper bound on the request's cost that no honest response exceeds (issue 3)."""
-    prompt_bound = _count(body_len, "body_len") + PROMPT_OVERHEAD_TOKENS
+def _prompt_bound(price: ModelPrice, body: Mapping[str, Any], body_len: int) -> int:
+    """Prompt tokens ≤ the body's bytes (+ the chat template), unless the body points at content
+    elsewhere (images, files, stored responses, server tools): then the context length."""
+    bound = _count(body_len, "body_len") + PROMPT_OVERHEAD_TOKENS
     if _refers_outside(body):
-        prompt_bound = max(prompt_bound, price.context_length)
-    elif price.context_length:
-        prompt_bound = min(prompt_bound, price.context_length)
-    max_out = _max_output_tokens(price, body)
-    choices = 1
-    for name in ("n", "best_of"):
-        value = body.get(name)
-        if type(value) is int and value > 1:
-            choices = max(choices, min(value, MAX_N))
-    token_part = prompt_bound * price.input_msats_per_1k + (
-        choices * max_out * price.output_msats_per_1k
-    )
-    return price.request_msats + ceil_div(token_part, 1000)
+        return max(bound, price.context_length or DEFAULT_CONTEXT_TOKENS)
+    return min(bound, price.context_length) if price.context_length else bound
 
 
-def worst_case_msats(price: ModelPrice, body: Mapping[str, Any], body_len: int) -> int:
-    """What to reserve before forwarding: the safe upper bound, capped by the client-side
-    formula (less its rounding margin), at least MIN_REQUEST_MSATS."""
-    safe = safe_upper_bound_msats(price, body, body_len)
-    client = client_reservation_msats(price, body) - CLIENT_ROUNDING_MARGIN_MSATS
-    return max(MIN_REQUEST_MSATS, min(safe, client))
+@dataclass(frozen=True, slots=True)
+class Ceiling:
+    """The most an honest upstream can report for one request (issue 13), and its price.
+
+    `prompt_tokens` and `output_tokens` (all choices together) bound what the upstream may
+    report; `units` counts the per-request-priced items (images); `msats` is the price of the
+    whole bound (`cap_msats`, the client's X-Max-Cost, lowers it when smaller). A charge is the
+    priced usage with each count clamped to its bound, and never above `msats`.
+    """
+
+    prompt_tokens: int
+    output_tokens: int
+    units: int
+    msats: int
+
+    def clamp(self, prompt: int, completion: int) -> tuple[int, int]:
+        return min(prompt, self.prompt_tokens), min(completion, self.output_tokens)
+
+    def over(self, prompt: int, completion: int) -> bool:
+        """Does a usage report exceed what an honest upstream can report?"""
+        return prompt > self.prompt_tokens or completion > self.output_tokens
+
+    def charge(self, price: ModelPrice, prompt: int, completion: int) -> Cost:
+        """The priced usage, clamped to the bounds, capped at `msats`."""
+        cost = actual_cost(price, *self.clamp(prompt, completion))
+        if cost.total_msats <= self.msats:
+            return cost
+        base = min(cost.base_msats, self.msats)
+        input_msats = min(cost.input_msats, self.msats - base)
+        return Cost(base, input_msats, self.msats - base - input_msats, self.msats)
+
+
+def ceiling(price: ModelPrice, body: Mapping[str, Any], body_len: int, billing: str = "tokens",
+            cap_msats: int | None = None) -> Ceiling:
+    """The request's ceiling. `billing`: "tokens" (prompt + output), "prompt" (embeddings: no
+    output), "per_request" (`n` items at request_msats each; images, audio)."""
+    if billing == "per_request":
+        units = _choices(body)
+        prompt = output = 0
+        msats = price.request_msats * units
+    else:
+        units = 1
+        prompt = _prompt_bound(price, body, body_len)
+        output = 0 if billing == "prompt" else _choices(body) * _max_output_tokens(price, body)
+        msats = actual_cost(price, prompt, output).total_msats
+    if cap_msats is not None:
+        msats = min(msats, cap_msats)
+    return Ceiling(prompt, output, units, msats)
+
+
+def reservation_msats(price: ModelPrice, body: Mapping[str, Any], ceil: Ceiling,
+                      billing: str = "tokens") -> int:
+    """What to hold before forwarding: the ceiling's output part in full, plus the prompt at
+    routstr-core's estimate (so a payment sized from `sats_pricing` passes) — or the client-side
+    formula when that is larger — never above the ceiling, at least MIN_REQUEST_MSATS.
+
+    A prompt longer than its estimate is charged at settlement, up to the ceiling, from what is
+    left of the balance or the payment (the ledger's settle)."""
+    if billing == "per_request":
+        return max(MIN_REQUEST_MSATS, ceil.msats)
+    estimate = min(_estimate_prompt_tokens(body.get("messages")), ceil.prompt_tokens)
+    own = actual_cost(price, estimate, ceil.output_tokens).total_msats
+    client_body = {**body, "max_tokens": 0} if billing == "prompt" else body
+    client = client_reservation_msats(price, client_body) - CLIENT_ROUNDING_MARGIN_MSATS
+    return max(MIN_REQUEST_MSATS, min(ceil.msats, max(own, client)))
 
 
 # --------------------------------------------------------------------------------------------

@@ -17,10 +17,10 @@ Money flow of one request (all amounts integer msats):
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
-import time
 from collections.abc import AsyncGenerator, AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -37,7 +37,7 @@ from .errors import (
     UpstreamError,
     UpstreamStatusError,
 )
-from .ledger import Ledger, ReservationGone, Settlement
+from .ledger import MAX_MSATS, Ledger, ReservationGone, Settlement
 from .messages import Request, Response
 from .money import format_sats
 from .payments import Payer, Payments
@@ -96,6 +96,12 @@ class ProxyObserver(Protocol):
                 account_id: int) -> None: ...
 
     def upstream_error(self, code: str) -> None: ...
+
+    def overreported(self) -> None:
+        """An upstream reported more usage than the request's ceiling allows."""
+
+    def unbilled(self, msats: int) -> None:
+        """Part of a cost could not be charged (the payer's money ran out): the operator's loss."""
 
 
 @dataclass(frozen=True)
@@ -156,13 +162,15 @@ def _multipart_field(body: bytes, content_type: str, name: str) -> str | None:
 
 @dataclass
 class Billing:
-    """One request's reservation, settled exactly once."""
+    """One request's reservation, settled exactly once: the priced usage of what was served,
+    each count clamped to the request's ceiling (an upstream reporting more is lying or broken:
+    logged and counted), never above the ceiling's price."""
 
     ledger: Ledger
     payer: Payer
     reservation_id: int
     reserved_msats: int
-    cap_msats: int | None
+    ceiling: pricing.Ceiling
     price: pricing.ModelPrice | None
     endpoint: Endpoint
     request_bytes: int
@@ -171,26 +179,40 @@ class Billing:
     cost: pricing.Cost | None = None
     finished: bool = False
     estimated: bool = False
-    tokens: int = 0  # usage tokens (reported or estimated), for the tokens/hour limit
+    tokens: int = 0  # usage tokens (reported or estimated, clamped), for the tokens/hour limit
     request: Request | None = None
     observer: ProxyObserver | None = None
 
-    def cost_for_usage(self, usage: object) -> pricing.Cost:
-        """The exact cost from upstream usage (or an estimate, flagged, when there is none)."""
+    def _tokens(self, prompt: int, completion: int) -> pricing.Cost:
+        assert self.price is not None
+        if self.ceiling.over(prompt, completion):
+            log.warning("request %s: upstream reported %d prompt / %d completion tokens, above"
+                        " the ceiling (%d / %d); charged at most the ceiling", self.request_id,
+                        prompt, completion, self.ceiling.prompt_tokens,
+                        self.ceiling.output_tokens)
+            if self.observer is not None:
+                self.observer.overreported()
+        self.tokens = sum(self.ceiling.clamp(prompt, completion))
+        return self.ceiling.charge(self.price, prompt, completion)
+
+    def cost_for_usage(self, usage: object, units: int | None = None) -> pricing.Cost:
+        """The cost from upstream usage; `units`: items served (images), when known."""
         zero = pricing.Cost(0, 0, 0, 0)
-        counted = usage_tokens(usage)
-        self.tokens = sum(counted) if counted else 0
         if self.endpoint.billing == "free" or self.price is None:
+            counted = usage_tokens(usage)
+            self.tokens = sum(self.ceiling.clamp(*counted)) if counted else 0
             return zero
         if self.endpoint.billing == "per_request":
-            return pricing.actual_cost(self.price, 0, 0)
+            served = self.ceiling.units if units is None else min(units, self.ceiling.units)
+            cost = pricing.actual_cost(self.price, 0, 0)
+            return pricing.Cost(cost.base_msats * served, 0, 0, cost.total_msats * served)
         tokens = usage_tokens(usage)
         if tokens is None:
             return zero
         prompt, completion = tokens
         if self.endpoint.billing == "prompt":
             completion = 0
-        return pricing.actual_cost(self.price, prompt, completion)
+        return self._tokens(prompt, completion)
 
     def estimate(self, relayed_chars: int) -> pricing.Cost:
         """No usage from upstream: estimate from sizes, never above the reservation."""
@@ -198,13 +220,14 @@ class Billing:
         if self.price is None or self.endpoint.billing == "free":
             return pricing.Cost(0, 0, 0, 0)
         if self.endpoint.billing == "per_request":
-            return pricing.actual_cost(self.price, 0, 0)
+            return self.cost_for_usage(None)
         prompt = math.ceil(self.request_bytes / CHARS_PER_TOKEN_ESTIMATE)
         completion = math.ceil(relayed_chars / CHARS_PER_TOKEN_ESTIMATE)
         if self.endpoint.billing == "prompt":
             completion = 0
+        prompt, completion = self.ceiling.clamp(prompt, completion)
         self.tokens = prompt + completion
-        cost = pricing.actual_cost(self.price, prompt, completion)
+        cost = self.ceiling.charge(self.price, prompt, completion)
         if cost.total_msats > self.reserved_msats:
             cost = pricing.Cost(0, 0, self.reserved_msats, self.reserved_msats)
         return cost
@@ -218,24 +241,24 @@ class Billing:
             try:
                 self.ledger.release(self.reservation_id)
             except ReservationGone:
-                pass  # already released by the expiry sweep: nothing was held any more
+                pass  # released by another process (this one was paused past the ttl)
             return None
-        total = cost.total_msats
-        if self.cap_msats is not None and total > self.cap_msats:
-            total = self.cap_msats
-        self.cost = cost if total == cost.total_msats else pricing.Cost(
-            cost.base_msats, cost.input_msats, max(0, total - cost.base_msats - cost.input_msats),
-            total)
+        if cost.total_msats > self.ceiling.msats:  # never: every cost above is capped
+            raise AssertionError(f"cost {cost.total_msats} above the ceiling")
+        self.cost = cost
         try:
-            self.settlement = self.ledger.settle(self.reservation_id, total)
-        except ReservationGone:  # outlived its reservation: charge what the balance allows
-            self.settlement = self.ledger.charge(self.payer.account_id, total,
+            self.settlement = self.ledger.settle(self.reservation_id, cost.total_msats)
+        except ReservationGone:  # released by another process: charge what the balance allows
+            self.settlement = self.ledger.charge(self.payer.account_id, cost.total_msats,
                                                  request_id=self.request_id)
         if self.estimated:
-            log.info("request %s charged by estimate: %d msats", self.request_id, total)
+            log.info("request %s charged by estimate: %d msats", self.request_id,
+                     cost.total_msats)
         if self.settlement.overdraft_msats:
             log.warning("request %s cost %d msats above what could be charged",
                         self.request_id, self.settlement.overdraft_msats)
+            if self.observer is not None:
+                self.observer.unbilled(self.settlement.overdraft_msats)
         if self.observer is not None and self.request is not None:
             self.observer.settled(self.request, self.tokens, self.settlement.charged_msats,
                                   self.payer.account_id)
@@ -283,31 +306,15 @@ class Relay:
     client_wants_usage: bool
     usage: object = None
     relayed_chars: int = 0
-    ttl_s: int = 900
     _held: SSEEvent | None = None
     _closed: bool = False
     _decoder: SSEDecoder = field(default_factory=SSEDecoder)
     _gen: AsyncGenerator[bytes, None] | None = None
-    _renewed_at: float = field(default_factory=time.monotonic)
-
-    @property
-    def renew_every_s(self) -> float:
-        return self.ttl_s / 3
 
     def __aiter__(self) -> AsyncIterator[bytes]:
         gen = self._run()
         self._gen = gen
         return gen
-
-    def _keep_reserved(self) -> None:
-        """A long stream renews its reservation so the expiry sweep never takes it mid-way."""
-        now = time.monotonic()
-        if now - self._renewed_at > self.renew_every_s and not self.billing.finished:
-            self._renewed_at = now
-            try:
-                self.billing.ledger.renew(self.billing.reservation_id, ttl_s=self.ttl_s)
-            except ReservationGone:
-                pass
 
     def _note_content(self, doc: Mapping[str, Any]) -> None:
         for choice in doc.get("choices") or ():
@@ -432,7 +439,6 @@ class Relay:
         done_seen = False
         try:
             async for chunk in self.upstream:
-                self._keep_reserved()
                 for event in self._decoder.feed(chunk):
                     if self._is_final(event):
                         done_seen = True
@@ -530,19 +536,13 @@ class Proxy:
                                  code="invalid_max_tokens")
         return body, model
 
-    def _worst_case(self, endpoint: Endpoint, price: pricing.ModelPrice | None,
-                    body: dict[str, Any], size: int) -> int:
-        if price is None or endpoint.billing == "free":
-            return 0
-        if endpoint.billing == "per_request":
-            n = body.get("n", 1)
-            count = n if isinstance(n, int) and not isinstance(n, bool) and n > 0 else 1
-            return pricing.actual_cost(price, 0, 0).total_msats * count
-        if endpoint.billing == "prompt":
-            return pricing.worst_case_msats(price, {**body, "max_tokens": 0}, size)
-        if endpoint is RESPONSES and "max_output_tokens" in body:
-            body = {**body, "max_tokens": body["max_output_tokens"]}
-        return pricing.worst_case_msats(price, body, size)
+    def _ceiling(self, endpoint: Endpoint, price: pricing.ModelPrice | None,
+                 body: dict[str, Any], size: int) -> tuple[pricing.Ceiling, int]:
+        """(ceiling, reservation) of a request (a free one: both zero)."""
+        if price is None or endpoint.billing == "free":  # usage bounded for the tokens/hour limit
+            return pricing.Ceiling(size + pricing.PROMPT_OVERHEAD_TOKENS, 0, 0, 0), 0
+        ceil = pricing.ceiling(price, body, size, endpoint.billing)
+        return ceil, pricing.reservation_msats(price, body, ceil, endpoint.billing)
 
     @staticmethod
     def _max_cost_msats(request: Request) -> int | None:
@@ -588,12 +588,18 @@ class Proxy:
     async def forward(self, request: Request, endpoint: Endpoint) -> Response:
         body, model = self._parse(request, endpoint)
         price = self.prices.get(model) if model and endpoint.billing != "free" else None
-        worst = self._worst_case(endpoint, price, body, len(request.body))
+        ceil, worst = self._ceiling(endpoint, price, body, len(request.body))
         cap = self._max_cost_msats(request)
         if cap is not None and worst > cap:
             raise InsufficientBalance(
                 f"Worst-case cost {format_sats(worst)} sats exceeds X-Max-Cost",
                 code="max_cost_exceeded", details={"required": worst, "max_cost": cap})
+        if cap is not None and cap < ceil.msats:
+            ceil = dataclasses.replace(ceil, msats=cap)
+        if worst > MAX_MSATS:
+            raise InsufficientBalance(
+                "The request's worst-case cost is more than can ever be paid",
+                code="insufficient_balance", details={"required": worst})
         if not self.config.upstream_base_url:
             raise ServiceUnavailable("No upstream is configured on this node",
                                      code="upstream_not_configured")
@@ -605,7 +611,7 @@ class Proxy:
         except ApiError as exc:
             await self.payments.after_failure(payer, exc)
             raise
-        billing = Billing(self.ledger, payer, reservation.id, worst, cap, price, endpoint,
+        billing = Billing(self.ledger, payer, reservation.id, worst, ceil, price, endpoint,
                           len(request.body), request.request_id, request=request,
                           observer=self.observer)
         stream = bool(body.get("stream")) and endpoint.streams
@@ -620,8 +626,7 @@ class Proxy:
                 raise await self._upstream_failure(upstream)
             ctype = upstream.header("content-type") or ""
             if "text/event-stream" in ctype:
-                relay = Relay(upstream, billing, self.payments, wants_usage,
-                              ttl_s=self.config.reservation_ttl_s)
+                relay = Relay(upstream, billing, self.payments, wants_usage)
                 handed_off = True
                 out_headers = [("content-type", ctype), ("cache-control", "no-cache"),
                                ("x-accel-buffering", "no")]
@@ -683,7 +688,8 @@ class Proxy:
                 doc = None
         usage = doc.get("usage") if isinstance(doc, dict) else None
         if billing.endpoint.billing in ("per_request", "free") or usage_tokens(usage):
-            cost = billing.cost_for_usage(usage)
+            data = doc.get("data") if isinstance(doc, dict) else None
+            cost = billing.cost_for_usage(usage, len(data) if isinstance(data, list) else None)
         else:
             cost = billing.estimate(len(raw))
         billing.finish(cost)

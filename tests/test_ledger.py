@@ -175,8 +175,10 @@ def test_sweep_expired_then_settle_is_gone_and_charge_is_bounded(lg: Ledger) -> 
     a = funded(lg, 1_000)
     r = lg.reserve(a.id, 600, request_id="slow", ttl_s=30, now=NOW)
     keep = lg.reserve(a.id, 100, request_id="fresh", ttl_s=300, now=NOW)
-    assert lg.sweep_expired(now=NOW + 29) == 0
-    assert lg.sweep_expired(now=NOW + 30) == 1
+    # another worker sweeps while this one is paused (its renewals stopped)
+    other = Ledger(lg.db)
+    assert other.sweep_expired(now=NOW + 29) == 0
+    assert other.sweep_expired(now=NOW + 30) == 1
     with pytest.raises(ReservationGone) as e:
         lg.settle(r.id, 500, now=NOW + 31)
     assert e.value.reservation_id == r.id
@@ -194,7 +196,7 @@ def test_a_reservation_id_is_never_handed_out_again(lg: Ledger) -> None:
     — not consume B's reservation, which would charge B for A's request."""
     a, b = funded(lg, 1_000), funded(lg, 1_000)
     late = lg.reserve(a.id, 600, request_id="late", ttl_s=30, now=NOW)
-    assert lg.sweep_expired(now=NOW + 30) == 1  # the table is empty again
+    assert Ledger(lg.db).sweep_expired(now=NOW + 30) == 1  # another worker's; the table is empty
     other = lg.reserve(b.id, 500, request_id="other", ttl_s=300, now=NOW + 31)
     assert other.id != late.id
     with pytest.raises(ReservationGone):
@@ -209,6 +211,27 @@ def test_a_reservation_id_is_never_handed_out_again(lg: Ledger) -> None:
     # the id is its reserve row's in the log
     rows = [t for t in lg.transactions(b.id)[0] if t.kind == "reserve"]
     assert [t.id for t in rows] == [other.id]
+    lg.check_invariant()
+
+
+def test_a_live_request_keeps_its_hold_past_the_ttl(lg: Ledger) -> None:
+    """Issue 13 §3: a request that outlives the ttl keeps its hold (its process renews it at
+    every sweep); only a hold whose request is gone (a crashed process) expires."""
+    a = funded(lg, 1_000)
+    slow = lg.reserve(a.id, 600, request_id="slow", ttl_s=30, now=NOW)
+    for t in range(NOW + 20, NOW + 1000, 20):  # this process sweeps, as app.sweep_forever does
+        assert lg.sweep_expired(now=t) == 0
+    assert Ledger(lg.db).sweep_expired(now=NOW + 1000) == 0  # another worker: still renewed
+    assert lg.get_account_by_id(a.id).reserved_msats == 600
+    assert lg.settle(slow.id, 500, now=NOW + 1001).charged_msats == 500
+    assert lg.live_reservations == 0
+    # a process that dies: its holds are renewed no more and expire for the others
+    dead = Ledger(lg.db)
+    gone = dead.reserve(a.id, 300, request_id="crashed", ttl_s=30, now=NOW + 1002)
+    assert lg.sweep_expired(now=NOW + 1031) == 0
+    assert lg.sweep_expired(now=NOW + 1032) == 1
+    assert lg.get_reservation(gone.id) is None
+    assert lg.get_account_by_id(a.id).balance_msats == 500
     lg.check_invariant()
 
 
