@@ -83,8 +83,10 @@ async def run_node(config: Config, worker: WorkerRole | None = None) -> None:
 
 async def _serve(node: Node, server: Server, config: Config, worker: WorkerRole | None) -> None:
     async with anyio.create_task_group() as tg:
-        if worker is None or worker.runs_jobs:  # background jobs: in exactly one process
-            tg.start_soon(node.sweep_forever)
+        jobs = worker is None or worker.runs_jobs
+        # every process renews its own requests' holds; one releases the expired ones
+        tg.start_soon(functools.partial(node.sweep_forever, release_expired=jobs))
+        if jobs:  # background jobs: in exactly one process
             tg.start_soon(node.checkpoint_forever)
             if config.relays:
                 tg.start_soon(node.nostr.run)

@@ -171,11 +171,15 @@ class Node:
             with anyio.CancelScope(shield=True):
                 await anyio.to_thread.run_sync(checkpoint_file, self.config.database)
 
-    async def sweep_forever(self) -> None:
-        """Renew the holds of this process's requests in flight and release expired ones; at
-        least three times per ttl, so a live request's hold never expires (ledger.sweep_expired)."""
+    async def sweep_forever(self, *, release_expired: bool = True) -> None:
+        """Renew the holds of this process's requests in flight and (in the one process that
+        runs the background jobs) release expired ones; at least three times per ttl, so a live
+        request's hold never expires (ledger.sweep_expired). Every worker runs this."""
         while True:
             await anyio.sleep(min(SWEEP_INTERVAL_S, self.config.reservation_ttl / 3))
+            if not release_expired:
+                self.ledger.renew_live()
+                continue
             released = self.ledger.sweep_expired()
             if released:
                 log.warning("released %d expired reservations", released)

@@ -40,8 +40,9 @@ How money moves (each op is one `txlog` row of the named kind, key_id = the payi
                c <= h      reserved -= h, balance += h - c, spent += c
                c >  h      reserved -= h, extra = min(c - h, balance), balance -= extra,
                            spent += h + extra; c - h - extra is the *overdraft*: not charged,
-                           recorded in the row's memo (the reservation follows the client-side
-                           formula and may be below the real cost — compatibility issue §1)
+                           recorded in the row's memo (the reservation holds the output in
+                           full but the prompt at an estimate, so a longer prompt costs more;
+                           the cost itself never exceeds the request's ceiling — proxy.Billing)
     release / expire / orphan   reserved -= h, balance += h
     charge   (no reservation; late settle after expiry)  like settle with h = 0
     refund / payout / change    balance -= a, refunded += a  (refused while requests are live)
@@ -49,9 +50,10 @@ How money moves (each op is one `txlog` row of the named kind, key_id = the payi
                            left: the mint refused, the Lightning payment failed)
     child_key_fee          balance -= a, spent += a (on the parent)
 
-Reservations carry an expiry (`ttl_s`) and the boot id of the process that made them. Nothing
-survives a crash held: `sweep_expired` releases what is past its expiry (run at start and
-periodically), and `release_orphans` releases at start every reservation made by another boot —
+Reservations carry an expiry (`ttl_s`) and the boot id of the process that made them. A hold
+lives as long as its request: each process renews its requests in flight (`Ledger._live`) at
+every sweep, so expiry only takes holds whose request is gone. Nothing survives a crash held:
+`sweep_expired` releases what is past its expiry (run at start and periodically), and `release_orphans` releases at start every reservation made by another boot —
 only valid when this process is the only one using the database (single-process mode); with
 ``--workers N`` the expiry sweep alone bounds how long a dead worker's reservations stay held.
 
@@ -1291,6 +1293,13 @@ class Ledger:
         t = self._now(now)
         live = dict(self._live)
         return self.db.transaction(lambda c: sweep_expired(c, t, live))
+
+    def renew_live(self, *, now: int | None = None) -> None:
+        """Renew this process's live reservations (a worker that does not run the sweep)."""
+        t = self._now(now)
+        live = dict(self._live)
+        if live:
+            self.db.transaction(lambda c: renew_live(c, live, now=t))
 
     def release_owner(self, owner: str, *, now: int | None = None) -> int:
         t = self._now(now)

@@ -2,17 +2,21 @@
 
 Money flow of one request (all amounts integer msats):
 
-1. The body is parsed only as far as billing needs (model, `max_tokens`, `stream`, `n`).
-2. `pricing.worst_case_msats` bounds what the request can cost; `X-Max-Cost` (sats) refuses it
-   with 402 before anything is forwarded when the bound exceeds the client's cap.
+1. The body is parsed only as far as billing needs (model, token limits, `stream`, `n`).
+2. `pricing.ceiling` is the most an honest upstream can report for the request (prompt ≤ the
+   body's bytes, output ≤ n × the largest token limit); `X-Max-Cost` (sats) lowers it.
+   `pricing.reservation_msats` holds the ceiling's output part in full and the prompt at an
+   estimate; X-Max-Cost below that refuses the request with 402 before anything is forwarded.
 3. The payer (an `sk-` key, a Cashu token used as key, or an `X-Cashu` token) is resolved by
-   `payments.Payments`; the ledger reserves the worst case atomically (402 when short).
+   `payments.Payments`; the ledger reserves atomically (402 with the amount needed when short).
 4. The request goes upstream byte-faithfully, except: `Authorization` becomes the node's
    upstream key, hop-by-hop and Routstr headers are dropped, and a streamed chat/completions
    request gets `stream_options.include_usage` so the upstream reports its own token counts.
 5. The reservation is settled exactly once, in `Billing.finish`, always reached through a
-   shielded `finally`: upstream usage → exact cost; no usage → an estimate from what was
-   relayed, never more than reserved; upstream failure → released, nothing charged.
+   shielded `finally`: upstream usage → its price, each count clamped to the ceiling (more is
+   a lie: logged, counted in /metrics); no usage → an estimate from what was relayed, never
+   more than reserved; upstream failure → released, nothing charged. The hold is renewed by
+   the process while the request runs (ledger.sweep_expired), however long it takes.
 """
 
 from __future__ import annotations

@@ -305,3 +305,40 @@ def test_a_request_outliving_the_ttl_keeps_its_hold(
     assert len(rows) == 1 and rows[0] > 0
     acct = account(ledger, key)
     assert acct.reserved_msats == 0 and acct.balance_msats == need + need // 2 - rows[0]
+
+
+def test_with_two_workers_every_live_request_keeps_its_hold(
+    upstream: ScriptedUpstream, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """Only worker 0 runs the expiry sweep; every worker must renew its own requests' holds.
+    8 slow requests spread over both workers (reuse-port), ttl 3 s, upstream 7 s: none is
+    released while it runs."""
+    n = NodeProcess(tmp_path_factory.mktemp("hostile-workers"), [
+        "--upstream-base-url", upstream.url, "--admin-token", ADMIN, "--workers", "2",
+        "--reservation-ttl", "3", "--upstream-read-timeout", "20"])
+    n.start()
+    db = Database(n.database)
+    lg = Ledger(db)
+    try:
+        raw = chat_body(max_tokens=100)
+        keys = [new_key(n, 1_000_000) for _ in range(8)]
+        upstream.enqueue(*[Behaviour(delay_s=7) for _ in keys])
+        results: list[Any] = []
+        threads = [threading.Thread(target=lambda k=k: results.append(post(n, k, raw)))
+                   for k in keys]
+        for t in threads:
+            t.start()
+        time.sleep(5)  # past the ttl, and past at least one sweep by worker 0
+        held = [account(lg, k).reserved_msats for k in keys]
+        for t in threads:
+            t.join(20)
+        assert all(h > 0 for h in held), held
+        assert [r[0] for r in results] == [200] * 8
+        for k in keys:
+            acct = account(lg, k)
+            assert acct.reserved_msats == 0 and len(settled_rows(lg, k)) == 1
+            assert acct.balance_msats == 1_000_000 - settled_rows(lg, k)[0]
+        lg.check_invariant()
+    finally:
+        db.close()
+        n.stop()
