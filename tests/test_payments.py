@@ -217,6 +217,25 @@ def test_xcashu_too_small_gets_402_with_payment_request(node: NodeProcess, minte
     assert minter.state(mint_url, token) == ["UNSPENT"]  # left unredeemed
 
 
+def test_xcashu_sized_for_one_choice_cannot_buy_128(node: NodeProcess, minter: Minter,
+                                                     mint_url: str,
+                                                     upstream: ScriptedUpstream) -> None:
+    """Issue 13: n=128 × 1 000 max tokens on a payment sized for one choice was served. Now the
+    402 asks for all 128 choices' output before anything is swapped or forwarded."""
+    body = {"model": "gpt-4o-mini", "messages": MSG, "max_tokens": 1000, "n": 128}
+    token = minter.token(mint_url, 2)  # one choice: 1 000 × 0.6 msats = 0.6 sat, plus the prompt
+    before = len(upstream.requests)
+    status, headers, raw = node.request("POST", "/v1/chat/completions", body, {"X-Cashu": token})
+    assert status == 402
+    err = json.loads(raw)["error"]
+    assert err["details"]["required"] >= 128 * 1000 * 600 // 1000
+    assert PaymentRequest.decode(headers["x-cashu"]).amount == -(-err["details"]["required"]
+                                                                 // 1000)
+    assert len(upstream.requests) == before
+    assert minter.state(mint_url, token) == ["UNSPENT"] * len(minter.state(mint_url, token))
+    check_books(node)
+
+
 def test_untrusted_mint_token_untouched(node: NodeProcess, minter: Minter, mint_url_fee: str) -> None:
     token = minter.token(mint_url_fee, 50)
     status, headers, raw = node.request("POST", "/v1/chat/completions",
