@@ -79,6 +79,8 @@ MIN_REQUEST_MSATS: Final = 1  # routstr-core's MIN_REQUEST_MSAT
 # formula's three roundings; the node's cap stays below it by this much.
 CLIENT_ROUNDING_MARGIN_MSATS: Final = 3
 PROMPT_OVERHEAD_TOKENS: Final = 16  # chat-template tokens not present as body bytes
+# With tools, providers add a system prompt of their own (Anthropic documents 313–346 tokens).
+TOOLS_OVERHEAD_TOKENS: Final = 1024
 MAX_N: Final = 128  # the most choices (`n`, `best_of`) or images a request may ask for
 DEFAULT_MAX_OUTPUT_TOKENS: Final = 32_000  # a model with no limits: routstr-core's fallback
 DEFAULT_CONTEXT_TOKENS: Final = 1_000_000  # likewise, for a prompt the body only points at
@@ -690,9 +692,12 @@ def _max_output_tokens(price: ModelPrice, body: Mapping[str, Any]) -> int:
 
 
 def _prompt_bound(price: ModelPrice, body: Mapping[str, Any], body_len: int) -> int:
-    """Prompt tokens ≤ the body's bytes (+ the chat template), unless the body points at content
-    elsewhere (images, files, stored responses, server tools): then the context length."""
+    """Prompt tokens ≤ the body's bytes (+ the chat template, + the hidden system prompt a
+    provider wraps tool definitions in), unless the body points at content elsewhere (images,
+    files, stored responses, server tools): then the context length."""
     bound = _count(body_len, "body_len") + PROMPT_OVERHEAD_TOKENS
+    if body.get("tools") or body.get("functions"):
+        bound += TOOLS_OVERHEAD_TOKENS
     if _refers_outside(body):
         return max(bound, price.context_length or DEFAULT_CONTEXT_TOKENS)
     return min(bound, price.context_length) if price.context_length else bound

@@ -284,7 +284,8 @@ def test_anthropic_cache_tokens_are_prompt_tokens(node: NodeProcess,
              "cache_creation_input_tokens": 20}
     upstream.enqueue(Behaviour(usage=usage))
     status, headers, raw = node.request(
-        "POST", "/v1/messages", {"model": CLAUDE, "max_tokens": 50, "messages": SAY_HELLO},
+        "POST", "/v1/messages", {"model": CLAUDE, "max_tokens": 50, "messages": SAY_HELLO,
+                                 "system": "You are terse. " * 12},  # room for 130 tokens
         {"x-api-key": key, "anthropic-version": "2023-06-01"})
     assert status == 200, raw
     cost = actual_cost(PRICES.get(CLAUDE), 130, 5).total_msats
