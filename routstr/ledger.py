@@ -53,9 +53,10 @@ How money moves (each op is one `txlog` row of the named kind, key_id = the payi
 Reservations carry an expiry (`ttl_s`) and the boot id of the process that made them. A hold
 lives as long as its request: each process renews its requests in flight (`Ledger._live`) at
 every sweep, so expiry only takes holds whose request is gone. Nothing survives a crash held:
-`sweep_expired` releases what is past its expiry (run at start and periodically), and `release_orphans` releases at start every reservation made by another boot —
-only valid when this process is the only one using the database (single-process mode); with
-``--workers N`` the expiry sweep alone bounds how long a dead worker's reservations stay held.
+`sweep_expired` releases what is past its expiry (run at start and periodically), and
+`release_orphans` releases at start every reservation made by another boot — only valid when
+this process is the only one using the database (single-process mode); with ``--workers N``
+the supervisor releases a dead worker's holds, and expiry bounds what is left.
 
 The per-request pair runs on every paid request, so it is kept to a few statements: `reserve`
 holds a plain key's money (not a child, no balance limit) with one UPDATE whose WHERE clause is
