@@ -26,8 +26,10 @@ CSRF
     the cookie off cross-site requests in the first place.
 
 The admin token
-    ``--admin-token`` if given; else the one generated at first start by `ensure_admin_token`
-    (printed once by ``__main__``; only its hash is stored, in ``node_settings``).
+    ``--admin-token`` if given; else the one generated at first start by `ensure_admin_token`,
+    written to the file ``<database>.admin-token`` (mode 0600, next to the database) — never
+    to the log; ``__main__`` logs only the file's path. The database stores only its hash (in
+    ``node_settings``); deleting the file does not change the token.
 
 Routes (JSON unless noted; amounts in msats, the wallet's in sats)
     ``GET /admin`` dashboard (HTML) · ``POST /admin/login`` · ``POST /admin/logout`` ·
@@ -51,6 +53,7 @@ import datetime as dt
 import hashlib
 import hmac
 import logging
+import os
 import re
 import secrets
 import time
@@ -92,6 +95,7 @@ DASHBOARD_KEY_KINDS: Final = ("api", "token", "child")
 TX_PAGE: Final = 25
 MAX_ADMIN_TOKEN_CHARS: Final = 512
 USER_CREDENTIAL_PREFIXES: Final = ("sk-", "cashu")
+ADMIN_TOKEN_FILE_SUFFIX: Final = ".admin-token"  # noqa: S105 - a file name
 
 _CSRF_LABEL: Final = b"routstr admin csrf"
 _EPOCH_LABEL: Final = b"routstr admin session epoch\x00"
@@ -117,12 +121,40 @@ def check_admin_token(token: str) -> None:
         raise ConfigError("--admin-token must be at most 512 characters without spaces")
 
 
+def admin_token_path(database: str) -> str | None:
+    """Where a generated admin token is kept: ``<database>.admin-token`` (None in memory)."""
+    if database == ":memory:" or database.startswith("file:"):
+        return None
+    return database + ADMIN_TOKEN_FILE_SUFFIX
+
+
+def write_private_file(path: str, text: str) -> None:
+    """`text` into `path`, readable by this user only (mode 0600 from the first byte: the
+    file is created with that mode, an existing one is truncated and re-moded; a symlink in
+    its place is refused)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+    try:
+        os.fchmod(fd, 0o600)
+        os.write(fd, text.encode())
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def ensure_admin_token(db: Database, config: Config, *, now: int | None = None) -> str | None:
-    """With no ``--admin-token`` and none stored: generate one, store its hash, return it
-    (to be shown once). Otherwise None."""
+    """With no ``--admin-token`` and none stored: generate one, write it to the 0600 file
+    `admin_token_path` (inside the transaction that stores its hash, so only the process that
+    stores it writes the file) and return that file's path. Otherwise None.
+
+    The token itself is never printed or logged: logs end up in journals and support tickets.
+    """
     if config.admin_token:
         return None
     if db.read(admin_store.stored_admin_hash) is not None:
+        return None
+    path = admin_token_path(db.path)
+    if path is None:
+        log.warning("no --admin-token and the database is in memory: the admin API is closed")
         return None
     token = "adm-" + secrets.token_urlsafe(24)
     t = int(time.time()) if now is None else now
@@ -131,9 +163,10 @@ def ensure_admin_token(db: Database, config: Config, *, now: int | None = None) 
         if admin_store.stored_admin_hash(conn) is not None:  # another process won
             return False
         admin_store.store_admin_hash(conn, token_hash(token), t)
+        write_private_file(path, token + "\n")  # a failure rolls the hash back
         return True
 
-    return token if db.transaction(op, durable=True) else None
+    return path if db.transaction(op, durable=True) else None
 
 
 def resolve_admin_hash(db: Database, config: Config) -> str:
