@@ -13,9 +13,10 @@ Authentication
       token changes.
 
     Without either: 401 in the error shape of `errors` (a browser asking for HTML gets the
-    login form, still with status 401). Failed token checks (login or Bearer) are rate-limited
-    per client address and in total (`LoginLimiter`): past the limit, 429 with Retry-After,
-    before the token is even looked at.
+    login form, still with status 401). Failed token checks (login, Bearer, the ``/metrics``
+    scrape: one shared `LoginLimiter`) are limited per client address and in total: past the
+    limit a wrong token gets 429 with Retry-After; the right token is compared first and always
+    gets in (no lockout of the operator by guessers).
 
 CSRF
     A state-changing request (any method but GET/HEAD) authenticated by the cookie must carry
@@ -182,7 +183,15 @@ def resolve_admin_hash(db: Database, config: Config) -> str:
 
 
 class LoginLimiter:
-    """Failed admin-token checks: at most N per client and M in total per sliding window."""
+    """Failed admin-token checks: at most N per client and M in total per sliding window.
+
+    Only failures are limited: `check_admin_token_limited` compares the token first (in
+    constant time) and lets the right one in whatever the counters say, so guesses — behind
+    Tor every client is 127.0.0.1 — can never lock the operator out. Past the limit a wrong
+    token gets 429 with Retry-After instead of 401 (and is not logged again), which bounds the
+    log and the work a guesser causes; the token's entropy is what makes guessing hopeless
+    (the generated one has 192 bits; choose a long ``--admin-token``).
+    """
 
     def __init__(self, *, window_s: float = LOGIN_WINDOW_S,
                  per_client: int = LOGIN_MAX_FAILURES_PER_CLIENT,
@@ -207,6 +216,7 @@ class LoginLimiter:
                 del self._by_client[client]
 
     def check(self, client: str) -> None:
+        """429 when `client` (or everyone together) failed too often within the window."""
         now = self._clock()
         self._prune(now)
         mine = self._by_client.get(client)
@@ -224,8 +234,18 @@ class LoginLimiter:
         self._by_client.setdefault(client, deque()).append(now)
         self._all.append(now)
 
-    def succeeded(self, client: str) -> None:
-        self._by_client.pop(client, None)
+
+def check_admin_token_limited(limiter: LoginLimiter, request: Request, token: str,
+                              expected_hash: str) -> None:
+    """Accept the admin token, or raise: 401 for a wrong one, 429 once wrong ones are over
+    the limit. The comparison comes first, so the right token is never refused by the limit."""
+    if expected_hash and secrets_equal(token_hash(token), expected_hash):
+        return
+    client = _client_address(request)
+    limiter.check(client)
+    limiter.failed(client)
+    log.warning("failed admin authentication from %s", client)
+    raise AuthenticationFailed("Invalid admin token", code="invalid_admin_token")
 
 
 # --------------------------------------------------------------------------------------------
@@ -345,18 +365,10 @@ class AdminHandlers:
     # -- authentication --------------------------------------------------------------------
 
     def _check_token(self, request: Request, token: str) -> None:
-        client = _client_address(request)
         if token.startswith(USER_CREDENTIAL_PREFIXES):
             raise AuthenticationFailed("API keys and Cashu tokens have no access to the admin"
                                        " API; use the admin token.", code="not_an_admin_token")
-        self.limiter.check(client)
-        ok = bool(self.admin_token_hash) and secrets_equal(token_hash(token),
-                                                            self.admin_token_hash)
-        if not ok:
-            self.limiter.failed(client)
-            log.warning("failed admin authentication from %s", client)
-            raise AuthenticationFailed("Invalid admin token", code="invalid_admin_token")
-        self.limiter.succeeded(client)
+        check_admin_token_limited(self.limiter, request, token, self.admin_token_hash)
 
     def authorize(self, request: Request) -> Auth:
         header = request.header("authorization")
@@ -707,10 +719,12 @@ class AdminHandlers:
 
 def admin_routes(config: Config, db: Database, ledger: Ledger, prices: PriceBook,
                  probes: Mapping[str, Callable[[], Awaitable[str]]],
-                 wallet: AdminWallet | None = None, npub: str = "") -> list[Route]:
-    """The admin part of the route table (`app.routes` adds it)."""
+                 wallet: AdminWallet | None = None, npub: str = "",
+                 limiter: LoginLimiter | None = None) -> list[Route]:
+    """The admin part of the route table (`app.routes` adds it; `limiter` is shared with the
+    ``/metrics`` check)."""
     service = AdminService(config, db, ledger, prices, probes, wallet, npub=npub)
-    return AdminHandlers(service, resolve_admin_hash(db, config)).routes()
+    return AdminHandlers(service, resolve_admin_hash(db, config), limiter).routes()
 
 
 def _key_id(params: Mapping[str, str]) -> int:

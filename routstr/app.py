@@ -12,7 +12,7 @@ import anyio
 import anyio.to_thread
 
 from . import __version__
-from .admin import admin_routes
+from .admin import LoginLimiter, admin_routes
 from .admin_wallet import NodeWallet
 from .balance import BalanceHandlers, CashuBalanceHandlers
 from .cashu.lnurl import LnurlError
@@ -201,9 +201,11 @@ def routes(node: Node) -> list[Route]:
     ]
     wallet = (NodeWallet(node.wallet, node.db, client_transport(node.http), c.cashu_mints)
               if node.wallet is not None else None)
+    admin_limiter = LoginLimiter()  # admin API and /metrics: one count of failed tokens
     table += admin_routes(c, node.db, node.ledger, node.prices,
                           {"database": status.database, "upstream": status.upstream,
-                           "mint": status.mint}, wallet, npub=node.nostr.key.npub)
+                           "mint": status.mint}, wallet, npub=node.nostr.key.npub,
+                          limiter=admin_limiter)
     pay = CashuBalanceHandlers(node.ledger, node.payments, node.cashu, c.child_key_cost_msats)
     for prefix in ("/v1/balance", "/v1/wallet"):
         table += [
@@ -228,7 +230,7 @@ def routes(node: Node) -> list[Route]:
         handler = proxy.handler(endpoint)
         table.append(Route("POST", "/v1" + endpoint.path, handler))
         table.append(Route("POST", endpoint.path, handler))  # routstr-core serves both
-    table += node.platform.routes(lambda: table, admin_bearer(node.db, c))
+    table += node.platform.routes(lambda: table, admin_bearer(node.db, c, admin_limiter))
     return table
 
 

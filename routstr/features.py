@@ -22,14 +22,13 @@ from typing import Any
 
 import anyio
 
-from .admin import resolve_admin_hash, token_hash
+from .admin import LoginLimiter, check_admin_token_limited, resolve_admin_hash
 from .batch import Batch, BatchLimits
 from .client import HttpClient
 from .config import Config
 from .db import Database, DatabaseError
 from .errors import AuthenticationFailed
 from .idempotency import IdempotencyStore
-from .keys import secrets_equal
 from .ledger import Account
 from .messages import Request, Response, bounded_int
 from .metrics import Extra, Metrics
@@ -84,8 +83,10 @@ def list_middleware(app: App) -> App:
     return listed
 
 
-def admin_bearer(db: Database, config: Config) -> Callable[[Request], None]:
-    """A check for ``Authorization: Bearer <admin token>`` (the /metrics scrape)."""
+def admin_bearer(db: Database, config: Config,
+                 limiter: LoginLimiter) -> Callable[[Request], None]:
+    """A check for ``Authorization: Bearer <admin token>`` (the /metrics scrape); failures
+    count against the admin API's `limiter`, the right token always passes."""
 
     def authorize(request: Request) -> None:
         scheme, _, token = (request.header("authorization") or "").strip().partition(" ")
@@ -93,8 +94,7 @@ def admin_bearer(db: Database, config: Config) -> Callable[[Request], None]:
         if scheme.lower() != "bearer" or not token.strip() or not expected:
             raise AuthenticationFailed("Use 'Authorization: Bearer <admin token>'",
                                        code="admin_auth_required")
-        if not secrets_equal(token_hash(token.strip()), expected):
-            raise AuthenticationFailed("Invalid admin token", code="invalid_admin_token")
+        check_admin_token_limited(limiter, request, token.strip(), expected)
 
     return authorize
 
