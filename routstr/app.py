@@ -18,12 +18,12 @@ from .balance import BalanceHandlers, CashuBalanceHandlers
 from .cashu.lnurl import LnurlError
 from .cashu.mint import MintError
 from .cashu.wallet import Wallet, WalletError
-from .cashupay import CashuConfig, CashuPayments
+from .cashupay import CashuConfig, CashuPayments, xcashu_key_hash
 from .client import HttpClient
 from .config import Config
 from .db import Database, checkpoint_file
 from .discovery import NostrService, open_nostr
-from .errors import UpstreamError
+from .errors import ApiError, UpstreamError
 from .features import Platform, admin_bearer
 from .ledger import Ledger
 from .messages import Request, Response
@@ -74,7 +74,8 @@ class Node:
         self.nostr = open_nostr(self.config, self.db, self.http)
         self.platform = Platform(self.config, self.db, self.ledger.boot_id,
                                  lambda request: self.payments.account_for(request,
-                                                                           create=False))
+                                                                           create=False),
+                                 self.known_owner)
         self.platform.extra_metrics.append(self.nostr.metrics_extra)
 
     @classmethod
@@ -93,6 +94,18 @@ class Node:
             cashu = CashuPayments(CashuConfig(config.cashu_mints, config.reservation_ttl),
                                   ledger, wallet, db)
         return cls(config, db, ledger, prices, http, Payments(ledger, cashu), wallet, cashu)
+
+    async def known_owner(self, request: Request) -> bool:
+        """Does the ledger know the paying credential (an existing key, an accepted X-Cashu
+        payment or redeemed Cashu-token key)? Idempotent answers are stored only for those."""
+        xcashu = (request.header("x-cashu") or "").strip()
+        if xcashu:
+            return self.ledger.get_account(xcashu_key_hash(xcashu)) is not None
+        try:
+            await self.payments.account_for(request, create=False)
+        except ApiError:
+            return False
+        return True
 
     async def aclose(self) -> None:
         await self.platform.aclose()

@@ -102,12 +102,14 @@ def admin_bearer(db: Database, config: Config,
 # ---- the bundle -----------------------------------------------------------------------------
 class Platform:
     def __init__(self, config: Config, db: Database, boot_id: str,
-                 account_of: Callable[[Request], Awaitable[Account]]) -> None:
+                 account_of: Callable[[Request], Awaitable[Account]],
+                 known_owner: Callable[[Request], Awaitable[bool]]) -> None:
         self.config = config
         self.limiter = RateLimiter(Limits(config.rate_limit_requests, config.rate_limit_tokens,
                                           config.rate_limit_concurrent),
                                    queue_wait_s=config.rate_limit_queue_wait)
-        self.idempotency = IdempotencyStore(db, ttl_s=config.idempotency_ttl, boot_id=boot_id)
+        self.idempotency = IdempotencyStore(db, ttl_s=config.idempotency_ttl, boot_id=boot_id,
+                                            known=known_owner)
         self.metrics = Metrics(db)
         self.extra_metrics: list[Callable[[], Extra]] = []  # other services' series (Nostr)
         self.webhooks = Webhooks(

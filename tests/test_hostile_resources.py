@@ -11,12 +11,26 @@ from __future__ import annotations
 
 import json
 import re
+import sqlite3
 import stat
+import time
 from pathlib import Path
 from typing import Any
 
+import anyio
+
+from routstr.db import Database
+from routstr.idempotency import IdempotencyStore, StoreLimits, owner_of
+from routstr.messages import Request, Response
+from tests.support.upstream import ScriptedUpstream
+
 ADMIN = "adm-hostile-resources-0123456789"
 AUTH = {"Authorization": f"Bearer {ADMIN}"}
+CHAT_BODY = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
+
+
+def owner_of_header(authorization: str) -> str | None:
+    return owner_of(Request("POST", "/", (("authorization", authorization),)))
 
 
 def is_error(doc: Any, status: int, code: str) -> bool:
@@ -105,3 +119,98 @@ def test_metrics_wrong_tokens_share_the_admin_limiter(node_factory: Any) -> None
     assert status == 429, doc
     assert node.request("GET", "/metrics", None, AUTH)[0] == 200
     assert node.json("GET", "/admin/api/overview", None, AUTH)[0] == 200
+
+
+# --------------------------------------------------------------------------------------------
+# 10a: Idempotency-Key answers are stored only for owners the node knows, and bounded
+# --------------------------------------------------------------------------------------------
+
+
+def _stored_bytes(database: str) -> int:
+    return sum(p.stat().st_size for p in Path(database).parent.glob(Path(database).name + "*")
+               if not p.name.endswith(".admin-token"))
+
+
+def _idempotency_rows(database: str) -> int:
+    with sqlite3.connect(database) as conn:
+        return int(conn.execute("SELECT COUNT(*) FROM idempotency").fetchone()[0])
+
+
+def test_garbage_credentials_with_idempotency_keys_store_nothing(node_factory: Any) -> None:
+    with ScriptedUpstream() as upstream:
+        node = node_factory("--upstream-base-url", upstream.url, "--admin-token", ADMIN)
+        status, doc = node.json("POST", "/admin/api/keys", {"balance_msats": 10_000_000}, AUTH)
+        assert status == 201, doc
+        key = doc["api_key"]
+        time.sleep(1.2)  # the node's checkpoint settles the files after its start-up writes
+        before = _stored_bytes(node.database)
+        items = [{"method": "POST", "endpoint": "/chat/completions",
+                  "body": {**CHAT_BODY, "pad": "x" * 2000}} for _ in range(50)]
+        for i in range(20):
+            garbage = {"Authorization": f"Bearer sk-garbage{i:04d}{'z' * 40}",
+                       "Idempotency-Key": f"fresh-batch-{i}"}
+            status, raw_headers, raw = node.request("POST", "/v1/batch", {"requests": items},
+                                                    garbage)
+            assert status in (200, 401), raw[:200]
+            garbage["Idempotency-Key"] = f"fresh-chat-{i}"
+            status, _, _ = node.request("POST", "/v1/chat/completions", CHAT_BODY, garbage)
+            assert status == 401
+            xcashu = {"X-Cashu": f"cashuBgarbage{i}", "Idempotency-Key": f"fresh-x-{i}"}
+            assert node.request("POST", "/v1/chat/completions", CHAT_BODY, xcashu)[0] >= 400
+        assert _idempotency_rows(node.database) == 0
+        time.sleep(1.2)
+        grown = _stored_bytes(node.database) - before
+        assert grown < 64 * 1024, grown
+        # A real key still gets its answer replayed, charged once.
+        headers = {"Authorization": f"Bearer {key}", "Idempotency-Key": "real-1"}
+        s1, h1, b1 = node.request("POST", "/v1/chat/completions", CHAT_BODY, headers)
+        s2, h2, b2 = node.request("POST", "/v1/chat/completions", CHAT_BODY, headers)
+        assert s1 == s2 == 200 and b1 == b2 and h2["idempotent-replayed"] == "true"
+        assert "idempotent-replayed" not in h1
+        assert len(upstream.requests) == 1
+        assert _idempotency_rows(node.database) == 1
+
+
+def _run_store(store: IdempotencyStore, owner_header: str, key: str, body: bytes) -> Response:
+    async def app(request: Request) -> Response:
+        return Response(200, [("content-type", "text/plain")], body)
+
+    request = Request("POST", "/v1/thing", (("authorization", owner_header),
+                                            ("idempotency-key", key)), b"{}")
+    return anyio.run(store.wrap(app), request)
+
+
+def test_stored_answers_are_bounded_per_owner_and_in_total(tmp_path: Path) -> None:
+    db = Database(tmp_path / "idem.sqlite3")
+    owners = {"Bearer sk-alice", "Bearer sk-bob", "Bearer sk-carol"}
+
+    async def known(request: Request) -> bool:
+        return request.authorization() in owners
+
+    limits = StoreLimits(answer_bytes=4000, owner_keys=5, owner_bytes=10_000,
+                         total_bytes=25_000)
+    store = IdempotencyStore(db, ttl_s=3600, boot_id="t", known=known, limits=limits)
+    for i in range(8):  # count: only the newest 5 of alice's small answers stay
+        assert _run_store(store, "Bearer sk-alice", f"a{i}", b"a%d" % i).status == 200
+    kept = [r[0] for r in db.query("SELECT idem_key FROM idempotency WHERE state = 'done'"
+                                   " ORDER BY created_at, idem_key")]
+    assert kept == ["a3", "a4", "a5", "a6", "a7"]
+    replay = _run_store(store, "Bearer sk-alice", "a7", b"different")
+    assert replay.body == b"a7" and replay.header("idempotent-replayed") == "true"
+    evicted = _run_store(store, "Bearer sk-alice", "a0", b"again")
+    assert evicted.body == b"again" and evicted.header("idempotent-replayed") is None
+    for i in range(4):  # bytes: 3000-byte answers, at most 10 000 bytes per owner
+        _run_store(store, "Bearer sk-bob", f"b{i}", b"b" * 3000)
+    bob = db.query("SELECT COUNT(*), SUM(length(body)) FROM idempotency"
+                   " WHERE owner_hash = ?", (owner_of_header("Bearer sk-bob"),))[0]
+    assert bob[0] == 3 and bob[1] == 9000
+    for i in range(4):  # total: 25 000 bytes over all owners, the oldest go first
+        _run_store(store, "Bearer sk-carol", f"c{i}", b"c" * 3000)
+    total = db.query("SELECT SUM(length(body)) FROM idempotency")[0][0]
+    assert total <= 25_000
+    assert db.query("SELECT COUNT(*) FROM idempotency WHERE idem_key = 'c3'")[0][0] == 1
+    # An unknown owner's answer is served but never stored.
+    before = db.query("SELECT COUNT(*) FROM idempotency")[0][0]
+    assert _run_store(store, "Bearer sk-mallory", "m1", b"m" * 3000).status == 200
+    assert db.query("SELECT COUNT(*) FROM idempotency")[0][0] == before
+    db.close()
