@@ -47,10 +47,10 @@ def server_options(config: Config) -> ServerOptions:
 
 
 def _start_up(node: Node, config: Config, *, single_process: bool) -> None:
-    fresh_admin_token = ensure_admin_token(node.db, config)
-    if fresh_admin_token:  # printed this once; the database keeps only its hash
-        print(f"routstr: generated the admin token (shown only now): {fresh_admin_token}",
-              file=sys.stderr, flush=True)
+    token_file = ensure_admin_token(node.db, config)
+    if token_file:  # the token is in that 0600 file, never in the log
+        print(f"routstr: generated the admin token; it is in {token_file}"
+              " (readable by this user only)", file=sys.stderr, flush=True)
     # Other workers' reservations are live: only a sole process may release them all.
     released = node.ledger.startup_sweep(single_process=single_process)
     if released:

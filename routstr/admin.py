@@ -13,9 +13,10 @@ Authentication
       token changes.
 
     Without either: 401 in the error shape of `errors` (a browser asking for HTML gets the
-    login form, still with status 401). Failed token checks (login or Bearer) are rate-limited
-    per client address and in total (`LoginLimiter`): past the limit, 429 with Retry-After,
-    before the token is even looked at.
+    login form, still with status 401). Failed token checks (login, Bearer, the ``/metrics``
+    scrape: one shared `LoginLimiter`) are limited per client address and in total: past the
+    limit a wrong token gets 429 with Retry-After; the right token is compared first and always
+    gets in (no lockout of the operator by guessers).
 
 CSRF
     A state-changing request (any method but GET/HEAD) authenticated by the cookie must carry
@@ -26,8 +27,10 @@ CSRF
     the cookie off cross-site requests in the first place.
 
 The admin token
-    ``--admin-token`` if given; else the one generated at first start by `ensure_admin_token`
-    (printed once by ``__main__``; only its hash is stored, in ``node_settings``).
+    ``--admin-token`` if given; else the one generated at first start by `ensure_admin_token`,
+    written to the file ``<database>.admin-token`` (mode 0600, next to the database) — never
+    to the log; ``__main__`` logs only the file's path. The database stores only its hash (in
+    ``node_settings``); deleting the file does not change the token.
 
 Routes (JSON unless noted; amounts in msats, the wallet's in sats)
     ``GET /admin`` dashboard (HTML) · ``POST /admin/login`` · ``POST /admin/logout`` ·
@@ -51,6 +54,7 @@ import datetime as dt
 import hashlib
 import hmac
 import logging
+import os
 import re
 import secrets
 import time
@@ -92,6 +96,7 @@ DASHBOARD_KEY_KINDS: Final = ("api", "token", "child")
 TX_PAGE: Final = 25
 MAX_ADMIN_TOKEN_CHARS: Final = 512
 USER_CREDENTIAL_PREFIXES: Final = ("sk-", "cashu")
+ADMIN_TOKEN_FILE_SUFFIX: Final = ".admin-token"  # noqa: S105 - a file name
 
 _CSRF_LABEL: Final = b"routstr admin csrf"
 _EPOCH_LABEL: Final = b"routstr admin session epoch\x00"
@@ -117,12 +122,40 @@ def check_admin_token(token: str) -> None:
         raise ConfigError("--admin-token must be at most 512 characters without spaces")
 
 
+def admin_token_path(database: str) -> str | None:
+    """Where a generated admin token is kept: ``<database>.admin-token`` (None in memory)."""
+    if database == ":memory:" or database.startswith("file:"):
+        return None
+    return database + ADMIN_TOKEN_FILE_SUFFIX
+
+
+def write_private_file(path: str, text: str) -> None:
+    """`text` into `path`, readable by this user only (mode 0600 from the first byte: the
+    file is created with that mode, an existing one is truncated and re-moded; a symlink in
+    its place is refused)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+    try:
+        os.fchmod(fd, 0o600)
+        os.write(fd, text.encode())
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def ensure_admin_token(db: Database, config: Config, *, now: int | None = None) -> str | None:
-    """With no ``--admin-token`` and none stored: generate one, store its hash, return it
-    (to be shown once). Otherwise None."""
+    """With no ``--admin-token`` and none stored: generate one, write it to the 0600 file
+    `admin_token_path` (inside the transaction that stores its hash, so only the process that
+    stores it writes the file) and return that file's path. Otherwise None.
+
+    The token itself is never printed or logged: logs end up in journals and support tickets.
+    """
     if config.admin_token:
         return None
     if db.read(admin_store.stored_admin_hash) is not None:
+        return None
+    path = admin_token_path(db.path)
+    if path is None:
+        log.warning("no --admin-token and the database is in memory: the admin API is closed")
         return None
     token = "adm-" + secrets.token_urlsafe(24)
     t = int(time.time()) if now is None else now
@@ -131,9 +164,10 @@ def ensure_admin_token(db: Database, config: Config, *, now: int | None = None) 
         if admin_store.stored_admin_hash(conn) is not None:  # another process won
             return False
         admin_store.store_admin_hash(conn, token_hash(token), t)
+        write_private_file(path, token + "\n")  # a failure rolls the hash back
         return True
 
-    return token if db.transaction(op, durable=True) else None
+    return path if db.transaction(op, durable=True) else None
 
 
 def resolve_admin_hash(db: Database, config: Config) -> str:
@@ -149,7 +183,15 @@ def resolve_admin_hash(db: Database, config: Config) -> str:
 
 
 class LoginLimiter:
-    """Failed admin-token checks: at most N per client and M in total per sliding window."""
+    """Failed admin-token checks: at most N per client and M in total per sliding window.
+
+    Only failures are limited: `check_admin_token_limited` compares the token first (in
+    constant time) and lets the right one in whatever the counters say, so guesses — behind
+    Tor every client is 127.0.0.1 — can never lock the operator out. Past the limit a wrong
+    token gets 429 with Retry-After instead of 401 (and is not logged again), which bounds the
+    log and the work a guesser causes; the token's entropy is what makes guessing hopeless
+    (the generated one has 192 bits; choose a long ``--admin-token``).
+    """
 
     def __init__(self, *, window_s: float = LOGIN_WINDOW_S,
                  per_client: int = LOGIN_MAX_FAILURES_PER_CLIENT,
@@ -174,6 +216,7 @@ class LoginLimiter:
                 del self._by_client[client]
 
     def check(self, client: str) -> None:
+        """429 when `client` (or everyone together) failed too often within the window."""
         now = self._clock()
         self._prune(now)
         mine = self._by_client.get(client)
@@ -191,8 +234,18 @@ class LoginLimiter:
         self._by_client.setdefault(client, deque()).append(now)
         self._all.append(now)
 
-    def succeeded(self, client: str) -> None:
-        self._by_client.pop(client, None)
+
+def check_admin_token_limited(limiter: LoginLimiter, request: Request, token: str,
+                              expected_hash: str) -> None:
+    """Accept the admin token, or raise: 401 for a wrong one, 429 once wrong ones are over
+    the limit. The comparison comes first, so the right token is never refused by the limit."""
+    if expected_hash and secrets_equal(token_hash(token), expected_hash):
+        return
+    client = _client_address(request)
+    limiter.check(client)
+    limiter.failed(client)
+    log.warning("failed admin authentication from %s", client)
+    raise AuthenticationFailed("Invalid admin token", code="invalid_admin_token")
 
 
 # --------------------------------------------------------------------------------------------
@@ -312,18 +365,10 @@ class AdminHandlers:
     # -- authentication --------------------------------------------------------------------
 
     def _check_token(self, request: Request, token: str) -> None:
-        client = _client_address(request)
         if token.startswith(USER_CREDENTIAL_PREFIXES):
             raise AuthenticationFailed("API keys and Cashu tokens have no access to the admin"
                                        " API; use the admin token.", code="not_an_admin_token")
-        self.limiter.check(client)
-        ok = bool(self.admin_token_hash) and secrets_equal(token_hash(token),
-                                                            self.admin_token_hash)
-        if not ok:
-            self.limiter.failed(client)
-            log.warning("failed admin authentication from %s", client)
-            raise AuthenticationFailed("Invalid admin token", code="invalid_admin_token")
-        self.limiter.succeeded(client)
+        check_admin_token_limited(self.limiter, request, token, self.admin_token_hash)
 
     def authorize(self, request: Request) -> Auth:
         header = request.header("authorization")
@@ -674,10 +719,12 @@ class AdminHandlers:
 
 def admin_routes(config: Config, db: Database, ledger: Ledger, prices: PriceBook,
                  probes: Mapping[str, Callable[[], Awaitable[str]]],
-                 wallet: AdminWallet | None = None, npub: str = "") -> list[Route]:
-    """The admin part of the route table (`app.routes` adds it)."""
+                 wallet: AdminWallet | None = None, npub: str = "",
+                 limiter: LoginLimiter | None = None) -> list[Route]:
+    """The admin part of the route table (`app.routes` adds it; `limiter` is shared with the
+    ``/metrics`` check)."""
     service = AdminService(config, db, ledger, prices, probes, wallet, npub=npub)
-    return AdminHandlers(service, resolve_admin_hash(db, config)).routes()
+    return AdminHandlers(service, resolve_admin_hash(db, config), limiter).routes()
 
 
 def _key_id(params: Mapping[str, str]) -> int:

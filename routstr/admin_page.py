@@ -213,8 +213,9 @@ def login_page(*, name: str, error: str, nonce: str) -> str:
         '<input id="token" name="token" type="password" autocomplete="current-password"'
         ' required autofocus>'
         '<button class="primary" type="submit">Log in</button></form>'
-        '<p class="muted">The token was printed once when the node first started (or is the'
-        " node's <code>--admin-token</code>).</p></div>"
+        "<p class=\"muted\">The node's <code>--admin-token</code>; if none is set, the token"
+        " generated at first start, in the file <code>&lt;database&gt;.admin-token</code>"
+        " next to the node's database (readable by the node's user only).</p></div>"
     )
     return _document(f"{name} · admin login", body, nonce)
 

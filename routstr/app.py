@@ -12,18 +12,18 @@ import anyio
 import anyio.to_thread
 
 from . import __version__
-from .admin import admin_routes
+from .admin import LoginLimiter, admin_routes
 from .admin_wallet import NodeWallet
 from .balance import BalanceHandlers, CashuBalanceHandlers
 from .cashu.lnurl import LnurlError
 from .cashu.mint import MintError
 from .cashu.wallet import Wallet, WalletError
-from .cashupay import CashuConfig, CashuPayments
+from .cashupay import CashuConfig, CashuPayments, xcashu_key_hash
 from .client import HttpClient
 from .config import Config
 from .db import Database, checkpoint_file
 from .discovery import NostrService, open_nostr
-from .errors import UpstreamError
+from .errors import ApiError, UpstreamError
 from .features import Platform, admin_bearer
 from .ledger import Ledger
 from .messages import Request, Response
@@ -74,7 +74,8 @@ class Node:
         self.nostr = open_nostr(self.config, self.db, self.http)
         self.platform = Platform(self.config, self.db, self.ledger.boot_id,
                                  lambda request: self.payments.account_for(request,
-                                                                           create=False))
+                                                                           create=False),
+                                 self.known_owner)
         self.platform.extra_metrics.append(self.nostr.metrics_extra)
 
     @classmethod
@@ -93,6 +94,18 @@ class Node:
             cashu = CashuPayments(CashuConfig(config.cashu_mints, config.reservation_ttl),
                                   ledger, wallet, db)
         return cls(config, db, ledger, prices, http, Payments(ledger, cashu), wallet, cashu)
+
+    async def known_owner(self, request: Request) -> bool:
+        """Does the ledger know the paying credential (an existing key, an accepted X-Cashu
+        payment or redeemed Cashu-token key)? Idempotent answers are stored only for those."""
+        xcashu = (request.header("x-cashu") or "").strip()
+        if xcashu:
+            return self.ledger.get_account(xcashu_key_hash(xcashu)) is not None
+        try:
+            await self.payments.account_for(request, create=False)
+        except ApiError:
+            return False
+        return True
 
     async def aclose(self) -> None:
         await self.platform.aclose()
@@ -207,9 +220,11 @@ def routes(node: Node) -> list[Route]:
     ]
     wallet = (NodeWallet(node.wallet, node.db, client_transport(node.http), c.cashu_mints)
               if node.wallet is not None else None)
+    admin_limiter = LoginLimiter()  # admin API and /metrics: one count of failed tokens
     table += admin_routes(c, node.db, node.ledger, node.prices,
                           {"database": status.database, "upstream": status.upstream,
-                           "mint": status.mint}, wallet, npub=node.nostr.key.npub)
+                           "mint": status.mint}, wallet, npub=node.nostr.key.npub,
+                          limiter=admin_limiter)
     pay = CashuBalanceHandlers(node.ledger, node.payments, node.cashu, c.child_key_cost_msats)
     for prefix in ("/v1/balance", "/v1/wallet"):
         table += [
@@ -234,7 +249,7 @@ def routes(node: Node) -> list[Route]:
         handler = proxy.handler(endpoint)
         table.append(Route("POST", "/v1" + endpoint.path, handler))
         table.append(Route("POST", endpoint.path, handler))  # routstr-core serves both
-    table += node.platform.routes(lambda: table, admin_bearer(node.db, c))
+    table += node.platform.routes(lambda: table, admin_bearer(node.db, c, admin_limiter))
     return table
 
 

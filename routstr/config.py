@@ -125,7 +125,8 @@ class Config:
         default=300.0, metadata=_s("upstream inactivity timeout, seconds", _positive)
     )
     admin_token: str = field(
-        default="", metadata=_s("admin API token (generated at first start if unset)", secret=True)
+        default="", metadata=_s("admin API token (if unset: generated at first start and"
+                                " written to <database>.admin-token, mode 0600)", secret=True)
     )
     pricing: str = field(default="", metadata=_s("TOML file overriding the built-in price table"))
     cashu_mints: tuple[str, ...] = field(

@@ -22,14 +22,13 @@ from typing import Any
 
 import anyio
 
-from .admin import resolve_admin_hash, token_hash
+from .admin import LoginLimiter, check_admin_token_limited, resolve_admin_hash
 from .batch import Batch, BatchLimits
 from .client import HttpClient
 from .config import Config
 from .db import Database, DatabaseError
 from .errors import AuthenticationFailed
 from .idempotency import IdempotencyStore
-from .keys import secrets_equal
 from .ledger import Account
 from .messages import Request, Response, bounded_int
 from .metrics import Extra, Metrics
@@ -84,8 +83,10 @@ def list_middleware(app: App) -> App:
     return listed
 
 
-def admin_bearer(db: Database, config: Config) -> Callable[[Request], None]:
-    """A check for ``Authorization: Bearer <admin token>`` (the /metrics scrape)."""
+def admin_bearer(db: Database, config: Config,
+                 limiter: LoginLimiter) -> Callable[[Request], None]:
+    """A check for ``Authorization: Bearer <admin token>`` (the /metrics scrape); failures
+    count against the admin API's `limiter`, the right token always passes."""
 
     def authorize(request: Request) -> None:
         scheme, _, token = (request.header("authorization") or "").strip().partition(" ")
@@ -93,8 +94,7 @@ def admin_bearer(db: Database, config: Config) -> Callable[[Request], None]:
         if scheme.lower() != "bearer" or not token.strip() or not expected:
             raise AuthenticationFailed("Use 'Authorization: Bearer <admin token>'",
                                        code="admin_auth_required")
-        if not secrets_equal(token_hash(token.strip()), expected):
-            raise AuthenticationFailed("Invalid admin token", code="invalid_admin_token")
+        check_admin_token_limited(limiter, request, token.strip(), expected)
 
     return authorize
 
@@ -102,12 +102,14 @@ def admin_bearer(db: Database, config: Config) -> Callable[[Request], None]:
 # ---- the bundle -----------------------------------------------------------------------------
 class Platform:
     def __init__(self, config: Config, db: Database, boot_id: str,
-                 account_of: Callable[[Request], Awaitable[Account]]) -> None:
+                 account_of: Callable[[Request], Awaitable[Account]],
+                 known_owner: Callable[[Request], Awaitable[bool]]) -> None:
         self.config = config
         self.limiter = RateLimiter(Limits(config.rate_limit_requests, config.rate_limit_tokens,
                                           config.rate_limit_concurrent),
                                    queue_wait_s=config.rate_limit_queue_wait)
-        self.idempotency = IdempotencyStore(db, ttl_s=config.idempotency_ttl, boot_id=boot_id)
+        self.idempotency = IdempotencyStore(db, ttl_s=config.idempotency_ttl, boot_id=boot_id,
+                                            known=known_owner)
         self.metrics = Metrics(db)
         self.extra_metrics: list[Callable[[], Extra]] = []  # other services' series (Nostr)
         self.overreports = 0  # upstream usage reports above the request's ceiling

@@ -9,6 +9,19 @@ Scope and matching
     409 ``idempotency_request_in_progress`` with ``Retry-After: 1`` (it is not executed).
     Requests without a credential, and methods other than POST, ignore the header.
 
+Only known owners are stored (no unauthenticated disk growth)
+    A credential is *known* when the ledger has its account: a Bearer key that exists, or an
+    ``X-Cashu`` payment (or a Cashu token used as key) that was accepted — the check is
+    `known`, supplied by the node. A known owner's key is claimed in the database before the
+    request runs (as above). Any other credential's key is claimed in this process's memory
+    only (a duplicate in flight still gets 409); when its request succeeded *and* the owner
+    is known afterwards (the payment was accepted, the token redeemed) the answer is stored,
+    else nothing is written — garbage credentials with fresh keys cost no disk.
+    What is kept is bounded (`StoreLimits`): per owner at most `MAX_KEYS_PER_OWNER` answers
+    and `MAX_BYTES_PER_OWNER` bytes, over all owners `MAX_TOTAL_BYTES`; storing evicts the
+    oldest finished answers beyond those (an evicted key runs again when retried, like an
+    expired one).
+
 What is stored and replayed
     Only successful answers (status < 400): the status, the handler's headers (content type,
     ``X-Routstr-Cost*`` / ``X-Routstr-Balance*`` as they were — the balance *at the first
@@ -46,7 +59,11 @@ from .messages import BodyStream, Request, Response
 
 App = Callable[[Request], Awaitable[Response]]
 
-MAX_STORED_BYTES = 8 * 1024 * 1024
+MAX_STORED_BYTES = 8 * 1024 * 1024  # one answer; a larger one is not kept
+MAX_KEYS_PER_OWNER = 1000
+MAX_BYTES_PER_OWNER = 32 * 1024 * 1024
+MAX_TOTAL_BYTES = 256 * 1024 * 1024
+TOTAL_RESYNC_STORES = 100
 MAX_KEY_CHARS = 255
 _KEY_RE = re.compile(rf"^[\x21-\x7e]{{1,{MAX_KEY_CHARS}}}$")
 # Headers set by layers outside this one (server, rate limiter) or meaningless on a replay.
@@ -70,6 +87,18 @@ def request_hash(request: Request) -> str:
 
 
 @dataclass(frozen=True)
+class StoreLimits:
+    answer_bytes: int = MAX_STORED_BYTES
+    owner_keys: int = MAX_KEYS_PER_OWNER
+    owner_bytes: int = MAX_BYTES_PER_OWNER
+    total_bytes: int = MAX_TOTAL_BYTES
+
+
+async def _everyone(request: Request) -> bool:
+    return True
+
+
+@dataclass(frozen=True)
 class Stored:
     status: int
     headers: list[tuple[str, str]]
@@ -79,12 +108,19 @@ class Stored:
 
 class IdempotencyStore:
     def __init__(self, db: Database, *, ttl_s: float, boot_id: str,
+                 known: Callable[[Request], Awaitable[bool]] = _everyone,
+                 limits: StoreLimits = StoreLimits(),  # noqa: B008 - frozen
                  clock: Callable[[], float] = time.time) -> None:
         self.db = db
         self.ttl_s = ttl_s
         self.boot_id = boot_id
+        self.known = known
+        self.limits = limits
         self._clock = clock
         self.replays = 0
+        self._in_memory: set[tuple[str, str]] = set()  # claims of owners not (yet) known
+        self._total: int | None = None  # bytes of stored answers (see `_evict`)
+        self._stores = 0
 
     # -- storage (plain defs: each one short transaction) -------------------------------------
     def begin(self, owner: str, key: str, req_hash: str) -> Stored | None:
@@ -138,13 +174,76 @@ class IdempotencyStore:
         if status >= 400:
             self.abandon(owner, key)
             return
+        kept, fits = self._storable(headers, body, complete)
+
+        def op(conn: Connection) -> None:
+            n = conn.execute(
+                "UPDATE idempotency SET state = 'done', status = ?, headers = ?, body = ?,"
+                " stored = ? WHERE owner_hash = ? AND idem_key = ? AND boot_id = ?",
+                (status, json.dumps(kept), body if fits else None, int(fits), owner, key,
+                 self.boot_id)).rowcount
+            self._evict(conn, owner, len(body) if n and fits else 0)
+
+        self.db.transaction(op)
+
+    def store_new(self, owner: str, key: str, req_hash: str, status: int,
+                  headers: list[tuple[str, str]], body: bytes, *, complete: bool = True) -> None:
+        """Store the answer of a request that ran unclaimed (its owner became known only by
+        running it: an accepted payment); a row another process stored meanwhile wins."""
+        kept, fits = self._storable(headers, body, complete)
+
+        def op(conn: Connection) -> None:
+            n = conn.execute(
+                "INSERT INTO idempotency (owner_hash, idem_key, request_hash, state, boot_id,"
+                " status, headers, body, stored, created_at)"
+                " VALUES (?, ?, ?, 'done', ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
+                (owner, key, req_hash, self.boot_id, status, json.dumps(kept),
+                 body if fits else None, int(fits), self._clock())).rowcount
+            self._evict(conn, owner, len(body) if n and fits else 0)
+
+        self.db.transaction(op)
+
+    def _storable(self, headers: list[tuple[str, str]], body: bytes,
+                  complete: bool) -> tuple[list[tuple[str, str]], bool]:
         kept = [(k, v) for k, v in headers if k.lower() not in _NOT_STORED]
-        fits = len(body) <= MAX_STORED_BYTES and complete
-        self.db.transaction(lambda c: c.execute(
-            "UPDATE idempotency SET state = 'done', status = ?, headers = ?, body = ?, stored = ?"
-            " WHERE owner_hash = ? AND idem_key = ? AND boot_id = ?",
-            (status, json.dumps(kept), body if fits else None, int(fits), owner, key,
-             self.boot_id)))
+        return kept, complete and len(body) <= self.limits.answer_bytes
+
+    def _evict(self, conn: Connection, owner: str, added: int) -> None:
+        """Delete the oldest finished answers beyond the owner's and the node's bounds.
+
+        The owner's rows are few (≤ `owner_keys` + 1); the node-wide byte count is a running
+        figure, re-read from the table (a scan) every `TOTAL_RESYNC_STORES` stores — other
+        workers and the expiry sweep change it too — and whenever it says the bound is
+        passed, so eviction always acts on the exact total."""
+        lim = self.limits
+        rows = conn.execute(
+            "SELECT idem_key, COALESCE(length(body), 0) FROM idempotency"
+            " WHERE owner_hash = ? AND state = 'done' ORDER BY created_at DESC, idem_key DESC",
+            (owner,)).fetchall()
+        count = size = removed = 0
+        for idem_key, length in rows:
+            count, size = count + 1, size + int(length)
+            if count > lim.owner_keys or size > lim.owner_bytes:
+                conn.execute("DELETE FROM idempotency WHERE owner_hash = ? AND idem_key = ?",
+                             (owner, idem_key))
+                removed += int(length)
+        self._stores += 1
+        if self._total is None or self._stores % TOTAL_RESYNC_STORES == 0:
+            self._total = _total_bytes(conn)
+        else:
+            self._total += added - removed
+        if self._total > lim.total_bytes:
+            self._total = _total_bytes(conn)
+        while self._total > lim.total_bytes:
+            oldest = conn.execute(
+                "SELECT owner_hash, idem_key, COALESCE(length(body), 0) FROM idempotency"
+                " WHERE state = 'done' AND body IS NOT NULL ORDER BY created_at LIMIT 1"
+            ).fetchone()
+            if oldest is None:
+                break
+            conn.execute("DELETE FROM idempotency WHERE owner_hash = ? AND idem_key = ?",
+                         (oldest[0], oldest[1]))
+            self._total -= int(oldest[2])
 
     def abandon(self, owner: str, key: str) -> None:
         self.db.transaction(lambda c: c.execute(
@@ -171,41 +270,87 @@ class IdempotencyStore:
                 raise InvalidRequest(
                     f"Idempotency-Key must be 1 to {MAX_KEY_CHARS} visible ASCII characters",
                     code="invalid_idempotency_key")
+            if (owner, key) in self._in_memory or not await self.known(request):
+                return await self._run_unclaimed(app, request, owner, key)
             stored = self.begin(owner, key, request_hash(request))
             if stored is not None:
                 self.replays += 1
                 return Response(stored.status,
                                 [*stored.headers, ("idempotent-replayed", "true")], stored.body)
-            settled = False
-            try:
-                response = await app(request)
-                if response.stream is None:
-                    self.finish(owner, key, response.status, response.headers, response.body)
-                elif response.status >= 400:
-                    self.abandon(owner, key)
-                else:
-                    response.stream = _RecordingStream(response.stream, self, owner, key,
-                                                       response.status, list(response.headers))
-                settled = True
-                return response
-            finally:
-                if not settled:  # cancelled or failed: free the key (a plain def, no await)
-                    self.abandon(owner, key)
+            return await self._run_claimed(app, request, owner, key)
 
         return idempotent
 
+    async def _run_claimed(self, app: App, request: Request, owner: str, key: str) -> Response:
+        settled = False
+        try:
+            response = await app(request)
+            if response.stream is None:
+                self.finish(owner, key, response.status, response.headers, response.body)
+            elif response.status >= 400:
+                self.abandon(owner, key)
+            else:
+                response.stream = _RecordingStream(
+                    response.stream, self, response.status, list(response.headers),
+                    lambda status, headers, body, complete: self.finish(
+                        owner, key, status, headers, body, complete=complete))
+            settled = True
+            return response
+        finally:
+            if not settled:  # cancelled or failed: free the key (a plain def, no await)
+                self.abandon(owner, key)
+
+    async def _run_unclaimed(self, app: App, request: Request, owner: str,
+                             key: str) -> Response:
+        """An owner the ledger does not know (yet): claim in memory, store only when the
+        request succeeded and made the owner known (an accepted payment)."""
+        claim = (owner, key)
+        if claim in self._in_memory:
+            raise Conflict("A request with this Idempotency-Key is still in progress",
+                           code="idempotency_request_in_progress",
+                           details={"idempotency_key": key}, headers=[("retry-after", "1")])
+        self._in_memory.add(claim)
+        handed_over = False
+        try:
+            response = await app(request)
+            if response.status >= 400 or not await self.known(request):
+                return response
+            req_hash = request_hash(request)
+            if response.stream is None:
+                self.store_new(owner, key, req_hash, response.status, response.headers,
+                               response.body)
+                return response
+
+            def store(status: int, headers: list[tuple[str, str]], body: bytes,
+                      complete: bool) -> None:
+                self._in_memory.discard(claim)
+                self.store_new(owner, key, req_hash, status, headers, body, complete=complete)
+
+            response.stream = _RecordingStream(response.stream, self, response.status,
+                                               list(response.headers), store)
+            handed_over = True
+            return response
+        finally:
+            if not handed_over:
+                self._in_memory.discard(claim)
+
+
+def _total_bytes(conn: Connection) -> int:
+    return int(conn.execute(
+        "SELECT COALESCE(SUM(length(body)), 0) FROM idempotency").fetchone()[0])
+
 
 class _RecordingStream:
-    """Relays a stream unchanged, keeping a copy; stores the copy when the stream is closed."""
+    """Relays a stream unchanged, keeping a copy; `store`s the copy when the stream is closed."""
 
-    def __init__(self, inner: BodyStream, store: IdempotencyStore, owner: str, key: str,
-                 status: int, headers: list[tuple[str, str]]) -> None:
+    def __init__(self, inner: BodyStream, store: IdempotencyStore, status: int,
+                 headers: list[tuple[str, str]],
+                 save: Callable[[int, list[tuple[str, str]], bytes, bool], None]) -> None:
         self._inner = inner
-        self._store = store
-        self._owner = owner
-        self._key = key
+        self._limit = store.limits.answer_bytes
         self._status = status
         self._headers = headers
+        self._save = save
         self._chunks: list[bytes] = []
         self._size = 0
         self._closed = False
@@ -219,7 +364,7 @@ class _RecordingStream:
         if self._iter is None:
             self._iter = self._inner.__aiter__()
         chunk = await self._iter.__anext__()
-        if self._size <= MAX_STORED_BYTES:
+        if self._size <= self._limit:
             self._chunks.append(chunk)
         self._size += len(chunk)
         return chunk
@@ -231,6 +376,5 @@ class _RecordingStream:
         try:
             await self._inner.aclose()  # settles the request (the relay's shielded path)
         finally:
-            body = b"".join(self._chunks)
-            self._store.finish(self._owner, self._key, self._status, self._headers, body,
-                               complete=self._size <= MAX_STORED_BYTES)
+            self._save(self._status, self._headers, b"".join(self._chunks),
+                       self._size <= self._limit)
