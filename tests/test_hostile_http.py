@@ -1,0 +1,182 @@
+"""Hostile HTTP/1.1 peers (issue 16): request smuggling and sloppy framing at the server
+(RFC 9112 §2.2, §5.2, §6.3), early error answers that must reach a client that writes its
+whole body first, and an upstream that leaves bytes behind on a pooled connection.
+
+The server runs in-process with a recording app (every request it ran is listed), so a test
+can show that a smuggled request never ran; clients are raw sockets or Python's urllib.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import anyio
+import anyio.from_thread
+import pytest
+
+from routstr.messages import Request, Response, json_response
+from routstr.server import MAX_HEADER_BYTES, Server, ServerOptions
+from tests.test_server import Sock, closed, read_response
+
+MAX_BODY = 1000
+
+
+class RecordingApp:
+    """Answers every request with its method, path and body; remembers what it ran."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[str, str]] = []
+
+    async def __call__(self, request: Request) -> Response:
+        self.seen.append((request.method, request.path))
+        return json_response({"path": request.path, "len": len(request.body),
+                              "body": request.body.decode("latin-1")})
+
+
+class Running:
+    def __init__(self, server: Server, app: RecordingApp) -> None:
+        self.server, self.app, self.port = server, app, server.port
+
+    def connect(self, timeout: float = 5.0) -> Sock:
+        return Sock(socket.create_connection(("127.0.0.1", self.port), timeout=timeout))
+
+
+@pytest.fixture
+def srv() -> Iterator[Running]:
+    app = RecordingApp()
+    opts = ServerOptions(max_body_bytes=MAX_BODY, header_timeout=1.0, keepalive_timeout=2.0,
+                         body_timeout=1.0, write_timeout=2.0)
+    server = Server(app, opts)
+    with anyio.from_thread.start_blocking_portal() as portal:
+        future, _ = portal.start_task(server.serve, "127.0.0.1", 0)
+        yield Running(server, app)
+        portal.call(server.shutdown, 1.0)
+        future.result(timeout=5)
+
+
+def _bad_request(s: Sock) -> dict[str, Any]:
+    status, _, body = read_response(s)
+    assert status == 400, body
+    doc: dict[str, Any] = json.loads(body)
+    assert doc["error"]["type"] == "invalid_request" and doc["error"]["code"] == "bad_http"
+    assert closed(s)
+    return doc
+
+
+# ---- class 12: HTTP/1.1 strictness -----------------------------------------------------------
+
+SMUGGLED = b"GET /smuggled HTTP/1.1\r\nHost: x\r\n\r\n"
+
+
+@pytest.mark.parametrize("head", [
+    # CL.TE: a front end that frames by Content-Length forwards all of it as one request
+    b"POST /front HTTP/1.1\r\nHost: x\r\nContent-Length: 40\r\nTransfer-Encoding: chunked\r\n\r\n",
+    # TE.CL, header order and case swapped
+    b"POST /front HTTP/1.1\r\nHost: x\r\ntransfer-encoding: chunked\r\ncontent-length: 4\r\n\r\n",
+    # TE listed twice
+    b"POST /front HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nTransfer-Encoding: chunked, chunked"
+    b"\r\n\r\n",
+])
+def test_content_length_with_transfer_encoding_is_400_and_smuggled_request_never_runs(
+        srv: Running, head: bytes) -> None:
+    with srv.connect() as s:
+        s.sendall(head + b"0\r\n\r\n" + SMUGGLED)
+        _bad_request(s)
+    assert srv.app.seen == []  # neither the front request nor the smuggled one ran
+
+
+@pytest.mark.parametrize("raw", [
+    b"GET /lf HTTP/1.1\nHost: x\n\n",                       # bare LF everywhere
+    b"GET /lf HTTP/1.1\r\nHost: x\nX-A: 1\r\n\r\n",          # one bare LF inside the block
+    b"GET /lf HTTP/1.1\r\nHost: x\r\n\n",                    # the blank line is a bare LF
+    b"GET /lf HTTP/1.1\r\nHost: x\rX-A: 1\r\n\r\n",          # a bare CR
+    b"GET /fold HTTP/1.1\r\nHost: x\r\nX-A: a\r\n b\r\n\r\n",   # obs-fold (SP)
+    b"GET /fold HTTP/1.1\r\nHost: x\r\nX-A: a\r\n\tb\r\n\r\n",  # obs-fold (HTAB)
+    b"GET /ws HTTP/1.1\r\nHost: x\r\nX-A : 1\r\n\r\n",       # whitespace before the colon
+])
+def test_bare_lf_bare_cr_and_obs_fold_are_400(srv: Running, raw: bytes) -> None:
+    with srv.connect() as s:
+        s.sendall(raw)
+        _bad_request(s)
+    assert srv.app.seen == []
+
+
+def test_pipelined_request_with_bare_lf_after_a_good_one_is_refused(srv: Running) -> None:
+    """The second head of a pipeline is checked like the first (it sat in the buffer while
+    the first was served)."""
+    with srv.connect() as s:
+        s.sendall(b"POST /one HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n\r\nabc"
+                  b"GET /two HTTP/1.1\nHost: x\n\n")
+        status, _, body = read_response(s)
+        assert status == 200 and json.loads(body)["body"] == "abc"
+        _bad_request(s)
+    assert srv.app.seen == [("POST", "/one")]
+
+
+def _head_of(size: int) -> bytes:
+    start = b"GET /big HTTP/1.1\r\nHost: x\r\n"
+    filler = b""
+    n = 0
+    while len(start) + len(filler) + 2 < size:
+        room = size - len(start) - len(filler) - 2
+        line = b"X-F%d: " % n
+        value = b"a" * max(0, min(1000, room - len(line) - 2))
+        filler += line + value + b"\r\n"
+        n += 1
+    head = start + filler + b"\r\n"
+    assert len(head) >= size
+    return head
+
+
+@pytest.mark.parametrize("size", [MAX_HEADER_BYTES + 100, 100 * 1024, 127 * 1024])
+def test_header_block_over_the_documented_limit_is_431(srv: Running, size: int) -> None:
+    with srv.connect() as s:
+        try:
+            s.sendall(_head_of(size))  # at once: two 64 KiB reads must not double the limit
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+        status, _, body = read_response(s)
+        assert status == 431 and json.loads(body)["error"]["code"] == "headers_too_large"
+    assert srv.app.seen == []
+
+
+def test_header_block_just_under_the_limit_is_served(srv: Running) -> None:
+    head = _head_of(MAX_HEADER_BYTES - 1200)
+    assert len(head) <= MAX_HEADER_BYTES
+    with srv.connect() as s:
+        s.sendall(head)
+        status, _, _ = read_response(s)
+        assert status == 200
+    assert srv.app.seen == [("GET", "/big")]
+
+
+@pytest.mark.parametrize("body", [
+    b"5\r\nhelloXX0\r\n\r\n",      # chunk data longer than its size line (h11: LocalProtocolError)
+    b"zz\r\nhello\r\n0\r\n\r\n",   # chunk size not hex
+])
+def test_malformed_chunked_body_is_400_not_500(srv: Running, body: bytes) -> None:
+    with srv.connect() as s:
+        s.sendall(b"POST /echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n" + body)
+        _bad_request(s)
+    assert srv.app.seen == []
+
+
+def test_well_formed_requests_still_pipeline(srv: Running) -> None:
+    """The checks see each head once: keep-alive, pipelining and chunked uploads still work."""
+    with srv.connect() as s:
+        s.sendall(b"POST /a HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+                  b"3\r\nabc\r\n0\r\n\r\n"
+                  b"\r\nPOST /b HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\nhi")
+        assert json.loads(read_response(s)[2])["body"] == "abc"
+        assert json.loads(read_response(s)[2])["body"] == "hi"
+        for cut in (5, 20, 40):  # a head split across reads
+            req = b"POST /c HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\n\r\nz"
+            s.sendall(req[:cut])
+            time.sleep(0.01)
+            s.sendall(req[cut:])
+            assert read_response(s)[0] == 200
+    assert [p for _, p in srv.app.seen] == ["/a", "/b", "/c", "/c", "/c"]
