@@ -13,6 +13,8 @@ Connection lifecycle:
    Content-Length together with Transfer-Encoding are all 400 — the raw head is checked before
    h11 sees it, pipelined heads included (each request gets a fresh h11 state machine).
 3. Body by Content-Length or chunked, bounded by `max_body_bytes` (413, answered, then close).
+   Every error answered this way (413, 400, 408, 431) ends in a lingering close (`_linger`):
+   the client that is still writing its body gets to read the answer instead of a reset.
    `Expect: 100-continue` gets its interim 100 only when the body will be read.
 4. The app turns the `Request` into a `Response`; any `ApiError` is rendered by `errors.render`.
    This module holds the node's one broad `except Exception`: before anything was sent it
@@ -62,6 +64,13 @@ MAX_HEADER_BYTES = 64 * 1024  # request line + header fields + the blank line, i
 MAX_LEADING_CRLF = 8  # empty lines ignored before a request line (bytes, 4 lines)
 READ_SIZE = 64 * 1024
 GZIP_MIN_BYTES = 1024
+# Lingering close after an error answered before the request was read to its end (RFC 9112
+# §9.6): the client may still be writing its body (urllib and requests write it all before
+# they read), and closing with unread bytes makes the kernel send a reset that destroys the
+# answer in the client's receive buffer. So: send FIN, then read and discard — at most
+# LINGER_MAX_BYTES, for at most LINGER_TIMEOUT_S — until the client closes.
+LINGER_MAX_BYTES = 16 * 1024 * 1024
+LINGER_TIMEOUT_S = 5.0
 MIN_BODY_RATE = 1024  # bytes/s a request body must average once `body_timeout` has passed
 STREAM_CLOSE_TIMEOUT = 30.0
 API_VERSION = "v1"
@@ -107,6 +116,7 @@ class _Conn:
         self.h11 = _new_h11()
         self.pending = bytearray()
         self.eof = False
+        self.linger = False  # an error was answered: half-close and drain before closing
         self.busy = False
         self.scope: anyio.CancelScope | None = None
         # time.monotonic() past which the reaper cancels `scope` (closing the connection)
@@ -193,6 +203,20 @@ def _check_head(head: bytes) -> None:
             framing.add(lname)
     if len(framing) == 2:
         raise _bad_http("both Content-Length and Transfer-Encoding")
+
+
+async def _linger(stream: anyio.abc.ByteStream) -> None:
+    """Half-close, then discard what the client still sends until it closes, within
+    `LINGER_MAX_BYTES` and `LINGER_TIMEOUT_S` (see there)."""
+    drained = 0
+    with anyio.move_on_after(LINGER_TIMEOUT_S):
+        try:
+            await stream.send_eof()
+            while drained < LINGER_MAX_BYTES:
+                drained += len(await stream.receive(READ_SIZE))
+        except (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError,
+                OSError):
+            pass
 
 
 def _new_request_id() -> str:
@@ -285,6 +309,8 @@ class Server:
             pass
         finally:
             self._conns.discard(conn)
+            if conn.linger and not conn.eof and not self._stopping:
+                await _linger(stream)
             with anyio.CancelScope(shield=True):
                 await stream.aclose()
 
@@ -463,6 +489,7 @@ class Server:
             await self._send_plain(conn, response, head_only=False)
         except (_ClientGone, h11.LocalProtocolError):
             return 0
+        conn.linger = True  # the request may not have been read to its end
         return status
 
     # ---- responses -------------------------------------------------------------------

@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 import socket
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from typing import Any
 
@@ -19,7 +21,13 @@ import anyio.from_thread
 import pytest
 
 from routstr.messages import Request, Response, json_response
-from routstr.server import MAX_HEADER_BYTES, Server, ServerOptions
+from routstr.server import (
+    LINGER_MAX_BYTES,
+    LINGER_TIMEOUT_S,
+    MAX_HEADER_BYTES,
+    Server,
+    ServerOptions,
+)
 from tests.test_server import Sock, closed, read_response
 
 MAX_BODY = 1000
@@ -180,3 +188,81 @@ def test_well_formed_requests_still_pipeline(srv: Running) -> None:
             s.sendall(req[cut:])
             assert read_response(s)[0] == 200
     assert [p for _, p in srv.app.seen] == ["/a", "/b", "/c", "/c", "/c"]
+
+
+# ---- class 14: an early error answer reaches a client that writes its whole body first ------
+
+OVER_LIMIT_BYTES = 8 * 1024 * 1024  # beyond what loopback socket buffers absorb (4 MiB wmem)
+
+
+def _urllib_post(port: int, body: bytes, headers: dict[str, str] | None = None) -> Any:
+    req = urllib.request.Request(f"http://127.0.0.1:{port}/echo", data=body, method="POST",
+                                 headers={"content-type": "application/json", **(headers or {})})
+    with pytest.raises(urllib.error.HTTPError) as info:
+        urllib.request.urlopen(req, timeout=10)  # noqa: S310 - loopback test server
+    return info.value
+
+
+def test_urllib_posting_an_over_limit_body_receives_the_413(srv: Running) -> None:
+    """urllib sends the whole body before it reads: without a lingering close the server's
+    close with unread bytes resets the connection and the 413 is lost."""
+    err = _urllib_post(srv.port, b"x" * OVER_LIMIT_BYTES)
+    assert err.code == 413
+    doc = json.loads(err.read())
+    assert doc["error"]["type"] == "invalid_request"
+    assert doc["error"]["code"] == "payload_too_large"
+    assert doc["error"]["details"] == {"max_body_bytes": MAX_BODY}
+    assert doc["request_id"] == err.headers["x-routstr-request-id"]
+    assert srv.app.seen == []
+
+
+def test_chunked_over_limit_body_written_in_full_receives_the_413(srv: Running) -> None:
+    """The same for a body that only turns out too large while it is read (chunked)."""
+    with srv.connect(timeout=10) as s:
+        s.sendall(b"POST /echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n")
+        piece = b"%x\r\n%s\r\n" % (64 * 1024, b"a" * 64 * 1024)
+        for _ in range(OVER_LIMIT_BYTES // len(piece)):
+            s.sendall(piece)
+        s.sendall(b"0\r\n\r\n")
+        status, _, body = read_response(s)
+        assert status == 413 and json.loads(body)["error"]["code"] == "payload_too_large"
+        assert closed(s)
+
+
+def test_malformed_head_followed_by_a_large_body_still_gets_its_400(srv: Running) -> None:
+    """Any error answered before the body was read is lingered on, not only 413."""
+    with srv.connect(timeout=10) as s:
+        s.sendall(b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n"
+                  b"Transfer-Encoding: chunked\r\n\r\n%s" % (OVER_LIMIT_BYTES,
+                                                                b"y" * OVER_LIMIT_BYTES))
+        _bad_request(s)
+
+
+def test_lingering_is_bounded_in_bytes(srv: Running) -> None:
+    """A client that never stops sending is cut off once LINGER_MAX_BYTES were discarded —
+    long before LINGER_TIMEOUT_S on loopback."""
+    with srv.connect(timeout=2) as s:
+        s.sendall(b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 999999999\r\n\r\n")
+        sent = 0
+        t0 = time.monotonic()
+        with pytest.raises(OSError):  # reset (or a broken pipe) once the server gives up
+            while time.monotonic() - t0 < LINGER_TIMEOUT_S + 5:
+                s.sock.sendall(b"z" * 65536)
+                sent += 65536
+        assert time.monotonic() - t0 < LINGER_TIMEOUT_S
+        assert sent >= LINGER_MAX_BYTES
+
+
+def test_lingering_is_bounded_in_time(srv: Running) -> None:
+    """A client that trickles bytes after the error and never closes is dropped after
+    LINGER_TIMEOUT_S."""
+    with srv.connect(timeout=1) as s:
+        s.sendall(b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 5000\r\n\r\n")
+        status, _, _ = read_response(s)
+        assert status == 413
+        t0 = time.monotonic()
+        with pytest.raises(OSError):
+            while time.monotonic() - t0 < LINGER_TIMEOUT_S + 3:
+                s.sock.sendall(b"z")
+                time.sleep(0.2)
+        assert LINGER_TIMEOUT_S - 0.5 < time.monotonic() - t0 < LINGER_TIMEOUT_S + 3
