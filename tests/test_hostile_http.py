@@ -20,6 +20,7 @@ import anyio
 import anyio.from_thread
 import pytest
 
+from routstr.client import HttpClient
 from routstr.messages import Request, Response, json_response
 from routstr.server import (
     LINGER_MAX_BYTES,
@@ -28,6 +29,7 @@ from routstr.server import (
     Server,
     ServerOptions,
 )
+from tests.test_client import RawConn, ok, raw_server
 from tests.test_server import Sock, closed, read_response
 
 MAX_BODY = 1000
@@ -266,3 +268,82 @@ def test_lingering_is_bounded_in_time(srv: Running) -> None:
                 s.sock.sendall(b"z")
                 time.sleep(0.2)
         assert LINGER_TIMEOUT_S - 0.5 < time.monotonic() - t0 < LINGER_TIMEOUT_S + 3
+
+
+# ---- class 13: the upstream pool never hands one exchange's leftover bytes to the next ------
+
+BOGUS = ok(b'{"leaked": "the previous user\'s answer"}')
+
+
+async def _half_close(conn: RawConn) -> None:
+    await conn.stream.send_eof()
+
+
+LEFTOVERS: dict[str, tuple[str, list[bytes | None]]] = {
+    # name: (first method, what the upstream sends on connection 1; None = half-close)
+    "more_than_content_length": ("GET", [ok(b"first") + BOGUS]),
+    "body_after_a_head_response": ("HEAD", [b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\n"
+                                            + BOGUS]),
+    "bytes_after_the_last_chunk": ("GET", [b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n"
+                                           b"\r\n5\r\nfirst\r\n0\r\n\r\n" + BOGUS]),
+    "after_a_1xx_and_the_response": ("GET", [b"HTTP/1.1 100 Continue\r\n\r\n"
+                                             + ok(b"first") + BOGUS]),
+    "a_moment_after_the_response": ("GET", [ok(b"first"), b"", BOGUS]),  # b"": pause
+    "half_closed_after_the_response": ("GET", [ok(b"first"), None]),
+}
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+@pytest.mark.parametrize("case", sorted(LEFTOVERS))
+async def test_pooled_connection_with_leftover_bytes_is_never_reused(case: str) -> None:
+    """A scripted upstream answers the first request and leaves bytes (a second, bogus
+    response) or an EOF behind on that connection. The next request — another user's — must
+    go out on a fresh connection and get its own answer, never the leftover."""
+    first_method, script = LEFTOVERS[case]
+
+    async def handler(conn: RawConn, index: int) -> None:
+        if index == 1:
+            await conn.read_request()
+            for part in script:
+                if part is None:
+                    await _half_close(conn)
+                elif part:
+                    await conn.send(part)
+                else:
+                    await anyio.sleep(0.05)
+            while await conn.read_request() is not None:
+                pass  # a request that arrives here anyway is never answered
+            return
+        while await conn.read_request() is not None:
+            await conn.send(ok(b"true answer on connection %d" % index))
+
+    async with raw_server(handler) as (port, count), HttpClient(read_timeout=3) as client:
+        url = f"http://127.0.0.1:{port}/"
+        status, _, body = await client.fetch(first_method, url)
+        assert status == 200 and body == (b"" if first_method == "HEAD" else b"first")
+        await anyio.sleep(0.2)  # the late bytes (and the EOF) have arrived by now
+        status, _, body = await client.fetch("GET", url)
+        assert (status, body) == (200, b"true answer on connection 2")
+        assert count[0] == 2
+        status, _, body = await client.fetch("GET", url)  # the fresh one is pooled as usual
+        assert (status, body) == (200, b"true answer on connection 2")
+        assert count[0] == 2
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_oversize_upstream_response_head_is_a_protocol_error() -> None:
+    """The response-head bound holds however the head is split into reads (h11 alone lets
+    about twice MAX_RESPONSE_HEAD_BYTES through)."""
+    from routstr.client import MAX_RESPONSE_HEAD_BYTES, UpstreamProtocolError
+
+    async def handler(conn: RawConn, index: int) -> None:
+        await conn.read_request()
+        fields = b"".join(b"x-f%d: %s\r\n" % (n, b"a" * 1000)
+                          for n in range(MAX_RESPONSE_HEAD_BYTES * 3 // 2 // 1000))
+        await conn.send(b"HTTP/1.1 200 OK\r\n" + fields + b"content-length: 0\r\n\r\n")
+
+    async with raw_server(handler) as (port, _count), HttpClient(read_timeout=3) as client:
+        with pytest.raises(UpstreamProtocolError):
+            await client.fetch("GET", f"http://127.0.0.1:{port}/")
