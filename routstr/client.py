@@ -7,7 +7,13 @@ What it does
   sockets, in use or idle; a request waits for a free slot when all are busy. An idle connection is
   handed out again only if h11 finished the previous exchange cleanly, it is younger than
   `keepalive_expiry`, and its socket is not readable (a zero-timeout poll: an idle HTTP/1.1
-  connection that is readable has hit EOF or holds bytes nobody asked for).
+  connection that is readable has hit EOF or holds bytes nobody asked for). A connection whose
+  exchange left bytes behind in h11's buffer (an upstream that sent more than its
+  Content-Length, a body after a HEAD answer, data after the last chunk) or an EOF is closed
+  when the response finishes, never pooled: the next request, another user's, would otherwise
+  be answered with those bytes. (Bytes that arrive after that check and after the readable
+  poll, while the next request is already on its way, cannot be told from its answer: an
+  HTTP/1.1 limit; the poll narrows it to that instant.)
   A peer may still close it just as we reuse it: if that happens before any byte of the response
   arrived, and the request body was `bytes` (so it can be sent again), the request is retried once
   on a fresh connection.
@@ -337,6 +343,15 @@ class _Connection:
         await anyio.aclose_forcefully(self.stream)
 
 
+def _has_leftovers(h: h11.Connection) -> bool:
+    """Bytes (or an EOF) past the end of the response that was just read: more than its
+    Content-Length, a body after a HEAD answer, data after the last chunk. HTTP/1.1 has no
+    place for them; kept, h11 would parse them as the answer to the next request on this
+    connection — another user's. Such a connection is closed, never pooled."""
+    data, closed = h.trailing_data
+    return bool(data) or closed
+
+
 class _Pool:
     __slots__ = ("idle", "slots")
 
@@ -536,6 +551,7 @@ class HttpClient:
                 and not self._closed
                 and h.our_state is h11.DONE
                 and h.their_state is h11.DONE
+                and not _has_leftovers(h)
             ):
                 h.start_next_cycle()
                 now = time.monotonic()
@@ -697,6 +713,12 @@ class HttpClient:
                 h.receive_data(data)
                 continue
             if type(event) is h11.Response:
+                # h11 bounds only what one read leaves incomplete: bound the head (1xx heads
+                # included) itself — what was received less what is still unparsed (body)
+                if received - len(h.trailing_data[0]) > MAX_RESPONSE_HEAD_BYTES:
+                    raise UpstreamProtocolError(
+                        "Upstream sent a malformed response",
+                        detail=f"response head over {MAX_RESPONSE_HEAD_BYTES} bytes")
                 return event
             if type(event) is h11.InformationalResponse:
                 continue

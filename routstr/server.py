@@ -7,8 +7,14 @@ Connection lifecycle:
    The two timers every request would pay for — the keep-alive wait and each write
    (`write_timeout`) — are not cancel scopes of their own: the connection notes a deadline
    and one reaper task closes connections past theirs (within `_reap_interval`).
-2. Header block over `MAX_HEADER_BYTES` → 431; malformed bytes → 400; both close the connection.
+2. Header block over `MAX_HEADER_BYTES` (all of it, however it was split into reads) → 431;
+   malformed bytes → 400; both close the connection. RFC 9112 strictness beyond h11's own
+   parser (which tolerates them): a bare LF or CR, obs-fold, whitespace before a colon, and
+   Content-Length together with Transfer-Encoding are all 400 — the raw head is checked before
+   h11 sees it, pipelined heads included (each request gets a fresh h11 state machine).
 3. Body by Content-Length or chunked, bounded by `max_body_bytes` (413, answered, then close).
+   Every error answered this way (413, 400, 408, 431) ends in a lingering close (`_linger`):
+   the client that is still writing its body gets to read the answer instead of a reset.
    `Expect: 100-continue` gets its interim 100 only when the body will be read.
 4. The app turns the `Request` into a `Response`; any `ApiError` is rendered by `errors.render`.
    This module holds the node's one broad `except Exception`: before anything was sent it
@@ -54,9 +60,17 @@ access_log = logging.getLogger("routstr.access")
 
 App = Callable[[Request], Awaitable[Response]]
 
-MAX_HEADER_BYTES = 64 * 1024
+MAX_HEADER_BYTES = 64 * 1024  # request line + header fields + the blank line, in total
+MAX_LEADING_CRLF = 8  # empty lines ignored before a request line (bytes, 4 lines)
 READ_SIZE = 64 * 1024
 GZIP_MIN_BYTES = 1024
+# Lingering close after an error answered before the request was read to its end (RFC 9112
+# §9.6): the client may still be writing its body (urllib and requests write it all before
+# they read), and closing with unread bytes makes the kernel send a reset that destroys the
+# answer in the client's receive buffer. So: send FIN, then read and discard — at most
+# LINGER_MAX_BYTES, for at most LINGER_TIMEOUT_S — until the client closes.
+LINGER_MAX_BYTES = 16 * 1024 * 1024
+LINGER_TIMEOUT_S = 5.0
 MIN_BODY_RATE = 1024  # bytes/s a request body must average once `body_timeout` has passed
 STREAM_CLOSE_TIMEOUT = 30.0
 API_VERSION = "v1"
@@ -89,12 +103,20 @@ class _ClientGone(Exception):
 
 
 class _Conn:
-    """One client connection: its h11 state machine and byte stream."""
+    """One client connection: its h11 state machine and byte stream.
+
+    Each request gets a fresh h11 state machine: the bytes of the next request head wait in
+    `pending` (with `eof` when the client has finished sending) until `_check_head` has seen
+    them, so a pipelined head sitting behind a body is checked like the first one.
+    """
 
     def __init__(self, stream: anyio.abc.ByteStream, peer: str) -> None:
         self.stream = stream
         self.peer = peer
-        self.h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEADER_BYTES)
+        self.h11 = _new_h11()
+        self.pending = bytearray()
+        self.eof = False
+        self.linger = False  # an error was answered: half-close and drain before closing
         self.busy = False
         self.scope: anyio.CancelScope | None = None
         # time.monotonic() past which the reaper cancels `scope` (closing the connection)
@@ -124,6 +146,77 @@ class _Conn:
                     OSError):
                 data = b""
             self.h11.receive_data(data)
+
+
+def _new_h11() -> h11.Connection:
+    return h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEADER_BYTES)
+
+
+def _bad_http(message: str) -> h11.RemoteProtocolError:
+    return h11.RemoteProtocolError(message, error_status_hint=400)
+
+
+def _head_end(buf: bytearray) -> int | None:
+    """Where the header block in `buf` ends (after its CRLF CRLF), or None if not yet.
+
+    Raises 431 past `MAX_HEADER_BYTES` and 400 at a bare LF, which h11 would take for a line
+    end (RFC 9112 §2.2: a front end that disagrees about line ends is a smuggling vector).
+    Leading empty lines are dropped (§2.2: a server SHOULD ignore at least one)."""
+    skip = 0
+    while len(buf) >= skip + 2 and buf[skip:skip + 2] == b"\r\n" and skip < MAX_LEADING_CRLF:
+        skip += 2
+    if skip:
+        del buf[:skip]
+    end = buf.find(b"\r\n\r\n", 0, MAX_HEADER_BYTES)
+    scan = len(buf) if end < 0 else end + 4
+    lf = buf.find(b"\n", 0, scan)
+    while lf >= 0:
+        if lf == 0 or buf[lf - 1] != 0x0D:
+            raise _bad_http("bare LF in the request head")
+        lf = buf.find(b"\n", lf + 1, scan)
+    if end < 0:
+        if len(buf) >= MAX_HEADER_BYTES:
+            raise h11.RemoteProtocolError("header block too large", error_status_hint=431)
+        return None
+    return end + 4
+
+
+def _check_head(head: bytes) -> None:
+    """Refuse what h11 tolerates but RFC 9112 does not let a server accept: a bare CR,
+    obs-fold (§5.2), whitespace before a field's colon (§5.1), and Content-Length together
+    with Transfer-Encoding (§6.3: "ought to be handled as an error"; h11 lets TE win, so a
+    front end that framed by Content-Length would see a different second request)."""
+    lines = head[:-4].split(b"\r\n")
+    framing: set[bytes] = set()
+    for number, line in enumerate(lines):
+        if b"\r" in line:
+            raise _bad_http("bare CR in the request head")
+        if number == 0:
+            continue
+        if line[:1] in (b" ", b"\t"):
+            raise _bad_http("obsolete line folding in the request head")
+        name, colon, _value = line.partition(b":")
+        if not colon or name != name.strip():
+            raise _bad_http("malformed header field")
+        lname = name.lower()
+        if lname in (b"content-length", b"transfer-encoding"):
+            framing.add(lname)
+    if len(framing) == 2:
+        raise _bad_http("both Content-Length and Transfer-Encoding")
+
+
+async def _linger(stream: anyio.abc.ByteStream) -> None:
+    """Half-close, then discard what the client still sends until it closes, within
+    `LINGER_MAX_BYTES` and `LINGER_TIMEOUT_S` (see there)."""
+    drained = 0
+    with anyio.move_on_after(LINGER_TIMEOUT_S):
+        try:
+            await stream.send_eof()
+            while drained < LINGER_MAX_BYTES:
+                drained += len(await stream.receive(READ_SIZE))
+        except (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError,
+                OSError):
+            pass
 
 
 def _new_request_id() -> str:
@@ -216,13 +309,15 @@ class Server:
             pass
         finally:
             self._conns.discard(conn)
+            if conn.linger and not conn.eof and not self._stopping:
+                await _linger(stream)
             with anyio.CancelScope(shield=True):
                 await stream.aclose()
 
     async def _connection_loop(self, conn: _Conn) -> None:
         while not self._stopping:
             # Idle: wait for the first byte of the next request.
-            if conn.h11.their_state is h11.IDLE and not conn.h11.trailing_data[0]:
+            if not conn.pending and not conn.eof:
                 got = await self._wait_first_byte(conn)
                 if not got:
                     return
@@ -235,12 +330,11 @@ class Server:
                     self._drained.set()
             if not keep_going:
                 return
-            if conn.h11.our_state is h11.MUST_CLOSE or conn.h11.their_state is h11.MUST_CLOSE:
-                return
-            try:
-                conn.h11.start_next_cycle()
-            except h11.LocalProtocolError:
-                return
+            if conn.h11.our_state is not h11.DONE or conn.h11.their_state is not h11.DONE:
+                return  # MUST_CLOSE (HTTP/1.0, Connection: close) or an unfinished exchange
+            data, conn.eof = conn.h11.trailing_data  # the next request's bytes, unchecked
+            conn.pending = bytearray(data)
+            conn.h11 = _new_h11()
 
     async def _wait_first_byte(self, conn: _Conn) -> bool:
         """Wait for the next request; an idle connection is closed by the reaper."""
@@ -252,20 +346,46 @@ class Server:
             return False
         finally:
             conn.deadline = math.inf
-        conn.h11.receive_data(data)
+        conn.pending += data
         return True
 
     async def _read_head(self, conn: _Conn) -> h11.Request | None:
-        event = conn.h11.next_event()  # usually complete already: no timer needed
-        if event is h11.NEED_DATA:
+        """The next request head: checked raw (`_head_end`, `_check_head`), then parsed by a
+        fresh h11 state machine that also gets whatever followed it."""
+        end = _head_end(conn.pending)  # usually complete already: no timer needed
+        if end is None:
             with anyio.move_on_after(self.options.header_timeout) as scope:
-                event = await conn.next_event()
+                end = await self._receive_head(conn)
             if scope.cancelled_caught:
                 raise RequestTimeout("Request headers not received in time",
                                      code="header_timeout")
+        if end is None:
+            return None  # closed before a complete head: nothing to answer
+        _check_head(bytes(conn.pending[:end]))
+        conn.h11.receive_data(bytes(conn.pending))
+        conn.pending.clear()
+        if conn.eof:
+            conn.h11.receive_data(b"")
+        event = conn.h11.next_event()
         if isinstance(event, h11.Request):
             return event
-        return None  # ConnectionClosed or PAUSED: nothing to answer
+        return None
+
+    async def _receive_head(self, conn: _Conn) -> int | None:
+        while not conn.eof:
+            try:
+                data = await conn.stream.receive(READ_SIZE)
+            except (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError,
+                    OSError):
+                data = b""
+            if not data:
+                conn.eof = True
+                break
+            conn.pending += data
+            end = _head_end(conn.pending)
+            if end is not None:
+                return end
+        return None
 
     async def _read_body(self, conn: _Conn, head: h11.Request) -> bytes:
         limit = self.options.max_body_bytes
@@ -369,6 +489,7 @@ class Server:
             await self._send_plain(conn, response, head_only=False)
         except (_ClientGone, h11.LocalProtocolError):
             return 0
+        conn.linger = True  # the request may not have been read to its end
         return status
 
     # ---- responses -------------------------------------------------------------------
