@@ -269,8 +269,36 @@ class CashuPayments:
         purpose = {"action": "create_account", "key_hash": key_hash, "kind": "xcashu",
                    "ref": token_deposit_ref(text),
                    "refund_mint": normalize_mint_url(token.mint), "refund_unit": token.unit}
-        account = await self._redeem(text, token, purpose, key_hash, echo=True)
+        account = await self._redeem_for_one_request(text, token, purpose, key_hash)
         return Payer(account.id, "xcashu", request_id, token_hash=key_hash)
+
+    async def _redeem_for_one_request(self, text: str, token: Token, purpose: dict[str, Any],
+                                      key_hash: str) -> Account:
+        """An X-Cashu token pays for exactly one request: the one whose own swap opened the
+        account. Unlike a Bearer token (a key that many requests share), a concurrent request
+        with the same token never joins that account — it would reserve from the first
+        request's money, and whichever settled first could not hand out its change (a refund
+        needs no request in flight) or would hand out the other's. It is refused with nothing
+        charged: 425 while the first is redeeming, 400 once the token is spent."""
+        try:
+            await self.wallet.receive(token, purpose)
+        except OperationPending:
+            raise TooEarly("This token is paying for another request",
+                           code="cashu_token_pending", headers=[("retry-after", "2")]) from None
+        except (MintError, WalletError) as exc:
+            if self.ledger.get_account(key_hash) is not None:
+                # spent by another request, or ours reconciled after an unclear answer: in the
+                # latter case its whole value is recoverable (POST /v1/balance/refund, X-Cashu)
+                raise InvalidRequest(
+                    "Cashu token already spent (if this request redeemed it, its value is"
+                    " returned by POST /v1/balance/refund with the token in X-Cashu)",
+                    code="cashu_token_already_spent") from None
+            raise _mint_error(exc, echo=text if _still_spendable(exc) else None) from None
+        account = self.ledger.get_account(key_hash)
+        if account is None:
+            raise InternalError("The token was redeemed but no account was opened",
+                                code="cashu_token_consumed")
+        return account
 
     def _change_ref(self, account_id: int) -> str:
         return f"xcashu-change:{account_id}"
@@ -278,29 +306,33 @@ class CashuPayments:
     async def make_change(self, account_id: int) -> tuple[str | None, int]:
         """Return the whole spendable balance of a one-request account as a token (once).
 
-        The sub-sat remainder is charged as rounding. Returns (token or None, msats)."""
+        Never raises for a request that was served: a change not made now (mint down, another
+        make_change of it in progress) is left to `recover_change`. The sub-sat remainder is
+        charged as rounding in the same transaction as the change's debit (the send's
+        write-ahead intent), never before it: a send that is refused leaves the account whole.
+        Returns (token or None, msats)."""
         ref = self._change_ref(account_id)
         op = self.wallet.issued_token(ref)
         if op is not None and op.state == "done" and op.token:
             return op.token, op.amount * MSAT_PER_SAT
         if op is not None and op.state == "pending":
-            raise TooEarly("Change is being made; retry shortly", code="change_pending",
-                           headers=[("retry-after", "2")])
+            return None, 0
         account = self.ledger.get_account_by_id(account_id)
         if account is None:
             raise NotFound("Payment not found", code="payment_not_found")
         sats, remainder = divmod(account.balance_msats, MSAT_PER_SAT)
-        if remainder:
-            self.ledger.charge(account_id, remainder, request_id=f"rounding:{account_id}")
         if sats == 0:
+            if remainder:
+                self.ledger.charge(account_id, remainder, request_id=f"rounding:{account_id}")
             return None, 0
         mint = account.refund_mint or self.config.primary
         purpose = {"action": "debit", "account_id": account_id,
-                   "amount_msats": sats * MSAT_PER_SAT, "kind": "change", "ref": ref}
+                   "amount_msats": sats * MSAT_PER_SAT, "kind": "change", "ref": ref,
+                   "rounding_msats": remainder}
         try:
             with anyio.fail_after(CHANGE_TIMEOUT_S):
                 token = await self.wallet.send(sats, mint, purpose, ref=ref)
-        except (MintError, WalletError, TimeoutError) as exc:
+        except (MintError, WalletError, TimeoutError, ApiError) as exc:
             log.warning("change for account %d not made yet: %s", account_id,
                         type(exc).__name__)
             return None, 0

@@ -15,8 +15,9 @@ money rule: every change of a user balance goes through the ledger, atomically w
     (receive, mint) create the account funded with the received amount; extra keys are passed
     to `ledger.create_account` (`hint`, `refund_address`, `refund_mint`, ...).
 ``{"action": "debit", "account_id": N, "amount_msats": m, "kind": "refund"|"payout"|"change",
-"ref"?}``
-    (send, melt) take `m` msats out when the intent is recorded; if the operation is rolled
+"ref"?, "rounding_msats"?: r}``
+    (send, melt) take `m` msats out when the intent is recorded (and charge `r`, a sub-sat
+    rest the token cannot carry, in the same transaction); if the operation is rolled
     back the refund is undone (`ledger.reverse_refund`, unique ref ``wallet-reversal:<op id>``,
     so a reversal happens at most once and is never counted as a new deposit).
 ``None`` / ``{"action": "none"}``
@@ -118,6 +119,10 @@ def apply_purpose(conn: sqlite3.Connection, purpose: Mapping[str, Any], ev: Purp
         if ev.action == "apply":
             ledger.refund(conn, account, amount, kind=str(purpose.get("kind", "refund")),
                           ref=ref, now=ev.now, memo=memo)
+            rounding = int(purpose.get("rounding_msats", 0))
+            if rounding:  # X-Cashu change: the sub-sat rest, charged with the change's debit
+                ledger.charge(conn, account, rounding, request_id=f"rounding:{account}",
+                              now=ev.now)
         else:
             ledger.reverse_refund(conn, account, amount, ref=f"wallet-reversal:{ev.op_id}",
                                   now=ev.now,
