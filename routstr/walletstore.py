@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sqlite3
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -44,6 +45,7 @@ from routstr import ledger
 from routstr.cashu.mint import Transport
 from routstr.cashu.tokens import Proof
 from routstr.cashu.wallet import (
+    OP_LEASE_S,
     InputsBusy,
     Intent,
     Operation,
@@ -148,6 +150,8 @@ def _op(row: Sequence[Any]) -> Operation:
     res = json.loads(result)
     if error:
         res = {**res, "error": error}
+    extra = json.loads(data)
+    lease = extra.pop(_LEASE, None) or {}
     return Operation(
         id=op_id, kind=kind, mint=mint, unit=unit, state=state,
         inputs=tuple(Proof.from_dict(d) for d in json.loads(inputs)),
@@ -155,9 +159,50 @@ def _op(row: Sequence[Any]) -> Operation:
         outputs=tuple(OutputSpec(k, a, c, r) for k, a, c, r in json.loads(outputs)),
         purpose=None if purpose is None else json.loads(purpose),
         purpose_at=purpose_at, amount=amount, fee=fee, ref=ref, quote=quote,
-        data=json.loads(data), created_at=created, updated_at=updated, token=token,
-        result=res, recheck_until=recheck,
+        data=extra, created_at=created, updated_at=updated, token=token,
+        result=res, recheck_until=recheck, owner=str(lease.get("owner", "")),
+        lease_until=float(lease.get("until", 0.0)),
     )
+
+
+# --------------------------------------------------------------------------- operation owners
+
+#: Where an operation's lease is kept in its row (the `data` JSON, next to the intent's data).
+_LEASE = "_lease"
+
+
+def _proc_start(pid: str) -> str | None:
+    """The start time (clock ticks since boot) of a live process `pid`; None if it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return None if fields[0] in ("Z", "X") else fields[19]
+
+
+def _pid_namespace() -> str:
+    try:
+        return os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return "?"
+
+
+def process_owner() -> str:
+    """This process as an operation owner: ``pid namespace|pid|start time``, so that another
+    process on the host (sqlite's WAL needs them all on one host) can tell whether it still
+    runs — a pid reused later has another start time."""
+    pid = str(os.getpid())
+    return f"{_pid_namespace()}|{pid}|{_proc_start(pid) or os.urandom(4).hex()}"
+
+
+def owner_alive(owner: str) -> bool | None:
+    """Whether the process `owner` (see `process_owner`) runs; None when this process cannot
+    tell (another pid namespace, no /proc, an owner recorded before owners were)."""
+    parts = owner.split("|")
+    if len(parts) != 3 or parts[0] == "?" or parts[0] != _pid_namespace():
+        return None
+    return _proc_start(parts[1]) == parts[2]
 
 
 def _proof_from_row(row: Sequence[Any]) -> Proof:
@@ -180,10 +225,14 @@ class SqliteWalletStore:
         *,
         purpose_fn: PurposeFn = apply_purpose,
         clock: Callable[[], float] = time.time,
+        owner: str | None = None,
+        lease_s: float = OP_LEASE_S,
     ) -> None:
         self.db = db
         self._purpose_fn = purpose_fn
         self._clock = clock
+        self.owner = owner or process_owner()
+        self._lease_s = lease_s
 
     # -- helpers (inside a transaction)
 
@@ -196,6 +245,10 @@ class SqliteWalletStore:
         if op is None:
             raise WalletError(f"no wallet operation {op_id}")
         return op
+
+    def _data(self, data: Mapping[str, Any], now: float) -> str:
+        """An operation's `data` with this process's lease on it, until now + lease."""
+        return _dumps({**data, _LEASE: {"owner": self.owner, "until": now + self._lease_s}})
 
     def _event(self, op: Operation, action: str, amount: int, fee: int) -> PurposeEvent:
         return PurposeEvent(action, op.id, op.kind, amount, fee, op.ref, int(self._clock()))
@@ -257,7 +310,7 @@ class SqliteWalletStore:
                     _dumps([_proof_json(p) for p in intent.inputs]), _dumps(outputs),
                     None if intent.purpose is None else _dumps(dict(intent.purpose)),
                     intent.purpose_at, intent.amount, intent.fee, intent.ref, intent.quote,
-                    _dumps(dict(intent.data)), now, now,
+                    self._data(intent.data, now), now, now,
                 ),
             )
             op_id = cur.lastrowid
@@ -360,6 +413,23 @@ class SqliteWalletStore:
             return self._require(conn, op.id)
 
         return self.db.transaction(fn, durable=True)
+
+    def claim(self, op_id: int) -> Operation | None:
+        """See `WalletStore.claim`. The check and the new lease are one write transaction, so
+        two processes never both take over an operation."""
+        def fn(conn: sqlite3.Connection) -> Operation | None:
+            op = self._get(conn, op_id)
+            if op is None or op.state != "pending":
+                return None
+            now = self._clock()
+            if op.owner != self.owner and op.lease_until > now \
+                    and owner_alive(op.owner) is not False:
+                return None
+            conn.execute("UPDATE wallet_ops SET data = ? WHERE id = ?",
+                         (self._data(op.data, now), op.id))
+            return self._require(conn, op.id)
+
+        return self.db.transaction(fn)
 
     def get(self, op_id: int) -> Operation | None:
         return self.db.read(lambda conn: self._get(conn, op_id))

@@ -23,6 +23,7 @@ pytestmark = pytest.mark.mint
 
 ADMIN = "hostile-wallet-admin"
 MSG = [{"role": "user", "content": "Hello!"}]
+G_HEX = "0279be667ef9dcbbac55a06295ce870b07029bfcdb2dce28d959f2815b16f81798"  # a valid point
 
 
 @pytest.fixture(scope="module")
@@ -124,3 +125,95 @@ def test_one_xcashu_token_in_parallel_each_request_served_exactly_or_refused(
         assert 0 <= rounding < 1000
         assert change_msats + charged + rounding == value_sats * 1000, log
     books(node)
+
+
+# ---- class 5: a second worker never finishes another's live wallet operation -------------------
+def test_two_workers_one_token_twenty_parallel_creates_never_a_partial_credit(
+        upstream: ScriptedUpstream, mint_url: str, minter: Minter, tmp_path: Path) -> None:
+    """`--workers 2`: one token posted 20× at once to /v1/balance/create, several rounds. The
+    worker that loses the race must not "recover" the winner's swap while it is in flight (a
+    NUT-09 restore then finds only some outputs): exactly one account, credited the token's
+    full value; every 200 names that key with that balance; the rest are clear 4xx."""
+    value_sats, n, rounds = 127, 20, 6
+    node = NodeProcess(tmp_path, ["--workers", "2", "--upstream-base-url", upstream.url,
+                                  "--admin-token", ADMIN, "--cashu-mints", mint_url]).start()
+    try:
+        for r in range(rounds):
+            token = minter.token(mint_url, value_sats)
+
+            def create(_: int, token: str = token) -> tuple[int, Any]:
+                return node.json("POST", "/v1/balance/create", {"initial_balance_token": token})
+
+            with concurrent.futures.ThreadPoolExecutor(n) as pool:
+                answers = list(pool.map(create, range(n)))
+            ok = [doc for status, doc in answers if status == 200]
+            assert ok, answers
+            keys = {doc["api_key"] for doc in ok}
+            assert len(keys) == 1, (r, keys)
+            for doc in ok:
+                assert doc["balance"] == value_sats * 1000, (r, answers)
+            for status, doc in answers:
+                assert status == 200 or (400 <= status < 500 and doc["error"]["code"]), doc
+            status, info = node.json("GET", "/v1/balance/info",
+                                     headers={"Authorization": f"Bearer {keys.pop()}"})
+            assert status == 200 and info["balance"] == value_sats * 1000, (r, info)
+        assert "Traceback" not in node.log_text()
+    finally:
+        assert node.stop() == 0
+    db = Database(node.database)
+    try:
+        Ledger(db).check_invariant()
+        held = db.read(lambda c: c.execute(
+            "SELECT COALESCE(SUM(amount), 0) FROM wallet_proofs WHERE state = 'unspent'"
+        ).fetchone()[0])
+        assert held == value_sats * rounds
+    finally:
+        db.close()
+
+
+def test_a_live_processs_wallet_operation_is_not_taken_over(tmp_path: Path) -> None:
+    """Ownership is visible across processes: another store (process) may not claim a pending
+    operation whose owner lives and holds the lease; it may once the owner is gone or the lease
+    ran out. (Deterministic companion of the --workers test above.)"""
+    import os
+
+    from routstr.cashu.tokens import Proof
+    from routstr.cashu.wallet import Intent
+    from routstr.walletstore import SqliteWalletStore, process_owner
+
+    db = Database(tmp_path / "w.sqlite3")
+    now = [1_000.0]
+    try:
+        mine = SqliteWalletStore(db, clock=lambda: now[0])
+        other = SqliteWalletStore(db, clock=lambda: now[0], owner="x|1|y")
+        assert mine.owner == process_owner() and str(os.getpid()) in mine.owner
+        proof = Proof(amount=1, id="00" * 8, secret="s" * 64, C=G_HEX)
+        intent = Intent(kind="receive", mint="http://m", unit="sat", inputs=(proof,),
+                        own_inputs=False, outputs=(("00" * 8, 1, "keep"),), purpose=None,
+                        purpose_at="finish", amount=1, fee=0)
+        op = mine.begin(intent)
+        assert op.owner == mine.owner and op.lease_until > now[0]
+        assert other.claim(op.id) is None  # this live process holds it
+        assert mine.claim(op.id) is not None  # its owner may always act on it
+        now[0] += 301  # the lease ran out (a live owner that stopped acting on it)
+        taken = other.claim(op.id)
+        assert taken is not None and taken.owner == "x|1|y"
+        # a dead owner's operation is free at once, whatever its lease
+        dead = SqliteWalletStore(db, clock=lambda: now[0], owner=_dead_owner())
+        op2 = dead.begin(Intent(**{**intent.__dict__, "inputs": (
+            Proof(amount=1, id="00" * 8, secret="t" * 64, C=G_HEX),)}))
+        assert mine.claim(op2.id) is not None
+        assert other.claim(op2.id) is None  # now mine (alive, fresh lease)
+    finally:
+        db.close()
+
+
+def _dead_owner() -> str:
+    """The owner string of a process that ran and exited."""
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c",
+                          "from routstr.walletstore import process_owner; print(process_owner())"],
+                         capture_output=True, text=True, check=True, cwd=Path(__file__).parents[1])
+    return out.stdout.strip()
