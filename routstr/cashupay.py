@@ -9,6 +9,14 @@ wallet records its intent, and the token is stored under a reference before it i
 so a client that lost it can fetch it again (`POST /v1/balance/refund` with the original
 token in `X-Cashu`), also after a restart.
 
+Recovery is bounded in time where the spec does not make the token a credential: a token used
+as Bearer *is* its key, for good; but re-posting a redeemed token to `/v1/balance/create`, or an
+X-Cashu payment token to the change recovery, returns the key or the change already handed out
+only within `recovery_window_s` of the redemption / hand-out (the lost-answer case) — not days
+later to whoever saw the token. A paid Lightning `create` invoice's key is returned for the bare
+bolt11 (`POST /lightning/recover`) only until it was first collected; then only with the
+invoice id, which the creator alone got.
+
 Units: the wallet holds `sat` proofs; the ledger counts msats. Change and refunds are whole
 sats (rounded down, in the node's favour); the sub-sat remainder of a one-request X-Cashu
 account is charged as rounding so that account ends empty.
@@ -41,6 +49,7 @@ from .cashu.wallet import (
 from .db import Database
 from .errors import (
     ApiError,
+    Forbidden,
     InsufficientBalance,
     InternalError,
     InvalidRequest,
@@ -56,6 +65,7 @@ from .payments import Payer
 from .sse import encode_event
 from .walletstore import (
     Invoice,
+    invoice_collect,
     invoice_get,
     invoice_insert,
     invoice_mark,
@@ -107,6 +117,7 @@ def _mint_error(exc: MintError | WalletError, *, echo: str | None = None) -> Api
 class CashuConfig:
     mints: tuple[str, ...]
     reservation_ttl_s: int
+    recovery_window_s: int = 600  # --recovery-window
 
     @property
     def primary(self) -> str:
@@ -141,17 +152,26 @@ class CashuPayments:
                                  headers=[("x-cashu", text)] if echo else [])
         return token
 
+    def _recoverable(self, existing: Account, window: bool) -> Account:
+        """`existing` for a re-posted token; with `window`, only within the recovery window of
+        its redemption (else the token is just spent)."""
+        if window and int(time.time()) - existing.created_at > self.config.recovery_window_s:
+            raise InvalidRequest("Cashu token already spent", code="cashu_token_already_spent")
+        return existing
+
     async def _redeem(self, text: str, token: Token, purpose: dict[str, Any],
-                      key_hash: str, *, echo: bool) -> Account:
+                      key_hash: str, *, echo: bool, window: bool = False) -> Account:
         """Receive `token` into the wallet, applying `purpose`; the funded account.
 
         A concurrent redemption of the same token (another request holds its proofs) is waited
-        for: whichever request redeems it, both end up with the one account."""
+        for: whichever request redeems it, both end up with the one account. An account the
+        token opened before is returned again — with `window`, only within the recovery
+        window."""
         deadline = time.monotonic() + REDEEM_WAIT_S
         while True:
             existing = self.ledger.get_account(key_hash)
             if existing is not None:
-                return existing
+                return self._recoverable(existing, window)
             try:
                 await self.wallet.receive(token, purpose)
             except OperationPending:
@@ -162,14 +182,14 @@ class CashuPayments:
             except ProofsAlreadySpent as exc:
                 existing = self.ledger.get_account(key_hash)
                 if existing is not None:  # we redeemed it ourselves, concurrently
-                    return existing
+                    return self._recoverable(existing, window)
                 raise _mint_error(exc) from None
             except (MintError, WalletError) as exc:
                 # The wallet reconciles an ambiguous failure itself (NUT-07/09): the swap may
                 # have been done and the account opened after all.
                 existing = self.ledger.get_account(key_hash)
                 if existing is not None:
-                    return existing
+                    return self._recoverable(existing, window)
                 raise _mint_error(exc, echo=text if echo and _still_spendable(exc)
                                   else None) from None
             account = self.ledger.get_account(key_hash)
@@ -210,12 +230,13 @@ class CashuPayments:
             purpose["balance_limit_reset"] = balance_limit_reset
         if validity_date is not None:
             purpose["validity_date"] = validity_date
-        return api_key, await self._redeem(text, token, purpose, key_hash, echo=False)
+        return api_key, await self._redeem(text, token, purpose, key_hash, echo=False,
+                                           window=True)
 
     def created_key(self, text: str) -> str:
         """The `sk-` key `/v1/balance/create` opens for a token: derived from it with a node
         secret, so a client whose answer was lost gets the same key back by retrying (holding
-        the token is what entitles to the key, as with a token used as Bearer)."""
+        the token is what entitles to the key, within the recovery window)."""
         return "sk-" + _base36(int.from_bytes(self._mac(b"create\x00" + text.encode()), "big"), 32)
 
     def _mac(self, data: bytes) -> bytes:
@@ -358,10 +379,21 @@ class CashuPayments:
             exc.details["refund_msats"] = msats
 
     async def recover_change(self, text: str) -> tuple[str, int]:
-        """`POST /v1/balance/refund` with `X-Cashu: <payment token>`: the change, again."""
+        """`POST /v1/balance/refund` with `X-Cashu: <payment token>`: the change, again.
+
+        Change already handed out is returned again only within the recovery window of its
+        hand-out (the client lost the answer); change never made yet (the mint was down) is
+        made whenever asked — it is still on the account, nobody else can have it."""
         account = self.ledger.get_account(xcashu_key_hash(text.strip()))
         if account is None:
             raise NotFound("Refund not found", code="refund_not_found")
+        made = self.wallet.issued_token(self._change_ref(account.id))
+        if made is not None and made.state == "done" \
+                and time.time() - made.updated_at > self.config.recovery_window_s:
+            raise InvalidRequest(
+                "The change of this payment was handed out more than"
+                f" {self.config.recovery_window_s} s ago; it is not returned again",
+                code="recovery_window_expired")
         if account.reserved_msats:
             raise TooEarly("Refund is pending; retry shortly.", code="refund_pending",
                            headers=[("retry-after", "2")])
@@ -461,14 +493,34 @@ class CashuPayments:
         invoice_mark(self.db, inv.id, "paid", account_id=account_id, now=now)
         return invoice_get(self.db, invoice_id=inv.id) or inv
 
-    def invoice_status(self, inv: Invoice) -> dict[str, Any]:
+    def invoice_status(self, inv: Invoice, *, with_key: bool = True) -> dict[str, Any]:
+        """The status document; a paid `create` invoice's key with it when `with_key` (the
+        caller holds the invoice id, or this is the first collection by bolt11)."""
         api_key = None
-        if inv.state == "paid":
-            api_key = self.invoice_api_key(inv.id) if inv.purpose == "create" else None
+        if inv.state == "paid" and inv.purpose == "create" and with_key:
+            api_key = self.invoice_api_key(inv.id)
+            invoice_collect(self.db, inv.id, int(time.time()))
         return {"invoice_id": inv.id, "status": inv.state, "api_key": api_key,
                 "amount_sats": inv.amount_sats, "paid_at": inv.paid_at,
                 "created_at": inv.created_at, "expires_at": inv.expires_at,
                 "purpose": inv.purpose}
+
+    def invoice_recover(self, inv: Invoice, invoice_id: str | None) -> dict[str, Any]:
+        """`POST /lightning/recover`: by the bare bolt11 (which a payer or anyone who saw the
+        invoice knows) the key is handed out only if nobody collected it yet — routstr-core's
+        recovery for a client that lost the invoice id; after that, only with the invoice id."""
+        if invoice_id is not None:
+            if not hmac.compare_digest(invoice_id.encode(), inv.id.encode()):
+                raise Forbidden("This invoice id does not match the invoice",
+                                code="invalid_recovery_secret")
+            return self.invoice_status(inv)
+        if inv.state != "paid" or inv.purpose != "create":
+            return self.invoice_status(inv, with_key=False)
+        if not invoice_collect(self.db, inv.id, int(time.time())):
+            raise Forbidden("This invoice's key was already collected; recover it with the"
+                            " invoice_id returned when the invoice was created",
+                            code="recovery_secret_required")
+        return self.invoice_status(inv)
 
     async def settle_pending_invoices(self) -> int:
         settled = 0

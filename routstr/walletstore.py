@@ -586,12 +586,14 @@ class Invoice:
     created_at: int
     expires_at: int
     paid_at: int | None
+    collected_at: int | None = None  # a 'create' key first handed out (see invoice_collect)
 
 
 _INVOICE_COLUMNS = (
     "id, quote, mint, bolt11, amount_sats, purpose, account_id, key_hash, state, created_at,"
     " expires_at, paid_at"
 )
+_INVOICE_SELECT = _INVOICE_COLUMNS + ", collected_at"
 
 
 def invoice_insert(db: Database, inv: Invoice) -> None:
@@ -611,14 +613,14 @@ def invoice_get(db: Database, *, invoice_id: str | None = None,
                 bolt11: str | None = None) -> Invoice | None:
     where, arg = ("id = ?", invoice_id) if invoice_id is not None else ("bolt11 = ?", bolt11)
     row = db.read(lambda c: c.execute(
-        f"SELECT {_INVOICE_COLUMNS} FROM lightning_invoices WHERE {where}",  # noqa: S608
+        f"SELECT {_INVOICE_SELECT} FROM lightning_invoices WHERE {where}",  # noqa: S608
         (arg,)).fetchone())
     return None if row is None else Invoice(*row)
 
 
 def invoices_pending(db: Database, now: int) -> list[Invoice]:
     rows = db.read(lambda c: c.execute(
-        f"SELECT {_INVOICE_COLUMNS} FROM lightning_invoices"  # noqa: S608 - constant
+        f"SELECT {_INVOICE_SELECT} FROM lightning_invoices"  # noqa: S608 - constant
         " WHERE state = 'pending' ORDER BY created_at LIMIT 200").fetchall())
     return [Invoice(*r) for r in rows]
 
@@ -634,3 +636,15 @@ def invoice_mark(db: Database, invoice_id: str, state: str, *, account_id: int |
         ),
         durable=True,
     )
+
+
+def invoice_collect(db: Database, invoice_id: str, now: int) -> bool:
+    """Record that a paid invoice's key was handed out; True only for the first time (one
+    conditional UPDATE: of two concurrent first collections, one wins)."""
+    return bool(db.transaction(
+        lambda c: c.execute(
+            "UPDATE lightning_invoices SET collected_at = ? WHERE id = ? AND state = 'paid'"
+            " AND collected_at IS NULL", (now, invoice_id),
+        ).rowcount,
+        durable=True,
+    ))

@@ -217,3 +217,94 @@ def _dead_owner() -> str:
                           "from routstr.walletstore import process_owner; print(process_owner())"],
                          capture_output=True, text=True, check=True, cwd=Path(__file__).parents[1])
     return out.stdout.strip()
+
+
+# ---- class 6: a redeemed token is not a credential forever -------------------------------------
+RECOVERY_WINDOW_S = 2
+
+
+@pytest.fixture(scope="module")
+def short_window_node(upstream: ScriptedUpstream, mint_url: str,
+                      tmp_path_factory: pytest.TempPathFactory) -> Iterator[NodeProcess]:
+    n = NodeProcess(tmp_path_factory.mktemp("short-window"), [
+        "--upstream-base-url", upstream.url, "--admin-token", ADMIN, "--cashu-mints", mint_url,
+        "--recovery-window", str(RECOVERY_WINDOW_S)])
+    n.start()
+    yield n
+    n.stop()
+
+
+def _past_window() -> None:
+    import time
+    time.sleep(RECOVERY_WINDOW_S + 1.2)
+
+
+def test_reposted_create_token_returns_the_key_only_within_the_recovery_window(
+        short_window_node: NodeProcess, minter: Minter, mint_url: str) -> None:
+    node = short_window_node
+    token = minter.token(mint_url, 20)
+    status, doc = node.json("POST", "/v1/balance/create", {"initial_balance_token": token})
+    assert status == 200
+    key = doc["api_key"]
+    status, again = node.json("POST", "/v1/balance/create", {"initial_balance_token": token})
+    assert status == 200 and again["api_key"] == key  # the lost-answer case
+    _past_window()
+    status, late = node.json("POST", "/v1/balance/create", {"initial_balance_token": token})
+    assert status == 400 and late["error"]["code"] == "cashu_token_already_spent", late
+    assert key not in json.dumps(late)
+    # a token used as Bearer stays its own key (the spec makes it one)
+    bearer = minter.token(mint_url, 10)
+    status, info = node.json("GET", "/v1/balance/info",
+                             headers={"Authorization": f"Bearer {bearer}"})
+    assert status == 200 and info["balance"] == 10_000
+    _past_window()
+    status, info = node.json("GET", "/v1/balance/info",
+                             headers={"Authorization": f"Bearer {bearer}"})
+    assert status == 200 and info["balance"] == 10_000
+    books(node)
+
+
+def test_xcashu_change_recovery_only_within_the_recovery_window(
+        short_window_node: NodeProcess, minter: Minter, mint_url: str) -> None:
+    node = short_window_node
+    token = minter.token(mint_url, 30)
+    status, headers, raw = node.request("POST", "/v1/chat/completions",
+                                        {"model": "gpt-4o-mini", "messages": MSG,
+                                         "max_tokens": 50}, {"X-Cashu": token})
+    assert status == 200, raw
+    change = headers["x-cashu"]
+    status, doc = node.json("POST", "/v1/balance/refund", headers={"X-Cashu": token})
+    assert status == 200 and doc["token"] == change
+    _past_window()
+    status, hdrs, raw = node.request("POST", "/v1/balance/refund", headers={"X-Cashu": token})
+    assert status in (400, 404), raw
+    assert change.encode() not in raw and "x-cashu" not in hdrs
+    books(node)
+
+
+def test_lightning_recover_by_bare_bolt11_only_until_the_key_was_collected(
+        short_window_node: NodeProcess) -> None:
+    node = short_window_node
+    # routstr-core's flow: a client that lost the invoice id recovers by bolt11 ...
+    status, inv = node.json("POST", "/lightning/invoice", {"amount_sats": 5, "purpose": "create"})
+    assert status == 200
+    status, first = node.json("POST", "/lightning/recover", {"bolt11": inv["bolt11"]})
+    assert status == 200 and first["status"] == "paid" and first["api_key"], first
+    # ... once; after that a bystander who saw the invoice gets nothing
+    status, later = node.json("POST", "/lightning/recover", {"bolt11": inv["bolt11"]})
+    assert status == 403 and "api_key" not in json.dumps(later), later
+    # the creator, with the invoice id it got at creation, still does
+    status, again = node.json("POST", "/lightning/recover",
+                              {"bolt11": inv["bolt11"], "invoice_id": inv["invoice_id"]})
+    assert status == 200 and again["api_key"] == first["api_key"]
+    status, polled = node.json("GET", f"/lightning/invoice/{inv['invoice_id']}/status")
+    assert status == 200 and polled["api_key"] == first["api_key"]
+    # the usual flow: the creator polls the status (collects the key), the bolt11 alone is dead
+    status, inv2 = node.json("POST", "/lightning/invoice", {"amount_sats": 6, "purpose": "create"})
+    status, polled = node.json("GET", f"/lightning/invoice/{inv2['invoice_id']}/status")
+    assert status == 200 and polled["api_key"]
+    status, stolen = node.json("POST", "/lightning/recover", {"bolt11": inv2["bolt11"]})
+    assert status == 403 and polled["api_key"] not in json.dumps(stolen)
+    status, wrong = node.json("POST", "/lightning/recover",
+                              {"bolt11": inv2["bolt11"], "invoice_id": inv["invoice_id"]})
+    assert status == 403 and polled["api_key"] not in json.dumps(wrong)
