@@ -40,6 +40,7 @@ from .cashu.tokens import PaymentRequest, Token, TokenError, parse_token
 from .cashu.wallet import (
     InsufficientFunds,
     OperationPending,
+    PurposeRefused,
     TokenTooSmall,
     UnitMismatch,
     Wallet,
@@ -49,6 +50,7 @@ from .cashu.wallet import (
 from .db import Database
 from .errors import (
     ApiError,
+    Conflict,
     Forbidden,
     InsufficientBalance,
     InternalError,
@@ -103,6 +105,12 @@ def _mint_error(exc: MintError | WalletError, *, echo: str | None = None) -> Api
     if isinstance(exc, UnitMismatch):
         return InvalidRequest(f"Unsupported token unit: {exc}",
                               code="cashu_token_redemption_failed", headers=headers)
+    if isinstance(exc, PurposeRefused):  # checked before the swap: the token is untouched
+        if isinstance(exc.cause, ApiError):
+            exc.cause.headers.extend(headers)
+            return exc.cause
+        return InvalidRequest(f"Token not redeemed: this request cannot be applied ({exc})",
+                              code="invalid_parameter", headers=headers)
     if isinstance(exc, OperationPending):
         return TooEarly("This token is being redeemed; retry shortly",
                         code="cashu_token_pending", headers=[("retry-after", "2"), *headers])
@@ -159,6 +167,27 @@ class CashuPayments:
             raise InvalidRequest("Cashu token already spent", code="cashu_token_already_spent")
         return existing
 
+    @staticmethod
+    def _rescue(text: str, token: Token) -> dict[str, Any]:
+        """Where a token's value goes when the credit it was redeemed for can no longer be made
+        after the swap (the key deleted or disabled meanwhile): the token's own key — the
+        client spends or refunds it with the token as Bearer (see walletstore, "fallback")."""
+        api_key = token_api_key(text)
+        return {"action": "create_account", "key_hash": hash_key(api_key), "kind": "token",
+                "ref": "rescue:" + token_deposit_ref(text), "hint": key_hint(api_key),
+                "refund_mint": normalize_mint_url(token.mint), "refund_unit": token.unit}
+
+    def _rescued(self, text: str) -> ApiError:
+        """The answer when the value landed on the token's own key instead (see `_rescue`)."""
+        acct = self.ledger.get_account(hash_key(token_api_key(text)))
+        if acct is None:
+            return InternalError("The token was redeemed but no account was opened",
+                                 code="cashu_token_consumed")
+        return Conflict(
+            "The key changed while the token was redeemed; its value is kept on the token"
+            " itself: use the token as the key (Authorization: Bearer <token>) or refund it",
+            code="cashu_value_on_token", details={"balance_msats": acct.balance_msats})
+
     async def _redeem(self, text: str, token: Token, purpose: dict[str, Any],
                       key_hash: str, *, echo: bool, window: bool = False) -> Account:
         """Receive `token` into the wallet, applying `purpose`; the funded account.
@@ -194,8 +223,7 @@ class CashuPayments:
                                   else None) from None
             account = self.ledger.get_account(key_hash)
             if account is None:
-                raise InternalError("The token was redeemed but no account was opened",
-                                    code="cashu_token_consumed")
+                raise self._rescued(text)
             log.info("redeemed a token into account %d (%s msats)", account.id,
                      account.balance_msats)
             return account
@@ -230,6 +258,7 @@ class CashuPayments:
             purpose["balance_limit_reset"] = balance_limit_reset
         if validity_date is not None:
             purpose["validity_date"] = validity_date
+        purpose["fallback"] = self._rescue(text, token)
         return api_key, await self._redeem(text, token, purpose, key_hash, echo=False,
                                            window=True)
 
@@ -247,12 +276,15 @@ class CashuPayments:
         """Credit the token's value (less mint fees) to the paying account."""
         token = self.parse(text)
         target = account.paying_id
-        purpose = {"action": "credit", "account_id": target, "kind": "deposit",
-                   "ref": token_deposit_ref(text)}
         ref = token_deposit_ref(text)
+        purpose = {"action": "credit", "account_id": target, "kind": "deposit", "ref": ref,
+                   "fallback": self._rescue(text, token)}
         try:
             received = await self.wallet.receive(token, purpose)
             added = received.amount * MSAT_PER_SAT
+            done = self.ledger.deposit_of(ref)
+            if done is None or done[0] != target:  # the key went away during the swap
+                raise self._rescued(text)
         except (MintError, WalletError) as exc:
             # Credited after all (an ambiguous failure reconciled, or a retry of a top-up
             # whose answer was lost): report it rather than "spent".
@@ -289,7 +321,8 @@ class CashuPayments:
             raise InvalidRequest("Cashu token already spent", code="cashu_token_already_spent")
         purpose = {"action": "create_account", "key_hash": key_hash, "kind": "xcashu",
                    "ref": token_deposit_ref(text),
-                   "refund_mint": normalize_mint_url(token.mint), "refund_unit": token.unit}
+                   "refund_mint": normalize_mint_url(token.mint), "refund_unit": token.unit,
+                   "fallback": self._rescue(text, token)}
         account = await self._redeem_for_one_request(text, token, purpose, key_hash)
         return Payer(account.id, "xcashu", request_id, token_hash=key_hash)
 
@@ -317,8 +350,7 @@ class CashuPayments:
             raise _mint_error(exc, echo=text if _still_spendable(exc) else None) from None
         account = self.ledger.get_account(key_hash)
         if account is None:
-            raise InternalError("The token was redeemed but no account was opened",
-                                code="cashu_token_consumed")
+            raise self._rescued(text)
         return account
 
     def _change_ref(self, account_id: int) -> str:
@@ -473,13 +505,18 @@ class CashuPayments:
                                        "kind": "api", "ref": f"invoice:{inv.id}",
                                        "hint": key_hint(self.invoice_api_key(inv.id)),
                                        "refund_mint": inv.mint, "refund_unit": "sat"}
-        else:
+        else:  # a top-up; should its key be gone by then, the invoice's own key gets the value
             purpose = {"action": "credit", "account_id": inv.account_id, "kind": "deposit",
-                       "ref": f"invoice:{inv.id}"}
+                       "ref": f"invoice:{inv.id}",
+                       "fallback": {"action": "create_account", "kind": "api",
+                                    "key_hash": hash_key(self.invoice_api_key(inv.id)),
+                                    "ref": f"invoice-rescue:{inv.id}",
+                                    "hint": key_hint(self.invoice_api_key(inv.id)),
+                                    "refund_mint": inv.mint, "refund_unit": "sat"}}
         now = int(time.time())
         try:
             received = await self.wallet.mint_paid(inv.quote, purpose)
-        except MintError as exc:
+        except (MintError, WalletError) as exc:
             log.info("invoice %s not settled yet: %s", inv.id, type(exc).__name__)
             received = None
         if received is None:
@@ -493,12 +530,21 @@ class CashuPayments:
         invoice_mark(self.db, inv.id, "paid", account_id=account_id, now=now)
         return invoice_get(self.db, invoice_id=inv.id) or inv
 
+    def _invoice_key(self, inv: Invoice) -> str | None:
+        """The key a paid invoice hands out: a `create` invoice's, or a top-up's whose key was
+        gone when it was minted (its value is then on the invoice's own key)."""
+        if inv.state != "paid":
+            return None
+        api_key = self.invoice_api_key(inv.id)
+        if inv.purpose == "create" or self.ledger.get_account(hash_key(api_key)) is not None:
+            return api_key
+        return None
+
     def invoice_status(self, inv: Invoice, *, with_key: bool = True) -> dict[str, Any]:
-        """The status document; a paid `create` invoice's key with it when `with_key` (the
-        caller holds the invoice id, or this is the first collection by bolt11)."""
-        api_key = None
-        if inv.state == "paid" and inv.purpose == "create" and with_key:
-            api_key = self.invoice_api_key(inv.id)
+        """The status document; a paid invoice's key (`_invoice_key`) with it when `with_key`
+        (the caller holds the invoice id, or this is the first collection by bolt11)."""
+        api_key = self._invoice_key(inv) if with_key else None
+        if api_key is not None:
             invoice_collect(self.db, inv.id, int(time.time()))
         return {"invoice_id": inv.id, "status": inv.state, "api_key": api_key,
                 "amount_sats": inv.amount_sats, "paid_at": inv.paid_at,
@@ -514,7 +560,7 @@ class CashuPayments:
                 raise Forbidden("This invoice id does not match the invoice",
                                 code="invalid_recovery_secret")
             return self.invoice_status(inv)
-        if inv.state != "paid" or inv.purpose != "create":
+        if self._invoice_key(inv) is None:
             return self.invoice_status(inv, with_key=False)
         if not invoice_collect(self.db, inv.id, int(time.time())):
             raise Forbidden("This invoice's key was already collected; recover it with the"

@@ -23,11 +23,18 @@ money rule: every change of a user balance goes through the ledger, atomically w
 ``None`` / ``{"action": "none"}``
     the node's own money (fees, operator payouts from unassigned proofs).
 
-A purpose applied on *finish* that fails (e.g. the deposit ref was already credited, the key
-exists) does not block the proofs: they are stored, the operation is done, and the error is
-kept in its `result["purpose_error"]` for the operator — failing the finish would leave
-received ecash in limbo forever. A purpose applied on *begin* that fails refuses the
-operation (nothing is recorded, the mint is never called).
+A purpose applied on *finish* (a credit) is checked before the mint is called: `begin` applies
+it with the expected amount inside a savepoint and rolls it back, so whatever the ledger would
+refuse (the key deleted or disabled, the account exists, a limit beyond sqlite's integers, a
+malformed purpose) refuses the operation with `PurposeRefused` — the token is never swapped and
+stays the client's. What can still change between begin and finish (the key deleted or
+disabled meanwhile) falls back to the purpose's ``"fallback"`` (a purpose of its own, e.g. open
+the token's own key, which the client can spend or refund with the token as Bearer): the value
+is never parked on nothing. A mint (a paid Lightning invoice: there is no token to hand back)
+whose purpose is refused at begin is recorded with its fallback instead. Only when the fallback
+fails too is the error kept in `result["purpose_error"]` (logged as an error) with the proofs
+stored — failing the finish would leave received ecash in limbo forever. A purpose applied on
+*begin* that fails refuses the operation (nothing is recorded, the mint is never called).
 """
 
 from __future__ import annotations
@@ -41,7 +48,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from routstr import ledger
+from routstr import admin_store, ledger
 from routstr.cashu.mint import Transport
 from routstr.cashu.tokens import Proof
 from routstr.cashu.wallet import (
@@ -52,13 +59,14 @@ from routstr.cashu.wallet import (
     Outcome,
     OutputSpec,
     ProofsUnavailable,
+    PurposeRefused,
     QuoteBusy,
     QuoteRecord,
     WalletError,
 )
 from routstr.client import HttpClient, UpstreamConnectError, UpstreamTimeout
 from routstr.db import Database
-from routstr.errors import ApiError, UpstreamError
+from routstr.errors import ApiError, AuthenticationFailed, UpstreamError
 from routstr.money import sat_to_msat
 
 log = logging.getLogger(__name__)
@@ -84,7 +92,8 @@ class PurposeEvent:
 
 
 #: What a failing finish-time purpose may raise (ledger refusals, malformed purposes).
-PURPOSE_ERRORS = (ApiError, ValueError, KeyError, TypeError, sqlite3.IntegrityError)
+PURPOSE_ERRORS = (ApiError, ValueError, KeyError, TypeError, OverflowError,
+                  sqlite3.IntegrityError)
 
 PurposeFn = Callable[[sqlite3.Connection, Mapping[str, Any], PurposeEvent], None]
 
@@ -99,6 +108,7 @@ def apply_purpose(conn: sqlite3.Connection, purpose: Mapping[str, Any], ev: Purp
     if action == "credit":
         if ev.action == "reverse":
             return  # credits are applied on finish; a finished operation is never rolled back
+        _require_creditable(conn, int(purpose["account_id"]))
         amount = int(purpose.get("amount_msats", sat_to_msat(ev.amount_sat)))
         if amount:
             ledger.credit(conn, int(purpose["account_id"]), amount,
@@ -108,7 +118,8 @@ def apply_purpose(conn: sqlite3.Connection, purpose: Mapping[str, Any], ev: Purp
         if ev.action == "reverse":
             return
         extra = {k: v for k, v in purpose.items()
-                 if k not in ("action", "key_hash", "kind", "ref", "memo", "amount_msats")}
+                 if k not in ("action", "key_hash", "kind", "ref", "memo", "amount_msats",
+                              "fallback")}
         ledger.create_account(
             conn, key_hash=str(purpose["key_hash"]), kind=str(purpose.get("kind", "token")),
             deposit_msats=int(purpose.get("amount_msats", sat_to_msat(ev.amount_sat))),
@@ -131,6 +142,17 @@ def apply_purpose(conn: sqlite3.Connection, purpose: Mapping[str, Any], ev: Purp
                                   memo=f"reversal: wallet {ev.op_kind} #{ev.op_id} did not happen")
         return
     raise ValueError(f"unknown wallet purpose action {action!r}")
+
+
+def _require_creditable(conn: sqlite3.Connection, account_id: int) -> None:
+    """A wallet credit lands only on a key its owner can use: not deleted (its hash replaced,
+    it can never authenticate again), not disabled (nor its parent)."""
+    acct = ledger.get_account_by_id(conn, account_id)
+    if acct is None or admin_store.is_deleted(conn, acct.paying_id):
+        raise ledger.AccountNotFound(f"Key not found (account {account_id})")
+    paying = ledger.get_account_by_id(conn, acct.paying_id) or acct
+    if acct.disabled or paying.disabled:
+        raise AuthenticationFailed("This API key is disabled.", code="key_disabled")
 
 
 # --------------------------------------------------------------------------- (de)serialization
@@ -336,9 +358,43 @@ class SqliteWalletStore:
             op = self._require(conn, op_id)
             if intent.purpose is not None and intent.purpose_at == "begin":
                 self._purpose_fn(conn, intent.purpose, self._event(op, "apply", op.amount, op.fee))
+            if op.purpose is not None and op.purpose_at == "finish":
+                op = self._check_finish_purpose(conn, op)
             return op
 
         return self.db.transaction(fn, durable=True)
+
+    def _try_purpose(self, conn: sqlite3.Connection, purpose: Mapping[str, Any],
+                     ev: PurposeEvent, *, keep: bool) -> Exception | None:
+        """Apply `purpose` in a savepoint: kept if `keep` and it applied; the refusal, if any."""
+        conn.execute("SAVEPOINT wallet_purpose")
+        err: Exception | None = None
+        try:
+            self._purpose_fn(conn, purpose, ev)
+        except PURPOSE_ERRORS as exc:
+            err = exc
+        if err is not None or not keep:
+            conn.execute("ROLLBACK TO wallet_purpose")
+        conn.execute("RELEASE wallet_purpose")
+        return err
+
+    def _check_finish_purpose(self, conn: sqlite3.Connection, op: Operation) -> Operation:
+        """Before the mint call: the finish-time purpose must apply (a dry run with the expected
+        amount, rolled back), else `PurposeRefused` rolls the whole intent back. A mint (a paid
+        invoice) takes its fallback purpose instead, if that applies."""
+        assert op.purpose is not None
+        ev = self._event(op, "apply", op.amount, op.fee)
+        err = self._try_purpose(conn, op.purpose, ev, keep=False)
+        if err is None:
+            return op
+        fallback = op.purpose.get("fallback")
+        if op.kind == "mint" and isinstance(fallback, Mapping) \
+                and self._try_purpose(conn, fallback, ev, keep=False) is None:
+            log.warning("wallet operation %d: %s; its fallback purpose will apply", op.id, err)
+            conn.execute("UPDATE wallet_ops SET purpose = ? WHERE id = ?",
+                         (_dumps(dict(fallback)), op.id))
+            return self._require(conn, op.id)
+        raise PurposeRefused(err)
 
     def finish(self, op_id: int, outcome: Outcome) -> Operation:
         def fn(conn: sqlite3.Connection) -> Operation:
@@ -363,16 +419,7 @@ class SqliteWalletStore:
             self._insert_proofs(conn, op, outcome.proofs, "unspent")
             result = dict(outcome.result)
             if op.purpose is not None and op.purpose_at == "finish":
-                conn.execute("SAVEPOINT wallet_purpose")
-                try:
-                    self._purpose_fn(
-                        conn, op.purpose, self._event(op, "apply", outcome.amount, outcome.fee)
-                    )
-                except PURPOSE_ERRORS as exc:  # recorded, see the module docstring
-                    conn.execute("ROLLBACK TO wallet_purpose")
-                    result["purpose_error"] = f"{type(exc).__name__}: {exc}"
-                    log.error("wallet operation %d: purpose not applied: %s", op.id, exc)
-                conn.execute("RELEASE wallet_purpose")
+                result.update(self._apply_finish_purpose(conn, op, outcome))
             conn.execute(
                 "UPDATE wallet_ops SET state = 'done', amount = ?, fee = ?, token = ?, result = ?,"
                 " recheck_until = NULL, updated_at = ? WHERE id = ?",
@@ -381,6 +428,24 @@ class SqliteWalletStore:
             return self._require(conn, op.id)
 
         return self.db.transaction(fn, durable=True)
+
+    def _apply_finish_purpose(self, conn: sqlite3.Connection, op: Operation,
+                              outcome: Outcome) -> dict[str, str]:
+        """The credit of received value: the purpose, else its fallback (see the module
+        docstring); what to add to the operation's result."""
+        assert op.purpose is not None
+        ev = self._event(op, "apply", outcome.amount, outcome.fee)
+        err = self._try_purpose(conn, op.purpose, ev, keep=True)
+        if err is None:
+            return {}
+        fallback = op.purpose.get("fallback")
+        if isinstance(fallback, Mapping) and self._try_purpose(conn, fallback, ev,
+                                                               keep=True) is None:
+            log.warning("wallet operation %d: purpose not applied (%s); fallback applied",
+                        op.id, type(err).__name__)
+            return {"purpose_fallback": f"{type(err).__name__}: {err}"}
+        log.error("wallet operation %d: purpose not applied: %s", op.id, err)
+        return {"purpose_error": f"{type(err).__name__}: {err}"}
 
     def abort(
         self, op_id: int, reason: str, *, inputs_spent: bool = False,

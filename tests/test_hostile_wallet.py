@@ -308,3 +308,103 @@ def test_lightning_recover_by_bare_bolt11_only_until_the_key_was_collected(
     status, wrong = node.json("POST", "/lightning/recover",
                               {"bolt11": inv2["bolt11"], "invoice_id": inv["invoice_id"]})
     assert status == 403 and polled["api_key"] not in json.dumps(wrong)
+
+
+# ---- class 7: a credit never fails silently after the mint swapped -----------------------------
+class _DeleteDuringSwap:
+    """The real transport to the real mint; while the swap is on its way the operator deletes
+    the key being topped up (an empty key may be deleted at any time)."""
+
+    def __init__(self, db: Database, key_id: int) -> None:
+        from tests.support.mint import UrllibTransport
+        self.inner = UrllibTransport()
+        self.db = db
+        self.key_id = key_id
+        self.deleted = False
+
+    async def __call__(self, method: str, url: str, body: bytes | None) -> tuple[int, bytes]:
+        if url.endswith("/v1/swap") and not self.deleted:
+            from routstr import admin_store
+            self.db.transaction(lambda c: admin_store.delete_key(c, self.key_id, now=0))
+            self.deleted = True
+        return await self.inner(method, url, body)
+
+
+def test_topup_of_a_key_deleted_during_the_swap_lands_on_the_token_as_key(
+        tmp_path: Path, minter: Minter, mint_url: str) -> None:
+    import secrets as _secrets
+
+    import anyio
+
+    from routstr.cashu.wallet import Wallet
+    from routstr.cashupay import CashuConfig, CashuPayments
+    from routstr.errors import ApiError
+    from routstr.keys import generate_api_key, hash_key, token_api_key
+    from routstr.walletstore import SqliteWalletStore
+
+    db = Database(tmp_path / "node.sqlite3")
+    try:
+        ledger = Ledger(db)
+        api_key = generate_api_key()
+        acct = ledger.create_account(key_hash=hash_key(api_key), kind="api")
+        transport = _DeleteDuringSwap(db, acct.id)
+        wallet = Wallet(SqliteWalletStore(db), transport, _secrets.token_bytes(64))
+        cashu = CashuPayments(CashuConfig((mint_url,), 900), ledger, wallet, db)
+        token = minter.token(mint_url, 21)
+
+        async def topup() -> ApiError | None:
+            try:
+                await cashu.topup(acct, token)
+            except ApiError as exc:
+                return exc
+            return None
+
+        err = anyio.run(topup)
+        assert transport.deleted
+        assert err is not None and err.status < 500, "the top-up claimed success"
+        assert "Bearer" in err.message, err.message  # says where the value went
+        gone = ledger.get_account_by_id(acct.id)
+        assert gone is not None and gone.balance_msats == 0
+        rescue = ledger.get_account(hash_key(token_api_key(token)))
+        assert rescue is not None and rescue.balance_msats == 21_000
+        assert not [op for op in wallet.store.operations() if op.result.get("purpose_error")]
+        refund = anyio.run(cashu.refund, rescue)  # the token's owner gets it back as ecash
+        assert refund["msats"] == 21_000
+        ledger.check_invariant()
+    finally:
+        db.close()
+
+
+def test_create_whose_options_the_ledger_refuses_leaves_the_token_unspent(
+        node: NodeProcess, minter: Minter, mint_url: str) -> None:
+    """Everything the credit needs is checked before the swap: a create the ledger would refuse
+    (a limit beyond sqlite's integers) never reaches the mint — the token stays the client's."""
+    for field_ in ("balance_limit", "validity_date"):
+        token = minter.token(mint_url, 9)
+        status, doc = node.json("POST", "/v1/balance/create",
+                                {"initial_balance_token": token, field_: 10**30})
+        assert 400 <= status < 500, (field_, status, doc)
+        assert minter.state(mint_url, token) == ["UNSPENT"] * len(parse_token(token).proofs)
+    assert "Traceback" not in node.log_text()
+    books(node)
+
+
+def test_lightning_topup_of_a_key_deleted_before_payment_lands_on_the_invoice_key(
+        node: NodeProcess) -> None:
+    status, made = node.json("POST", "/admin/api/keys", {"balance_msats": 0},
+                             {"Authorization": f"Bearer {ADMIN}"})
+    assert status == 201, made
+    key = made["api_key"]
+    status, inv = node.json("POST", "/lightning/invoice", {"amount_sats": 7, "purpose": "topup"},
+                            {"Authorization": f"Bearer {key}"})
+    assert status == 200, inv
+    status, doc = node.json("DELETE", f"/admin/api/keys/{made['key']['id']}",
+                            headers={"Authorization": f"Bearer {ADMIN}"})
+    assert status == 200, doc
+    status, st = node.json("GET", f"/lightning/invoice/{inv['invoice_id']}/status")
+    assert status == 200 and st["status"] == "paid", st
+    assert st["api_key"], "the paid value went to a deleted key"
+    status, info = node.json("GET", "/v1/balance/info",
+                             headers={"Authorization": f"Bearer {st['api_key']}"})
+    assert status == 200 and info["balance"] == 7_000
+    books(node)

@@ -137,6 +137,15 @@ class ProofsUnavailable(WalletError):
     """Store: a proof chosen as input is no longer unspent (a concurrent operation took it)."""
 
 
+class PurposeRefused(WalletError):
+    """Store: the purpose an operation would apply on finish cannot be applied (checked before
+    the mint is called, so nothing was recorded and nothing swapped). `cause`: the refusal."""
+
+    def __init__(self, cause: Exception) -> None:
+        super().__init__(f"{type(cause).__name__}: {cause}")
+        self.cause = cause
+
+
 class QuoteBusy(WalletError):
     """Store: an operation for this mint quote already exists (pending or done)."""
 
@@ -234,7 +243,8 @@ class WalletStore(Protocol):
     def begin(self, intent: Intent) -> Operation:
         """Allocate counters for the outputs (bumping the per-keyset counters), reserve our
         inputs (`ProofsUnavailable` unless all unspent) or lock foreign ones (`InputsBusy`
-        if a live operation holds one), apply a ``begin`` purpose, record as pending."""
+        if a live operation holds one), apply a ``begin`` purpose, check that a ``finish``
+        purpose will apply (`PurposeRefused`), record as pending."""
         ...
 
     def finish(self, op_id: int, outcome: Outcome) -> Operation:
