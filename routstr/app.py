@@ -91,7 +91,8 @@ class Node:
             seed = bytes.fromhex(setting_get_or_create(db, "wallet_seed",
                                                        lambda: secrets.token_hex(64)))
             wallet = Wallet(SqliteWalletStore(db), client_transport(http), seed)
-            cashu = CashuPayments(CashuConfig(config.cashu_mints, config.reservation_ttl),
+            cashu = CashuPayments(CashuConfig(config.cashu_mints, config.reservation_ttl,
+                                              config.recovery_window),
                                   ledger, wallet, db)
         return cls(config, db, ledger, prices, http, Payments(ledger, cashu), wallet, cashu)
 

@@ -227,11 +227,14 @@ class CashuBalanceHandlers:
 
     async def invoice_recover(self, request: Request, params: dict[str, str]) -> Response:
         cashu = self._need_cashu()
-        bolt11 = self._body(request).get("bolt11")
+        doc = self._body(request)
+        bolt11, invoice_id = doc.get("bolt11"), doc.get("invoice_id")
         if not isinstance(bolt11, str):
             raise InvalidRequest("bolt11 is required", code="invalid_parameter")
+        if invoice_id is not None and not isinstance(invoice_id, str):
+            raise InvalidRequest("invoice_id must be a string", code="invalid_parameter")
         inv = invoice_get(cashu.db, bolt11=bolt11.strip())
         if inv is None:
             raise NotFound("Invoice not found", code="invoice_not_found")
         inv = await cashu.settle_invoice(inv)
-        return json_response(cashu.invoice_status(inv))
+        return json_response(cashu.invoice_recover(inv, invoice_id))

@@ -9,6 +9,14 @@ wallet records its intent, and the token is stored under a reference before it i
 so a client that lost it can fetch it again (`POST /v1/balance/refund` with the original
 token in `X-Cashu`), also after a restart.
 
+Recovery is bounded in time where the spec does not make the token a credential: a token used
+as Bearer *is* its key, for good; but re-posting a redeemed token to `/v1/balance/create`, or an
+X-Cashu payment token to the change recovery, returns the key or the change already handed out
+only within `recovery_window_s` of the redemption / hand-out (the lost-answer case) — not days
+later to whoever saw the token. A paid Lightning `create` invoice's key is returned for the bare
+bolt11 (`POST /lightning/recover`) only until it was first collected; then only with the
+invoice id, which the creator alone got.
+
 Units: the wallet holds `sat` proofs; the ledger counts msats. Change and refunds are whole
 sats (rounded down, in the node's favour); the sub-sat remainder of a one-request X-Cashu
 account is charged as rounding so that account ends empty.
@@ -32,6 +40,7 @@ from .cashu.tokens import PaymentRequest, Token, TokenError, parse_token
 from .cashu.wallet import (
     InsufficientFunds,
     OperationPending,
+    PurposeRefused,
     TokenTooSmall,
     UnitMismatch,
     Wallet,
@@ -41,6 +50,8 @@ from .cashu.wallet import (
 from .db import Database
 from .errors import (
     ApiError,
+    Conflict,
+    Forbidden,
     InsufficientBalance,
     InternalError,
     InvalidRequest,
@@ -56,6 +67,7 @@ from .payments import Payer
 from .sse import encode_event
 from .walletstore import (
     Invoice,
+    invoice_collect,
     invoice_get,
     invoice_insert,
     invoice_mark,
@@ -93,6 +105,12 @@ def _mint_error(exc: MintError | WalletError, *, echo: str | None = None) -> Api
     if isinstance(exc, UnitMismatch):
         return InvalidRequest(f"Unsupported token unit: {exc}",
                               code="cashu_token_redemption_failed", headers=headers)
+    if isinstance(exc, PurposeRefused):  # checked before the swap: the token is untouched
+        if isinstance(exc.cause, ApiError):
+            exc.cause.headers.extend(headers)
+            return exc.cause
+        return InvalidRequest(f"Token not redeemed: this request cannot be applied ({exc})",
+                              code="invalid_parameter", headers=headers)
     if isinstance(exc, OperationPending):
         return TooEarly("This token is being redeemed; retry shortly",
                         code="cashu_token_pending", headers=[("retry-after", "2"), *headers])
@@ -107,6 +125,7 @@ def _mint_error(exc: MintError | WalletError, *, echo: str | None = None) -> Api
 class CashuConfig:
     mints: tuple[str, ...]
     reservation_ttl_s: int
+    recovery_window_s: int = 600  # --recovery-window
 
     @property
     def primary(self) -> str:
@@ -141,17 +160,47 @@ class CashuPayments:
                                  headers=[("x-cashu", text)] if echo else [])
         return token
 
+    def _recoverable(self, existing: Account, window: bool) -> Account:
+        """`existing` for a re-posted token; with `window`, only within the recovery window of
+        its redemption (else the token is just spent)."""
+        if window and int(time.time()) - existing.created_at > self.config.recovery_window_s:
+            raise InvalidRequest("Cashu token already spent", code="cashu_token_already_spent")
+        return existing
+
+    @staticmethod
+    def _rescue(text: str, token: Token) -> dict[str, Any]:
+        """Where a token's value goes when the credit it was redeemed for can no longer be made
+        after the swap (the key deleted or disabled meanwhile): the token's own key — the
+        client spends or refunds it with the token as Bearer (see walletstore, "fallback")."""
+        api_key = token_api_key(text)
+        return {"action": "create_account", "key_hash": hash_key(api_key), "kind": "token",
+                "ref": "rescue:" + token_deposit_ref(text), "hint": key_hint(api_key),
+                "refund_mint": normalize_mint_url(token.mint), "refund_unit": token.unit}
+
+    def _rescued(self, text: str) -> ApiError:
+        """The answer when the value landed on the token's own key instead (see `_rescue`)."""
+        acct = self.ledger.get_account(hash_key(token_api_key(text)))
+        if acct is None:
+            return InternalError("The token was redeemed but no account was opened",
+                                 code="cashu_token_consumed")
+        return Conflict(
+            "The key changed while the token was redeemed; its value is kept on the token"
+            " itself: use the token as the key (Authorization: Bearer <token>) or refund it",
+            code="cashu_value_on_token", details={"balance_msats": acct.balance_msats})
+
     async def _redeem(self, text: str, token: Token, purpose: dict[str, Any],
-                      key_hash: str, *, echo: bool) -> Account:
+                      key_hash: str, *, echo: bool, window: bool = False) -> Account:
         """Receive `token` into the wallet, applying `purpose`; the funded account.
 
         A concurrent redemption of the same token (another request holds its proofs) is waited
-        for: whichever request redeems it, both end up with the one account."""
+        for: whichever request redeems it, both end up with the one account. An account the
+        token opened before is returned again — with `window`, only within the recovery
+        window."""
         deadline = time.monotonic() + REDEEM_WAIT_S
         while True:
             existing = self.ledger.get_account(key_hash)
             if existing is not None:
-                return existing
+                return self._recoverable(existing, window)
             try:
                 await self.wallet.receive(token, purpose)
             except OperationPending:
@@ -162,20 +211,19 @@ class CashuPayments:
             except ProofsAlreadySpent as exc:
                 existing = self.ledger.get_account(key_hash)
                 if existing is not None:  # we redeemed it ourselves, concurrently
-                    return existing
+                    return self._recoverable(existing, window)
                 raise _mint_error(exc) from None
             except (MintError, WalletError) as exc:
                 # The wallet reconciles an ambiguous failure itself (NUT-07/09): the swap may
                 # have been done and the account opened after all.
                 existing = self.ledger.get_account(key_hash)
                 if existing is not None:
-                    return existing
+                    return self._recoverable(existing, window)
                 raise _mint_error(exc, echo=text if echo and _still_spendable(exc)
                                   else None) from None
             account = self.ledger.get_account(key_hash)
             if account is None:
-                raise InternalError("The token was redeemed but no account was opened",
-                                    code="cashu_token_consumed")
+                raise self._rescued(text)
             log.info("redeemed a token into account %d (%s msats)", account.id,
                      account.balance_msats)
             return account
@@ -210,12 +258,14 @@ class CashuPayments:
             purpose["balance_limit_reset"] = balance_limit_reset
         if validity_date is not None:
             purpose["validity_date"] = validity_date
-        return api_key, await self._redeem(text, token, purpose, key_hash, echo=False)
+        purpose["fallback"] = self._rescue(text, token)
+        return api_key, await self._redeem(text, token, purpose, key_hash, echo=False,
+                                           window=True)
 
     def created_key(self, text: str) -> str:
         """The `sk-` key `/v1/balance/create` opens for a token: derived from it with a node
         secret, so a client whose answer was lost gets the same key back by retrying (holding
-        the token is what entitles to the key, as with a token used as Bearer)."""
+        the token is what entitles to the key, within the recovery window)."""
         return "sk-" + _base36(int.from_bytes(self._mac(b"create\x00" + text.encode()), "big"), 32)
 
     def _mac(self, data: bytes) -> bytes:
@@ -226,12 +276,15 @@ class CashuPayments:
         """Credit the token's value (less mint fees) to the paying account."""
         token = self.parse(text)
         target = account.paying_id
-        purpose = {"action": "credit", "account_id": target, "kind": "deposit",
-                   "ref": token_deposit_ref(text)}
         ref = token_deposit_ref(text)
+        purpose = {"action": "credit", "account_id": target, "kind": "deposit", "ref": ref,
+                   "fallback": self._rescue(text, token)}
         try:
             received = await self.wallet.receive(token, purpose)
             added = received.amount * MSAT_PER_SAT
+            done = self.ledger.deposit_of(ref)
+            if done is None or done[0] != target:  # the key went away during the swap
+                raise self._rescued(text)
         except (MintError, WalletError) as exc:
             # Credited after all (an ambiguous failure reconciled, or a retry of a top-up
             # whose answer was lost): report it rather than "spent".
@@ -268,9 +321,37 @@ class CashuPayments:
             raise InvalidRequest("Cashu token already spent", code="cashu_token_already_spent")
         purpose = {"action": "create_account", "key_hash": key_hash, "kind": "xcashu",
                    "ref": token_deposit_ref(text),
-                   "refund_mint": normalize_mint_url(token.mint), "refund_unit": token.unit}
-        account = await self._redeem(text, token, purpose, key_hash, echo=True)
+                   "refund_mint": normalize_mint_url(token.mint), "refund_unit": token.unit,
+                   "fallback": self._rescue(text, token)}
+        account = await self._redeem_for_one_request(text, token, purpose, key_hash)
         return Payer(account.id, "xcashu", request_id, token_hash=key_hash)
+
+    async def _redeem_for_one_request(self, text: str, token: Token, purpose: dict[str, Any],
+                                      key_hash: str) -> Account:
+        """An X-Cashu token pays for exactly one request: the one whose own swap opened the
+        account. Unlike a Bearer token (a key that many requests share), a concurrent request
+        with the same token never joins that account — it would reserve from the first
+        request's money, and whichever settled first could not hand out its change (a refund
+        needs no request in flight) or would hand out the other's. It is refused with nothing
+        charged: 425 while the first is redeeming, 400 once the token is spent."""
+        try:
+            await self.wallet.receive(token, purpose)
+        except OperationPending:
+            raise TooEarly("This token is paying for another request",
+                           code="cashu_token_pending", headers=[("retry-after", "2")]) from None
+        except (MintError, WalletError) as exc:
+            if self.ledger.get_account(key_hash) is not None:
+                # spent by another request, or ours reconciled after an unclear answer: in the
+                # latter case its whole value is recoverable (POST /v1/balance/refund, X-Cashu)
+                raise InvalidRequest(
+                    "Cashu token already spent (if this request redeemed it, its value is"
+                    " returned by POST /v1/balance/refund with the token in X-Cashu)",
+                    code="cashu_token_already_spent") from None
+            raise _mint_error(exc, echo=text if _still_spendable(exc) else None) from None
+        account = self.ledger.get_account(key_hash)
+        if account is None:
+            raise self._rescued(text)
+        return account
 
     def _change_ref(self, account_id: int) -> str:
         return f"xcashu-change:{account_id}"
@@ -278,29 +359,33 @@ class CashuPayments:
     async def make_change(self, account_id: int) -> tuple[str | None, int]:
         """Return the whole spendable balance of a one-request account as a token (once).
 
-        The sub-sat remainder is charged as rounding. Returns (token or None, msats)."""
+        Never raises for a request that was served: a change not made now (mint down, another
+        make_change of it in progress) is left to `recover_change`. The sub-sat remainder is
+        charged as rounding in the same transaction as the change's debit (the send's
+        write-ahead intent), never before it: a send that is refused leaves the account whole.
+        Returns (token or None, msats)."""
         ref = self._change_ref(account_id)
         op = self.wallet.issued_token(ref)
         if op is not None and op.state == "done" and op.token:
             return op.token, op.amount * MSAT_PER_SAT
         if op is not None and op.state == "pending":
-            raise TooEarly("Change is being made; retry shortly", code="change_pending",
-                           headers=[("retry-after", "2")])
+            return None, 0
         account = self.ledger.get_account_by_id(account_id)
         if account is None:
             raise NotFound("Payment not found", code="payment_not_found")
         sats, remainder = divmod(account.balance_msats, MSAT_PER_SAT)
-        if remainder:
-            self.ledger.charge(account_id, remainder, request_id=f"rounding:{account_id}")
         if sats == 0:
+            if remainder:
+                self.ledger.charge(account_id, remainder, request_id=f"rounding:{account_id}")
             return None, 0
         mint = account.refund_mint or self.config.primary
         purpose = {"action": "debit", "account_id": account_id,
-                   "amount_msats": sats * MSAT_PER_SAT, "kind": "change", "ref": ref}
+                   "amount_msats": sats * MSAT_PER_SAT, "kind": "change", "ref": ref,
+                   "rounding_msats": remainder}
         try:
             with anyio.fail_after(CHANGE_TIMEOUT_S):
                 token = await self.wallet.send(sats, mint, purpose, ref=ref)
-        except (MintError, WalletError, TimeoutError) as exc:
+        except (MintError, WalletError, TimeoutError, ApiError) as exc:
             log.warning("change for account %d not made yet: %s", account_id,
                         type(exc).__name__)
             return None, 0
@@ -326,10 +411,21 @@ class CashuPayments:
             exc.details["refund_msats"] = msats
 
     async def recover_change(self, text: str) -> tuple[str, int]:
-        """`POST /v1/balance/refund` with `X-Cashu: <payment token>`: the change, again."""
+        """`POST /v1/balance/refund` with `X-Cashu: <payment token>`: the change, again.
+
+        Change already handed out is returned again only within the recovery window of its
+        hand-out (the client lost the answer); change never made yet (the mint was down) is
+        made whenever asked — it is still on the account, nobody else can have it."""
         account = self.ledger.get_account(xcashu_key_hash(text.strip()))
         if account is None:
             raise NotFound("Refund not found", code="refund_not_found")
+        made = self.wallet.issued_token(self._change_ref(account.id))
+        if made is not None and made.state == "done" \
+                and time.time() - made.updated_at > self.config.recovery_window_s:
+            raise InvalidRequest(
+                "The change of this payment was handed out more than"
+                f" {self.config.recovery_window_s} s ago; it is not returned again",
+                code="recovery_window_expired")
         if account.reserved_msats:
             raise TooEarly("Refund is pending; retry shortly.", code="refund_pending",
                            headers=[("retry-after", "2")])
@@ -409,13 +505,18 @@ class CashuPayments:
                                        "kind": "api", "ref": f"invoice:{inv.id}",
                                        "hint": key_hint(self.invoice_api_key(inv.id)),
                                        "refund_mint": inv.mint, "refund_unit": "sat"}
-        else:
+        else:  # a top-up; should its key be gone by then, the invoice's own key gets the value
             purpose = {"action": "credit", "account_id": inv.account_id, "kind": "deposit",
-                       "ref": f"invoice:{inv.id}"}
+                       "ref": f"invoice:{inv.id}",
+                       "fallback": {"action": "create_account", "kind": "api",
+                                    "key_hash": hash_key(self.invoice_api_key(inv.id)),
+                                    "ref": f"invoice-rescue:{inv.id}",
+                                    "hint": key_hint(self.invoice_api_key(inv.id)),
+                                    "refund_mint": inv.mint, "refund_unit": "sat"}}
         now = int(time.time())
         try:
             received = await self.wallet.mint_paid(inv.quote, purpose)
-        except MintError as exc:
+        except (MintError, WalletError) as exc:
             log.info("invoice %s not settled yet: %s", inv.id, type(exc).__name__)
             received = None
         if received is None:
@@ -429,14 +530,43 @@ class CashuPayments:
         invoice_mark(self.db, inv.id, "paid", account_id=account_id, now=now)
         return invoice_get(self.db, invoice_id=inv.id) or inv
 
-    def invoice_status(self, inv: Invoice) -> dict[str, Any]:
-        api_key = None
-        if inv.state == "paid":
-            api_key = self.invoice_api_key(inv.id) if inv.purpose == "create" else None
+    def _invoice_key(self, inv: Invoice) -> str | None:
+        """The key a paid invoice hands out: a `create` invoice's, or a top-up's whose key was
+        gone when it was minted (its value is then on the invoice's own key)."""
+        if inv.state != "paid":
+            return None
+        api_key = self.invoice_api_key(inv.id)
+        if inv.purpose == "create" or self.ledger.get_account(hash_key(api_key)) is not None:
+            return api_key
+        return None
+
+    def invoice_status(self, inv: Invoice, *, with_key: bool = True) -> dict[str, Any]:
+        """The status document; a paid invoice's key (`_invoice_key`) with it when `with_key`
+        (the caller holds the invoice id, or this is the first collection by bolt11)."""
+        api_key = self._invoice_key(inv) if with_key else None
+        if api_key is not None:
+            invoice_collect(self.db, inv.id, int(time.time()))
         return {"invoice_id": inv.id, "status": inv.state, "api_key": api_key,
                 "amount_sats": inv.amount_sats, "paid_at": inv.paid_at,
                 "created_at": inv.created_at, "expires_at": inv.expires_at,
                 "purpose": inv.purpose}
+
+    def invoice_recover(self, inv: Invoice, invoice_id: str | None) -> dict[str, Any]:
+        """`POST /lightning/recover`: by the bare bolt11 (which a payer or anyone who saw the
+        invoice knows) the key is handed out only if nobody collected it yet — routstr-core's
+        recovery for a client that lost the invoice id; after that, only with the invoice id."""
+        if invoice_id is not None:
+            if not hmac.compare_digest(invoice_id.encode(), inv.id.encode()):
+                raise Forbidden("This invoice id does not match the invoice",
+                                code="invalid_recovery_secret")
+            return self.invoice_status(inv)
+        if self._invoice_key(inv) is None:
+            return self.invoice_status(inv, with_key=False)
+        if not invoice_collect(self.db, inv.id, int(time.time())):
+            raise Forbidden("This invoice's key was already collected; recover it with the"
+                            " invoice_id returned when the invoice was created",
+                            code="recovery_secret_required")
+        return self.invoice_status(inv)
 
     async def settle_pending_invoices(self) -> int:
         settled = 0

@@ -159,6 +159,12 @@ class Config:
     reservation_ttl: int = field(
         default=900, metadata=_s("seconds before an unsettled reservation is released", _positive)
     )
+    recovery_window: int = field(
+        default=600,
+        metadata=_s("seconds during which a redeemed token re-posted to /v1/balance/create still"
+                    " returns its key, and X-Cashu change already handed out is returned again"
+                    " (the lost-answer case); later the token is just spent", _positive),
+    )
     receive_ln_address: str = field(
         default="", metadata=_s("operator Lightning address for payouts of earnings")
     )

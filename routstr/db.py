@@ -366,12 +366,19 @@ CREATE TABLE health_probe (
 );
 """
 
+_MIGRATION_6_RECOVERY = """
+-- A paid 'create' invoice's key is handed out by bolt11 alone only until it was first collected
+-- (routstr/cashupay.py): then only with the invoice id, the creator's secret.
+ALTER TABLE lightning_invoices ADD COLUMN collected_at INTEGER;
+"""
+
 MIGRATIONS: tuple[str, ...] = (
     _MIGRATION_1_LEDGER,
     _MIGRATION_2_WALLET,
     _MIGRATION_3_PAYMENTS,
     _MIGRATION_4_ADMIN,
     _MIGRATION_5_PLATFORM,
+    _MIGRATION_6_RECOVERY,
 )
 
 

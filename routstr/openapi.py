@@ -140,7 +140,7 @@ SCHEMAS: dict[str, Any] = {
     "InvoiceRequest": _object({"amount_sats": {"type": "integer", "minimum": 1},
                                "purpose": {"type": "string", "enum": ["create", "topup"]},
                                "api_key": _STR}, ["amount_sats"]),
-    "RecoverInvoiceRequest": _object({"bolt11": _STR}, ["bolt11"]),
+    "RecoverInvoiceRequest": _object({"bolt11": _STR, "invoice_id": _STR}, ["bolt11"]),
     "Invoice": _object({"invoice_id": _STR, "bolt11": _STR, "amount_sats": _INT,
                         "status": _STR}),
     "AdminCreateKeyRequest": _object({

@@ -15,47 +15,58 @@ money rule: every change of a user balance goes through the ledger, atomically w
     (receive, mint) create the account funded with the received amount; extra keys are passed
     to `ledger.create_account` (`hint`, `refund_address`, `refund_mint`, ...).
 ``{"action": "debit", "account_id": N, "amount_msats": m, "kind": "refund"|"payout"|"change",
-"ref"?}``
-    (send, melt) take `m` msats out when the intent is recorded; if the operation is rolled
+"ref"?, "rounding_msats"?: r}``
+    (send, melt) take `m` msats out when the intent is recorded (and charge `r`, a sub-sat
+    rest the token cannot carry, in the same transaction); if the operation is rolled
     back the refund is undone (`ledger.reverse_refund`, unique ref ``wallet-reversal:<op id>``,
     so a reversal happens at most once and is never counted as a new deposit).
 ``None`` / ``{"action": "none"}``
     the node's own money (fees, operator payouts from unassigned proofs).
 
-A purpose applied on *finish* that fails (e.g. the deposit ref was already credited, the key
-exists) does not block the proofs: they are stored, the operation is done, and the error is
-kept in its `result["purpose_error"]` for the operator — failing the finish would leave
-received ecash in limbo forever. A purpose applied on *begin* that fails refuses the
-operation (nothing is recorded, the mint is never called).
+A purpose applied on *finish* (a credit) is checked before the mint is called: `begin` applies
+it with the expected amount inside a savepoint and rolls it back, so whatever the ledger would
+refuse (the key deleted or disabled, the account exists, a limit beyond sqlite's integers, a
+malformed purpose) refuses the operation with `PurposeRefused` — the token is never swapped and
+stays the client's. What can still change between begin and finish (the key deleted or
+disabled meanwhile) falls back to the purpose's ``"fallback"`` (a purpose of its own, e.g. open
+the token's own key, which the client can spend or refund with the token as Bearer): the value
+is never parked on nothing. A mint (a paid Lightning invoice: there is no token to hand back)
+whose purpose is refused at begin is recorded with its fallback instead. Only when the fallback
+fails too is the error kept in `result["purpose_error"]` (logged as an error) with the proofs
+stored — failing the finish would leave received ecash in limbo forever. A purpose applied on
+*begin* that fails refuses the operation (nothing is recorded, the mint is never called).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import sqlite3
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from routstr import ledger
+from routstr import admin_store, ledger
 from routstr.cashu.mint import Transport
 from routstr.cashu.tokens import Proof
 from routstr.cashu.wallet import (
+    OP_LEASE_S,
     InputsBusy,
     Intent,
     Operation,
     Outcome,
     OutputSpec,
     ProofsUnavailable,
+    PurposeRefused,
     QuoteBusy,
     QuoteRecord,
     WalletError,
 )
 from routstr.client import HttpClient, UpstreamConnectError, UpstreamTimeout
 from routstr.db import Database
-from routstr.errors import ApiError, UpstreamError
+from routstr.errors import ApiError, AuthenticationFailed, UpstreamError
 from routstr.money import sat_to_msat
 
 log = logging.getLogger(__name__)
@@ -81,7 +92,8 @@ class PurposeEvent:
 
 
 #: What a failing finish-time purpose may raise (ledger refusals, malformed purposes).
-PURPOSE_ERRORS = (ApiError, ValueError, KeyError, TypeError, sqlite3.IntegrityError)
+PURPOSE_ERRORS = (ApiError, ValueError, KeyError, TypeError, OverflowError,
+                  sqlite3.IntegrityError)
 
 PurposeFn = Callable[[sqlite3.Connection, Mapping[str, Any], PurposeEvent], None]
 
@@ -96,6 +108,7 @@ def apply_purpose(conn: sqlite3.Connection, purpose: Mapping[str, Any], ev: Purp
     if action == "credit":
         if ev.action == "reverse":
             return  # credits are applied on finish; a finished operation is never rolled back
+        _require_creditable(conn, int(purpose["account_id"]))
         amount = int(purpose.get("amount_msats", sat_to_msat(ev.amount_sat)))
         if amount:
             ledger.credit(conn, int(purpose["account_id"]), amount,
@@ -105,7 +118,8 @@ def apply_purpose(conn: sqlite3.Connection, purpose: Mapping[str, Any], ev: Purp
         if ev.action == "reverse":
             return
         extra = {k: v for k, v in purpose.items()
-                 if k not in ("action", "key_hash", "kind", "ref", "memo", "amount_msats")}
+                 if k not in ("action", "key_hash", "kind", "ref", "memo", "amount_msats",
+                              "fallback")}
         ledger.create_account(
             conn, key_hash=str(purpose["key_hash"]), kind=str(purpose.get("kind", "token")),
             deposit_msats=int(purpose.get("amount_msats", sat_to_msat(ev.amount_sat))),
@@ -118,12 +132,27 @@ def apply_purpose(conn: sqlite3.Connection, purpose: Mapping[str, Any], ev: Purp
         if ev.action == "apply":
             ledger.refund(conn, account, amount, kind=str(purpose.get("kind", "refund")),
                           ref=ref, now=ev.now, memo=memo)
+            rounding = int(purpose.get("rounding_msats", 0))
+            if rounding:  # X-Cashu change: the sub-sat rest, charged with the change's debit
+                ledger.charge(conn, account, rounding, request_id=f"rounding:{account}",
+                              now=ev.now)
         else:
             ledger.reverse_refund(conn, account, amount, ref=f"wallet-reversal:{ev.op_id}",
                                   now=ev.now,
                                   memo=f"reversal: wallet {ev.op_kind} #{ev.op_id} did not happen")
         return
     raise ValueError(f"unknown wallet purpose action {action!r}")
+
+
+def _require_creditable(conn: sqlite3.Connection, account_id: int) -> None:
+    """A wallet credit lands only on a key its owner can use: not deleted (its hash replaced,
+    it can never authenticate again), not disabled (nor its parent)."""
+    acct = ledger.get_account_by_id(conn, account_id)
+    if acct is None or admin_store.is_deleted(conn, acct.paying_id):
+        raise ledger.AccountNotFound(f"Key not found (account {account_id})")
+    paying = ledger.get_account_by_id(conn, acct.paying_id) or acct
+    if acct.disabled or paying.disabled:
+        raise AuthenticationFailed("This API key is disabled.", code="key_disabled")
 
 
 # --------------------------------------------------------------------------- (de)serialization
@@ -143,6 +172,8 @@ def _op(row: Sequence[Any]) -> Operation:
     res = json.loads(result)
     if error:
         res = {**res, "error": error}
+    extra = json.loads(data)
+    lease = extra.pop(_LEASE, None) or {}
     return Operation(
         id=op_id, kind=kind, mint=mint, unit=unit, state=state,
         inputs=tuple(Proof.from_dict(d) for d in json.loads(inputs)),
@@ -150,9 +181,50 @@ def _op(row: Sequence[Any]) -> Operation:
         outputs=tuple(OutputSpec(k, a, c, r) for k, a, c, r in json.loads(outputs)),
         purpose=None if purpose is None else json.loads(purpose),
         purpose_at=purpose_at, amount=amount, fee=fee, ref=ref, quote=quote,
-        data=json.loads(data), created_at=created, updated_at=updated, token=token,
-        result=res, recheck_until=recheck,
+        data=extra, created_at=created, updated_at=updated, token=token,
+        result=res, recheck_until=recheck, owner=str(lease.get("owner", "")),
+        lease_until=float(lease.get("until", 0.0)),
     )
+
+
+# --------------------------------------------------------------------------- operation owners
+
+#: Where an operation's lease is kept in its row (the `data` JSON, next to the intent's data).
+_LEASE = "_lease"
+
+
+def _proc_start(pid: str) -> str | None:
+    """The start time (clock ticks since boot) of a live process `pid`; None if it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return None if fields[0] in ("Z", "X") else fields[19]
+
+
+def _pid_namespace() -> str:
+    try:
+        return os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return "?"
+
+
+def process_owner() -> str:
+    """This process as an operation owner: ``pid namespace|pid|start time``, so that another
+    process on the host (sqlite's WAL needs them all on one host) can tell whether it still
+    runs — a pid reused later has another start time."""
+    pid = str(os.getpid())
+    return f"{_pid_namespace()}|{pid}|{_proc_start(pid) or os.urandom(4).hex()}"
+
+
+def owner_alive(owner: str) -> bool | None:
+    """Whether the process `owner` (see `process_owner`) runs; None when this process cannot
+    tell (another pid namespace, no /proc, an owner recorded before owners were)."""
+    parts = owner.split("|")
+    if len(parts) != 3 or parts[0] == "?" or parts[0] != _pid_namespace():
+        return None
+    return _proc_start(parts[1]) == parts[2]
 
 
 def _proof_from_row(row: Sequence[Any]) -> Proof:
@@ -175,10 +247,14 @@ class SqliteWalletStore:
         *,
         purpose_fn: PurposeFn = apply_purpose,
         clock: Callable[[], float] = time.time,
+        owner: str | None = None,
+        lease_s: float = OP_LEASE_S,
     ) -> None:
         self.db = db
         self._purpose_fn = purpose_fn
         self._clock = clock
+        self.owner = owner or process_owner()
+        self._lease_s = lease_s
 
     # -- helpers (inside a transaction)
 
@@ -191,6 +267,10 @@ class SqliteWalletStore:
         if op is None:
             raise WalletError(f"no wallet operation {op_id}")
         return op
+
+    def _data(self, data: Mapping[str, Any], now: float) -> str:
+        """An operation's `data` with this process's lease on it, until now + lease."""
+        return _dumps({**data, _LEASE: {"owner": self.owner, "until": now + self._lease_s}})
 
     def _event(self, op: Operation, action: str, amount: int, fee: int) -> PurposeEvent:
         return PurposeEvent(action, op.id, op.kind, amount, fee, op.ref, int(self._clock()))
@@ -252,7 +332,7 @@ class SqliteWalletStore:
                     _dumps([_proof_json(p) for p in intent.inputs]), _dumps(outputs),
                     None if intent.purpose is None else _dumps(dict(intent.purpose)),
                     intent.purpose_at, intent.amount, intent.fee, intent.ref, intent.quote,
-                    _dumps(dict(intent.data)), now, now,
+                    self._data(intent.data, now), now, now,
                 ),
             )
             op_id = cur.lastrowid
@@ -278,9 +358,43 @@ class SqliteWalletStore:
             op = self._require(conn, op_id)
             if intent.purpose is not None and intent.purpose_at == "begin":
                 self._purpose_fn(conn, intent.purpose, self._event(op, "apply", op.amount, op.fee))
+            if op.purpose is not None and op.purpose_at == "finish":
+                op = self._check_finish_purpose(conn, op)
             return op
 
         return self.db.transaction(fn, durable=True)
+
+    def _try_purpose(self, conn: sqlite3.Connection, purpose: Mapping[str, Any],
+                     ev: PurposeEvent, *, keep: bool) -> Exception | None:
+        """Apply `purpose` in a savepoint: kept if `keep` and it applied; the refusal, if any."""
+        conn.execute("SAVEPOINT wallet_purpose")
+        err: Exception | None = None
+        try:
+            self._purpose_fn(conn, purpose, ev)
+        except PURPOSE_ERRORS as exc:
+            err = exc
+        if err is not None or not keep:
+            conn.execute("ROLLBACK TO wallet_purpose")
+        conn.execute("RELEASE wallet_purpose")
+        return err
+
+    def _check_finish_purpose(self, conn: sqlite3.Connection, op: Operation) -> Operation:
+        """Before the mint call: the finish-time purpose must apply (a dry run with the expected
+        amount, rolled back), else `PurposeRefused` rolls the whole intent back. A mint (a paid
+        invoice) takes its fallback purpose instead, if that applies."""
+        assert op.purpose is not None
+        ev = self._event(op, "apply", op.amount, op.fee)
+        err = self._try_purpose(conn, op.purpose, ev, keep=False)
+        if err is None:
+            return op
+        fallback = op.purpose.get("fallback")
+        if op.kind == "mint" and isinstance(fallback, Mapping) \
+                and self._try_purpose(conn, fallback, ev, keep=False) is None:
+            log.warning("wallet operation %d: %s; its fallback purpose will apply", op.id, err)
+            conn.execute("UPDATE wallet_ops SET purpose = ? WHERE id = ?",
+                         (_dumps(dict(fallback)), op.id))
+            return self._require(conn, op.id)
+        raise PurposeRefused(err)
 
     def finish(self, op_id: int, outcome: Outcome) -> Operation:
         def fn(conn: sqlite3.Connection) -> Operation:
@@ -305,16 +419,7 @@ class SqliteWalletStore:
             self._insert_proofs(conn, op, outcome.proofs, "unspent")
             result = dict(outcome.result)
             if op.purpose is not None and op.purpose_at == "finish":
-                conn.execute("SAVEPOINT wallet_purpose")
-                try:
-                    self._purpose_fn(
-                        conn, op.purpose, self._event(op, "apply", outcome.amount, outcome.fee)
-                    )
-                except PURPOSE_ERRORS as exc:  # recorded, see the module docstring
-                    conn.execute("ROLLBACK TO wallet_purpose")
-                    result["purpose_error"] = f"{type(exc).__name__}: {exc}"
-                    log.error("wallet operation %d: purpose not applied: %s", op.id, exc)
-                conn.execute("RELEASE wallet_purpose")
+                result.update(self._apply_finish_purpose(conn, op, outcome))
             conn.execute(
                 "UPDATE wallet_ops SET state = 'done', amount = ?, fee = ?, token = ?, result = ?,"
                 " recheck_until = NULL, updated_at = ? WHERE id = ?",
@@ -323,6 +428,24 @@ class SqliteWalletStore:
             return self._require(conn, op.id)
 
         return self.db.transaction(fn, durable=True)
+
+    def _apply_finish_purpose(self, conn: sqlite3.Connection, op: Operation,
+                              outcome: Outcome) -> dict[str, str]:
+        """The credit of received value: the purpose, else its fallback (see the module
+        docstring); what to add to the operation's result."""
+        assert op.purpose is not None
+        ev = self._event(op, "apply", outcome.amount, outcome.fee)
+        err = self._try_purpose(conn, op.purpose, ev, keep=True)
+        if err is None:
+            return {}
+        fallback = op.purpose.get("fallback")
+        if isinstance(fallback, Mapping) and self._try_purpose(conn, fallback, ev,
+                                                               keep=True) is None:
+            log.warning("wallet operation %d: purpose not applied (%s); fallback applied",
+                        op.id, type(err).__name__)
+            return {"purpose_fallback": f"{type(err).__name__}: {err}"}
+        log.error("wallet operation %d: purpose not applied: %s", op.id, err)
+        return {"purpose_error": f"{type(err).__name__}: {err}"}
 
     def abort(
         self, op_id: int, reason: str, *, inputs_spent: bool = False,
@@ -355,6 +478,23 @@ class SqliteWalletStore:
             return self._require(conn, op.id)
 
         return self.db.transaction(fn, durable=True)
+
+    def claim(self, op_id: int) -> Operation | None:
+        """See `WalletStore.claim`. The check and the new lease are one write transaction, so
+        two processes never both take over an operation."""
+        def fn(conn: sqlite3.Connection) -> Operation | None:
+            op = self._get(conn, op_id)
+            if op is None or op.state != "pending":
+                return None
+            now = self._clock()
+            if op.owner != self.owner and op.lease_until > now \
+                    and owner_alive(op.owner) is not False:
+                return None
+            conn.execute("UPDATE wallet_ops SET data = ? WHERE id = ?",
+                         (self._data(op.data, now), op.id))
+            return self._require(conn, op.id)
+
+        return self.db.transaction(fn)
 
     def get(self, op_id: int) -> Operation | None:
         return self.db.read(lambda conn: self._get(conn, op_id))
@@ -511,12 +651,14 @@ class Invoice:
     created_at: int
     expires_at: int
     paid_at: int | None
+    collected_at: int | None = None  # a 'create' key first handed out (see invoice_collect)
 
 
 _INVOICE_COLUMNS = (
     "id, quote, mint, bolt11, amount_sats, purpose, account_id, key_hash, state, created_at,"
     " expires_at, paid_at"
 )
+_INVOICE_SELECT = _INVOICE_COLUMNS + ", collected_at"
 
 
 def invoice_insert(db: Database, inv: Invoice) -> None:
@@ -536,14 +678,14 @@ def invoice_get(db: Database, *, invoice_id: str | None = None,
                 bolt11: str | None = None) -> Invoice | None:
     where, arg = ("id = ?", invoice_id) if invoice_id is not None else ("bolt11 = ?", bolt11)
     row = db.read(lambda c: c.execute(
-        f"SELECT {_INVOICE_COLUMNS} FROM lightning_invoices WHERE {where}",  # noqa: S608
+        f"SELECT {_INVOICE_SELECT} FROM lightning_invoices WHERE {where}",  # noqa: S608
         (arg,)).fetchone())
     return None if row is None else Invoice(*row)
 
 
 def invoices_pending(db: Database, now: int) -> list[Invoice]:
     rows = db.read(lambda c: c.execute(
-        f"SELECT {_INVOICE_COLUMNS} FROM lightning_invoices"  # noqa: S608 - constant
+        f"SELECT {_INVOICE_SELECT} FROM lightning_invoices"  # noqa: S608 - constant
         " WHERE state = 'pending' ORDER BY created_at LIMIT 200").fetchall())
     return [Invoice(*r) for r in rows]
 
@@ -559,3 +701,15 @@ def invoice_mark(db: Database, invoice_id: str, state: str, *, account_id: int |
         ),
         durable=True,
     )
+
+
+def invoice_collect(db: Database, invoice_id: str, now: int) -> bool:
+    """Record that a paid invoice's key was handed out; True only for the first time (one
+    conditional UPDATE: of two concurrent first collections, one wins)."""
+    return bool(db.transaction(
+        lambda c: c.execute(
+            "UPDATE lightning_invoices SET collected_at = ? WHERE id = ? AND state = 'paid'"
+            " AND collected_at IS NULL", (now, invoice_id),
+        ).rowcount,
+        durable=True,
+    ))

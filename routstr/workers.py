@@ -24,7 +24,9 @@ Workers run in a session of their own (a terminal's Ctrl-C reaches only the supe
 forwards it once) and shut down by themselves when the supervisor disappears (their parent
 pid changes). A worker killed outright leaves its in-flight reservations held until the
 periodic expiry sweep (``--reservation-ttl``): the other workers share the database and
-cannot tell a dead worker's reservation from a live one.
+cannot tell a dead worker's reservation from a live one. Wallet operations (write-ahead mint
+calls) carry their owner process and a lease in their row (`walletstore.process_owner`): a
+worker reconciles another's operation only once that worker is gone or the lease ran out.
 """
 
 from __future__ import annotations

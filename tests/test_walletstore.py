@@ -24,6 +24,7 @@ from routstr.cashu.wallet import (
     Intent,
     Outcome,
     ProofsUnavailable,
+    PurposeRefused,
     QuoteBusy,
     QuoteRecord,
     WalletError,
@@ -231,14 +232,42 @@ def test_begin_purpose_failure_records_nothing(store: SqliteWalletStore, db: Dat
     assert acct(db, acc).balance_msats == 5_000
 
 
-def test_finish_purpose_failure_keeps_the_proofs(store: SqliteWalletStore, db: Database) -> None:
+def test_finish_purpose_is_checked_before_the_mint_call(store: SqliteWalletStore,
+                                                         db: Database) -> None:
+    """A credit the ledger would refuse refuses the intent itself: nothing recorded, so the
+    token is never swapped (see the module docstring)."""
     acc = account(db)
     db.transaction(lambda c: ledger.credit(c, acc, 1_000, ref="dup-ref", now=1))
-    op = store.begin(receive_intent([proof(8)], {"action": "credit", "account_id": acc,
-                                                 "ref": "dup-ref"}))
+    with pytest.raises(PurposeRefused) as refused:
+        store.begin(receive_intent([proof(8)], {"action": "credit", "account_id": acc,
+                                                "ref": "dup-ref"}))
+    assert "DuplicateDeposit" in str(refused.value)
+    assert store.pending() == [] and acct(db, acc).balance_msats == 1_000
+    invariant(db)
+
+
+def test_finish_purpose_failure_takes_the_fallback_else_keeps_the_proofs(
+        store: SqliteWalletStore, db: Database) -> None:
+    """What changes between begin and finish (here: the ref credited meanwhile) lands on the
+    purpose's fallback; with none, the proofs are still stored and the error recorded."""
+    acc = account(db)
+    purpose = {"action": "credit", "account_id": acc, "ref": "late-ref",
+               "fallback": {"action": "create_account", "key_hash": "f" * 64, "kind": "token",
+                            "ref": "rescue:late-ref"}}
+    op = store.begin(receive_intent([proof(8)], purpose))
+    db.transaction(lambda c: ledger.credit(c, acc, 1_000, ref="late-ref", now=1))
     done = store.finish(op.id, Outcome(proofs=(proof(8),), amount=8, fee=0))
+    assert done.state == "done" and "DuplicateDeposit" in done.result["purpose_fallback"]
+    rescued = db.read(lambda c: ledger.get_account(c, "f" * 64))
+    assert rescued is not None and rescued.balance_msats == 8_000
+    assert acct(db, acc).balance_msats == 1_000
+
+    bare = {"action": "credit", "account_id": acc, "ref": "late-ref-2"}
+    op = store.begin(receive_intent([proof(4)], bare))
+    db.transaction(lambda c: ledger.credit(c, acc, 1_000, ref="late-ref-2", now=1))
+    done = store.finish(op.id, Outcome(proofs=(proof(4),), amount=4, fee=0))
     assert done.state == "done" and "DuplicateDeposit" in done.result["purpose_error"]
-    assert store.balances("sat") == {MINT: 8} and acct(db, acc).balance_msats == 1_000
+    assert store.balances("sat") == {MINT: 12} and acct(db, acc).balance_msats == 2_000
     invariant(db)
 
 

@@ -21,6 +21,10 @@ intent with the mint: NUT-09 restore re-derives the outputs from the seed and as
 signatures the mint already issued (found: the operation happened, finish it); NUT-07 check
 state on the inputs tells "not executed" (UNSPENT: roll back or retry), "in flight" (PENDING:
 wait), or "spent elsewhere". So a token is credited exactly once, and no proof is lost.
+Only an intent nobody runs is reconciled: not one whose mint call is in flight in this process
+(`_inflight`) nor in another live process holding its lease (`WalletStore.claim`, e.g. another
+`--workers` worker); and a restore that finds only some of a swap's or mint's outputs finishes
+nothing (the mint is still at it) — a credit is never a part of the value.
 
 Outcome of a mint call that could not be read (timeout, reset, 5xx — `MintUnreachable` with
 ``definite=False``) is *unknown*: the intent stays pending and is settled by `recover()`. A
@@ -88,6 +92,10 @@ DEFAULT_INFLIGHT_GRACE_S = 10.0
 DEFAULT_RECHECK_WINDOW_S = 24 * 3600.0
 #: Proof selection retries when a concurrent operation reserved the same proofs first.
 SELECT_RETRIES = 5
+#: How long an operation's owner holds it: while the lease runs and the owner process lives,
+#: no other process (another `--workers` worker) reconciles it — its mint call may be in flight.
+#: Longer than any mint call (the HTTP client's read timeout defaults to 300 s).
+OP_LEASE_S = 300.0
 
 
 # --------------------------------------------------------------------------- errors
@@ -127,6 +135,15 @@ class InputsBusy(WalletError):
 
 class ProofsUnavailable(WalletError):
     """Store: a proof chosen as input is no longer unspent (a concurrent operation took it)."""
+
+
+class PurposeRefused(WalletError):
+    """Store: the purpose an operation would apply on finish cannot be applied (checked before
+    the mint is called, so nothing was recorded and nothing swapped). `cause`: the refusal."""
+
+    def __init__(self, cause: Exception) -> None:
+        super().__init__(f"{type(cause).__name__}: {cause}")
+        self.cause = cause
 
 
 class QuoteBusy(WalletError):
@@ -193,6 +210,8 @@ class Operation:
     token: str | None = None
     result: Mapping[str, Any] = field(default_factory=dict)
     recheck_until: float | None = None
+    owner: str = ""  # the process that runs (or last took over) its mint call
+    lease_until: float = 0.0  # until then only `owner` may act on it, while it lives
 
 
 @dataclass(frozen=True)
@@ -224,7 +243,8 @@ class WalletStore(Protocol):
     def begin(self, intent: Intent) -> Operation:
         """Allocate counters for the outputs (bumping the per-keyset counters), reserve our
         inputs (`ProofsUnavailable` unless all unspent) or lock foreign ones (`InputsBusy`
-        if a live operation holds one), apply a ``begin`` purpose, record as pending."""
+        if a live operation holds one), apply a ``begin`` purpose, check that a ``finish``
+        purpose will apply (`PurposeRefused`), record as pending."""
         ...
 
     def finish(self, op_id: int, outcome: Outcome) -> Operation:
@@ -239,6 +259,13 @@ class WalletStore(Protocol):
     ) -> Operation:
         """Roll back: reserved inputs back to unspent (or spent if `inputs_spent`), locks
         released, a ``begin`` purpose reversed; state failed. A no-op unless pending."""
+        ...
+
+    def claim(self, op_id: int) -> Operation | None:
+        """Take over pending operation `op_id` (to reconcile it or call the mint for it): the
+        operation, its lease now this process's, when this process owns it, or its owner is
+        gone, or its lease ran out; None when it is no longer pending or another live process
+        holds it (its mint call may be in flight: a NUT-09 restore could see part of it)."""
         ...
 
     def get(self, op_id: int) -> Operation | None: ...
@@ -399,6 +426,14 @@ class Wallet:
         finally:
             self._inflight.discard(op.id)
 
+    def _take_over(self, op: Operation) -> Operation | None:
+        """`op` to reconcile from here, or None while its mint call may be running: in this
+        process (`_inflight`) or in another live one holding its lease (`WalletStore.claim`).
+        Reconciling a live swap would finish it from a restore that saw part of it."""
+        if op.state != "pending" or op.id in self._inflight:
+            return None
+        return self.store.claim(op.id)
+
     def _abort_definite(self, op: Operation, exc: MintError) -> None:
         """The mint refused: nothing happened there. Roll the intent back."""
         self.store.abort(op.id, f"{type(exc).__name__}: {exc.detail}")
@@ -478,8 +513,9 @@ class Wallet:
         except InputsBusy as busy:
             holder_id = busy.op_id
         holder = self.store.get(holder_id)
-        if holder is not None and holder.state == "pending" and holder.id not in self._inflight:
-            await self._reconcile(holder, retry=False)
+        claimed = self._take_over(holder) if holder is not None else None
+        if claimed is not None:  # a holder nobody runs any more (a crashed run): settle it
+            await self._reconcile(claimed, retry=False)
             holder = self.store.get(holder_id)
         if holder is not None and holder.state == "done":
             raise ProofsAlreadySpent("token already redeemed by this wallet")
@@ -699,8 +735,9 @@ class Wallet:
         return await self._execute_mint(op)
 
     async def _mint_existing(self, op: Operation) -> Received | None:
-        if op.state == "pending" and op.id not in self._inflight:
-            await self._reconcile(op, retry=True)
+        claimed = self._take_over(op) if op.state == "pending" else None
+        if claimed is not None:
+            await self._reconcile(claimed, retry=True)
             op = self.store.get(op.id) or op
         if op.state == "done":
             return Received(op.amount, 0, len(op.outputs), op.id)
@@ -740,9 +777,10 @@ class Wallet:
         rolled: list[int] = []
         pending: list[int] = []
         revived: list[int] = []
-        for op in self.store.pending():
-            if op.id in self._inflight:
-                pending.append(op.id)
+        for listed in self.store.pending():
+            op = self._take_over(listed)
+            if op is None:  # in flight here or in another live process
+                pending.append(listed.id)
                 continue
             try:
                 await self._reconcile(op, retry=True)
@@ -823,17 +861,25 @@ class Wallet:
 
     async def _finish_from_restore(
         self, op: Operation, found: Sequence[tuple[_Derived, BlindSignature]]
-    ) -> None:
+    ) -> bool:
+        """Finish `op` from restored signatures — only when the mint signed *all* its outputs.
+
+        A swap (NUT-03) or mint (NUT-04) signs all outputs or none; seeing only some means the
+        mint is still executing it (or its records are torn): finishing now would store and
+        credit a part of the value and lose the rest for good. It stays pending (False) and a
+        later reconciliation decides. (A melt's NUT-08 change is partial by design: not here.)"""
         client = self.client(op.mint)
         if len(found) != len(op.outputs):
-            log.warning("operation %d: %d of %d outputs restored",
+            log.warning("operation %d: %d of %d outputs restored; left pending",
                         op.id, len(found), len(op.outputs))
+            return False
         pairs = [(d, await self._unblind(client, d, s)) for d, s in found]
         if op.kind == "send":
             self._finish_send(op, [d for d, _ in pairs], [p for _, p in pairs])
-            return
+            return True
         proofs = tuple(p for _, p in pairs)
         self.store.finish(op.id, Outcome(proofs=proofs, amount=_sum(proofs), fee=op.fee))
+        return True
 
     async def _reconcile_melt(self, op: Operation) -> None:
         client = self.client(op.mint)
@@ -858,8 +904,7 @@ class Wallet:
         if not found:
             return False
         log.warning("operation %d was executed by the mint after its rollback", op.id)
-        await self._finish_from_restore(op, found)
-        return True
+        return await self._finish_from_restore(op, found)
 
     async def _recheck_watched(self, inputs: Sequence[Proof]) -> None:
         secrets = {p.secret for p in inputs}
