@@ -27,6 +27,7 @@ from typing import Any
 
 import anyio
 
+from .cashu.lnurl import LnurlError
 from .cashu.mint import MintError, MintUnreachable, ProofsAlreadySpent, ProofsPending
 from .cashu.tokens import PaymentRequest, Token, TokenError, parse_token
 from .cashu.wallet import (
@@ -48,9 +49,10 @@ from .errors import (
     ServiceUnavailable,
     TooEarly,
     UnprocessableEntity,
+    UpstreamError,
 )
 from .keys import hash_key, key_hint, token_api_key, token_deposit_ref
-from .ledger import Account, Ledger
+from .ledger import MAX_MSATS, Account, Ledger
 from .money import MSAT_PER_SAT, ceil_div, format_sats
 from .payments import Payer
 from .sse import encode_event
@@ -139,6 +141,9 @@ class CashuPayments:
             raise InvalidRequest(f"Unsupported token unit {token.unit!r}; use sat",
                                  code="cashu_token_redemption_failed",
                                  headers=[("x-cashu", text)] if echo else [])
+        if token.amount * MSAT_PER_SAT > MAX_MSATS:  # refused before any mint call
+            raise InvalidRequest("Invalid Cashu token: worth more than every bitcoin",
+                                 code="invalid_cashu_token")
         return token
 
     async def _redeem(self, text: str, token: Token, purpose: dict[str, Any],
@@ -371,6 +376,9 @@ class CashuPayments:
         except InsufficientFunds:
             raise ServiceUnavailable("The node's wallet cannot make this refund right now",
                                      code="refund_unavailable") from None
+        except LnurlError as exc:  # the refund address's service: nothing was paid or debited
+            raise UpstreamError(f"Refund Lightning address failed: {exc}", code="lnurl_error",
+                                details={"recipient": account.refund_address}) from None
         except (MintError, WalletError) as exc:
             raise _mint_error(exc) from None
         return {"token": token.serialize(), "sats": str(sats), "msats": sats * MSAT_PER_SAT,
