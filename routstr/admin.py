@@ -82,6 +82,7 @@ from .ledger import Ledger
 from .messages import Request, Response, bounded_int, json_response
 from .pricebook import PRICE_FIELDS, PriceBook
 from .router import Route
+from .wire import MAX_UNIX_S, wire_int
 
 log = logging.getLogger("routstr.admin")
 
@@ -295,7 +296,7 @@ def _time_param(raw: str | None, name: str) -> int | None:
         return None
     text = raw.strip()
     if text.isdigit():
-        return int(text)
+        return wire_int(text, name, high=MAX_UNIX_S)
     try:
         when = dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
     except ValueError:

@@ -18,10 +18,11 @@ from .keys import (
     key_hint,
     parse_bearer,
 )
-from .ledger import Account, Ledger
+from .ledger import MAX_MSATS, Account, Ledger
 from .messages import Request, Response, bounded_int, json_response
 from .payments import Payments
 from .walletstore import invoice_get
+from .wire import MAX_UNIX_S, wire_int
 
 MAX_PAGE = 500
 
@@ -87,18 +88,12 @@ class BalanceHandlers:
                               "total": total, "limit": limit, "offset": offset})
 
 
-def _opt_int(doc: dict[str, Any], request: Request, name: str) -> int | None:
+def _opt_int(doc: dict[str, Any], request: Request, name: str, high: int) -> int | None:
+    """A JSON field or query parameter as an int in [0, high]; absent → None; else 400."""
     value: Any = doc.get(name, request.query(name))
     if value is None or value == "":
         return None
-    try:
-        out = int(value)
-    except (TypeError, ValueError):
-        raise InvalidRequest(f"'{name}' must be an integer", code="invalid_parameter") from None
-    if isinstance(value, bool) or out < 0:
-        raise InvalidRequest(f"'{name}' must be a non-negative integer",
-                             code="invalid_parameter")
-    return out
+    return wire_int(value, name, high=high)
 
 
 def _opt_reset(doc: dict[str, Any], request: Request) -> str | None:
@@ -136,10 +131,10 @@ class CashuBalanceHandlers:
         doc = self._body(request)
         text = require_token_param(doc.get("initial_balance_token",
                                            request.query("initial_balance_token")))
-        limit = _opt_int(doc, request, "balance_limit")
+        limit = _opt_int(doc, request, "balance_limit", MAX_MSATS)
         api_key, account = await cashu.create_key(
             text, balance_limit_msats=limit, balance_limit_reset=_opt_reset(doc, request),
-            validity_date=_opt_int(doc, request, "validity_date"))
+            validity_date=_opt_int(doc, request, "validity_date", MAX_UNIX_S))
         return json_response({"api_key": api_key, "balance": account.balance_msats})
 
     async def topup(self, request: Request, params: dict[str, str]) -> Response:
@@ -173,9 +168,9 @@ class CashuBalanceHandlers:
         keys = [generate_api_key() for _ in range(count)]
         self.ledger.create_children(
             parent.id, [hash_key(k) for k in keys],
-            balance_limit_msats=_opt_int(doc, request, "balance_limit"),
+            balance_limit_msats=_opt_int(doc, request, "balance_limit", MAX_MSATS),
             balance_limit_reset=_opt_reset(doc, request),
-            validity_date=_opt_int(doc, request, "validity_date"),
+            validity_date=_opt_int(doc, request, "validity_date", MAX_UNIX_S),
             cost_msats_each=self.child_key_cost_msats, hints=[key_hint(k) for k in keys])
         after = self.ledger.get_account_by_id(parent.id)
         assert after is not None

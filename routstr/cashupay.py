@@ -35,6 +35,7 @@ from typing import Any
 
 import anyio
 
+from .cashu.lnurl import LnurlError
 from .cashu.mint import MintError, MintUnreachable, ProofsAlreadySpent, ProofsPending
 from .cashu.tokens import PaymentRequest, Token, TokenError, parse_token
 from .cashu.wallet import (
@@ -59,9 +60,10 @@ from .errors import (
     ServiceUnavailable,
     TooEarly,
     UnprocessableEntity,
+    UpstreamError,
 )
 from .keys import hash_key, key_hint, token_api_key, token_deposit_ref
-from .ledger import Account, Ledger
+from .ledger import MAX_MSATS, Account, Ledger
 from .money import MSAT_PER_SAT, ceil_div, format_sats
 from .payments import Payer
 from .sse import encode_event
@@ -158,6 +160,9 @@ class CashuPayments:
             raise InvalidRequest(f"Unsupported token unit {token.unit!r}; use sat",
                                  code="cashu_token_redemption_failed",
                                  headers=[("x-cashu", text)] if echo else [])
+        if token.amount * MSAT_PER_SAT > MAX_MSATS:  # refused before any mint call
+            raise InvalidRequest("Invalid Cashu token: worth more than every bitcoin",
+                                 code="invalid_cashu_token")
         return token
 
     def _recoverable(self, existing: Account, window: bool) -> Account:
@@ -467,6 +472,9 @@ class CashuPayments:
         except InsufficientFunds:
             raise ServiceUnavailable("The node's wallet cannot make this refund right now",
                                      code="refund_unavailable") from None
+        except LnurlError as exc:  # the refund address's service: nothing was paid or debited
+            raise UpstreamError(f"Refund Lightning address failed: {exc}", code="lnurl_error",
+                                details={"recipient": account.refund_address}) from None
         except (MintError, WalletError) as exc:
             raise _mint_error(exc) from None
         return {"token": token.serialize(), "sats": str(sats), "msats": sats * MSAT_PER_SAT,

@@ -248,6 +248,12 @@ def _amount(value: int, what: str = "amount_msats") -> int:
     return value
 
 
+def _overflow_cut(cost_msats: int) -> int:
+    """A cost above every bitcoin (a huge price × a lying upstream's usage) is charged as
+    MAX_MSATS: what is charged is bounded by the balance anyway, and the overdraft is logged."""
+    return min(cost_msats, MAX_MSATS) if type(cost_msats) is int else cost_msats
+
+
 def _key_hash(value: str) -> str:
     if len(value) != 64 or any(c not in "0123456789abcdef" for c in value):
         raise ValueError("key_hash must be 64 lowercase hex characters (sha256)")
@@ -562,8 +568,11 @@ def reserve(
     The common case — a key that is not a child and has no balance limit — is one conditional
     UPDATE whose WHERE clause is exactly those checks; when it changes no row (a check fails,
     no such key, a child key, a balance limit), `_hold_checked` reads the key, raises the precise
-    error or holds the money.
+    error or holds the money. An amount above MAX_MSATS — no balance can ever hold it — is 402
+    like any other shortfall (it never reaches sqlite's 64-bit INTEGER).
     """
+    if type(amount_msats) is int and amount_msats > MAX_MSATS:
+        raise _insufficient(amount_msats, _require(conn, account_id).balance_msats)
     _amount(amount_msats)
     if ttl_s <= 0:
         raise ValueError("ttl_s must be positive")
@@ -692,9 +701,10 @@ def settle(
 
     A cost above the reservation is charged from the spendable balance down to zero; what cannot
     be charged is returned as `overdraft_msats` and written in the log row's memo. A reservation
-    that no longer exists → `ReservationGone` (nothing charged).
+    that no longer exists → `ReservationGone` (nothing charged). A cost above MAX_MSATS counts
+    as MAX_MSATS (`_overflow_cut`).
     """
-    _amount(cost_msats, "cost_msats")
+    cost_msats = _amount(_overflow_cut(cost_msats), "cost_msats")
     row = conn.execute(
         "SELECT key_id, child_id, amount_msats, request_id FROM reservations WHERE id = ?",
         (reservation_id,),
@@ -734,7 +744,7 @@ def charge(
     """Charge a cost with no reservation (e.g. after `settle` raised `ReservationGone` because a
     request outlived its reservation): from the spendable balance, down to zero, never below.
     """
-    _amount(cost_msats, "cost_msats")
+    cost_msats = _amount(_overflow_cut(cost_msats), "cost_msats")
     key = _require(conn, account_id)
     charged, _, overdraft, balance = _charge(conn, key.paying_id, key.id, 0, cost_msats, now=now)
     memo = f"cost={cost_msats} held=0" + (f" overdraft={overdraft}" if overdraft else "")

@@ -16,6 +16,7 @@ from typing import Any, Protocol
 from urllib.parse import parse_qs
 
 from .errors import InvalidRequest
+from .wire import request_json, wire_int
 
 
 class BodyStream(Protocol):
@@ -62,15 +63,11 @@ class Request:
         return values[0] if values else None
 
     def json(self) -> Any:
-        """The body as JSON (an empty body is `{}`); malformed → 400 invalid_json."""
+        """The body as JSON (an empty body is `{}`), read by the one bounded reader
+        (`wire.loads`: depth, number size, no NaN, no duplicate keys); else 400 invalid_json."""
         if not self.body.strip():
             return {}
-        try:
-            return json.loads(self.body)
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise InvalidRequest(
-                f"Request body is not valid JSON: {exc}", code="invalid_json"
-            ) from None
+        return request_json(self.body)
 
     def json_object(self) -> dict[str, Any]:
         doc = self.json()
@@ -98,14 +95,7 @@ def bounded_int(raw: str | None, name: str, default: int, low: int, high: int) -
     """A query or form value as an integer in [low, high]; absent or empty → `default`."""
     if raw is None or raw.strip() == "":
         return default
-    try:
-        value = int(raw.strip())
-    except ValueError:
-        raise InvalidRequest(f"'{name}' must be an integer", code="invalid_parameter") from None
-    if not low <= value <= high:
-        raise InvalidRequest(f"'{name}' must be between {low} and {high}",
-                             code="invalid_parameter")
-    return value
+    return wire_int(raw, name, low=low, high=high)
 
 
 def json_response(

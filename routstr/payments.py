@@ -26,6 +26,7 @@ from .errors import ApiError, AuthenticationFailed, InvalidRequest
 from .keys import ApiKeyCredential, CashuCredential, hash_key, parse_bearer
 from .ledger import Account, Ledger, Settlement
 from .messages import Request
+from .wire import MAX_UNIX_S, wire_int
 
 
 @dataclass(frozen=True)
@@ -111,11 +112,7 @@ class Payments:
                                  code="invalid_header") from None
         expiry = None
         if expiry_raw is not None:
-            try:
-                expiry = int(expiry_raw.strip())
-            except ValueError:
-                raise InvalidRequest("Key-Expiry-Time must be a unix time",
-                                     code="invalid_header") from None
+            expiry = wire_int(expiry_raw, "Key-Expiry-Time", high=MAX_UNIX_S)
         if account.is_child:
             raise InvalidRequest("Child keys cannot set a refund address",
                                  code="child_key_not_allowed")

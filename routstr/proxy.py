@@ -31,7 +31,7 @@ from typing import Any, Protocol
 
 import anyio
 
-from . import pricing
+from . import pricing, wire
 from .client import HttpClient, UpstreamResponse
 from .errors import (
     ApiError,
@@ -118,7 +118,18 @@ class ProxyConfig:
 
 # ---- usage and cost ------------------------------------------------------------------------
 def _count(value: object) -> int | None:
-    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
+    return wire.usage_count(value)  # beyond MAX_USAGE_TOKENS: a lying upstream, clamped
+
+
+def _bound_billing_fields(body: dict[str, Any]) -> None:
+    """The JSON fields that size a request's cost, when given, are ints in range (else 400):
+    output-token limits up to MAX_USAGE_TOKENS, choices (`n`, `best_of`) 1..MAX_N."""
+    for name in ("max_tokens", "max_completion_tokens", "max_output_tokens"):
+        if body.get(name) is not None:
+            wire.wire_int(body[name], name, high=wire.MAX_USAGE_TOKENS)
+    for name in ("n", "best_of"):
+        if body.get(name) is not None:
+            wire.wire_int(body[name], name, low=1, high=pricing.MAX_N)
 
 
 def usage_tokens(usage: object) -> tuple[int, int] | None:
@@ -538,6 +549,7 @@ class Proxy:
                                        or isinstance(max_tokens, bool)):
             raise InvalidRequest("max_tokens must be a non-negative integer",
                                  code="invalid_max_tokens")
+        _bound_billing_fields(body)
         return body, model
 
     def _ceiling(self, endpoint: Endpoint, price: pricing.ModelPrice | None,
@@ -553,15 +565,8 @@ class Proxy:
         raw = request.header("x-max-cost")
         if raw is None:
             return None
-        try:
-            sats = float(raw)  # a header value in sats (may carry decimals): parsed, then exact
-        except ValueError:
-            raise InvalidRequest("X-Max-Cost must be a number of sats",
-                                 code="invalid_max_cost") from None
-        if not math.isfinite(sats) or sats < 0:
-            raise InvalidRequest("X-Max-Cost must be a non-negative number of sats",
-                                 code="invalid_max_cost")
-        return int(round(sats * 1000))
+        # decimal sats, exact (no float), cut to the msat; more than every bitcoin → 400
+        return wire.sats_msats(raw, "X-Max-Cost", high_msats=MAX_MSATS, code="invalid_max_cost")
 
     def _upstream_request(self, request: Request, endpoint: Endpoint, body: dict[str, Any],
                           stream: bool) -> tuple[str, list[tuple[str, str]], bytes]:
@@ -660,7 +665,7 @@ class Proxy:
         message = raw[:500].decode("utf-8", "replace")
         details: dict[str, Any] = {"upstream_status": upstream.status}
         try:
-            doc = json.loads(raw)
+            doc = wire.loads(raw)
             err = doc.get("error") if isinstance(doc, dict) else None
             if isinstance(err, dict):
                 message = str(err.get("message") or message)
@@ -687,7 +692,7 @@ class Proxy:
         doc: Any = None
         if "json" in ctype:
             try:
-                doc = json.loads(raw)
+                doc = wire.loads(raw)
             except (ValueError, UnicodeDecodeError):
                 doc = None
         usage = doc.get("usage") if isinstance(doc, dict) else None

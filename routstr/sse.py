@@ -28,9 +28,10 @@ Choices this module makes (the standard leaves them to the user agent):
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass
+
+from .wire import loads
 
 MAX_SSE_LINE_BYTES = 1 << 20
 MAX_SSE_EVENT_BYTES = 8 << 20
@@ -62,15 +63,16 @@ class SSEEvent:
     has_data: bool = True
 
     def json(self) -> object | None:
-        """The parsed `data`, or ``None`` when it is empty, ``[DONE]`` or not JSON.
+        """The parsed `data`, or ``None`` when it is empty, ``[DONE]`` or not JSON (as the
+        node's bounded reader, `wire.loads`, sees it: too deep, NaN, ... are "not JSON").
 
         Parses on every call; keep the result if you need it twice.
         """
         if not self.data or self.is_done:
             return None
         try:
-            doc: object = json.loads(self.data)
-        except ValueError:
+            doc: object = loads(self.data)
+        except ValueError:  # wire.JsonError
             return None
         return doc
 

@@ -19,7 +19,9 @@ base64, and either base64 alphabet (the official NUT-18 vectors use `+` and `/`)
 write base64url: unpadded for tokens (as Nutshell and the NUT examples do), padded for
 payment requests (as the NUT-18 vectors do).
 
-Strictness: everything that becomes a `Proof` has a positive integer amount below 2^64, a
+Strictness: everything that becomes a `Proof` has a positive integer amount below 2^63 (the
+wallet keeps proofs, and the node their sums, in sqlite's signed 64-bit INTEGER; a token's total
+is bounded the same way, so no sum of one token overflows it), a
 hex keyset id of 8 or 33 bytes, a non-empty UTF-8-encodable secret, a C that is a valid
 compressed secp256k1 point, and DLEQ values of exactly 32 bytes. Any malformed input raises
 `TokenError` (a `ValueError`) and nothing else. Unknown fields are ignored (forward
@@ -41,7 +43,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Final
 
-from . import cbor
+from . import cbor, strictjson
 from .keysets import KeysetError, resolve_short_id
 from .secp256k1 import InvalidPoint, point_from_hex
 
@@ -58,7 +60,7 @@ __all__ = [
 ]
 
 MAX_TOKEN_CHARS: Final = 1_000_000
-MAX_AMOUNT: Final = (1 << 64) - 1
+MAX_AMOUNT: Final = (1 << 63) - 1  # a proof's amount and a token's total
 TOKEN_V3_PREFIX: Final = "cashuA"  # noqa: S105 (a prefix, not a password)
 TOKEN_V4_PREFIX: Final = "cashuB"  # noqa: S105
 RAW_V4_PREFIX: Final = b"crawB"
@@ -103,7 +105,7 @@ def _opt_text(value: object, name: str) -> str | None:
 
 def _amount(value: object, name: str = "amount") -> int:
     if not isinstance(value, int) or isinstance(value, bool) or not 0 < value <= MAX_AMOUNT:
-        raise TokenError(f"{name} must be an integer in [1, 2^64 - 1]")
+        raise TokenError(f"{name} must be an integer in [1, 2^63 - 1]")
     return value
 
 
@@ -266,6 +268,8 @@ class Token:
             if p.secret in seen:
                 raise TokenError("a token must not contain the same secret twice")
             seen.add(p.secret)
+        if sum(p.amount for p in proofs) > MAX_AMOUNT:
+            raise TokenError("the token's total must be below 2^63")
 
     @property
     def amount(self) -> int:
@@ -380,29 +384,12 @@ def _b64decode(text: str) -> bytes:
 # --------------------------------------------------------------------------- parsing
 
 
-def _reject_constant(name: str) -> object:
-    raise TokenError(f"JSON constant {name} is not allowed")
-
-
-def _object_no_dupes(pairs: list[tuple[str, object]]) -> dict[str, object]:
-    out: dict[str, object] = {}
-    for k, v in pairs:
-        if k in out:
-            raise TokenError(f"duplicate JSON key {k!r}")
-        out[k] = v
-    return out
-
-
 def _parse_json(data: bytes) -> object:
+    """The V3 payload through the bounded reader (`strictjson`: depth, number size, no NaN,
+    no duplicate keys)."""
     try:
-        return json.loads(
-            data.decode("utf-8"),
-            object_pairs_hook=_object_no_dupes,
-            parse_constant=_reject_constant,
-        )
-    except TokenError:
-        raise
-    except (ValueError, RecursionError):  # JSONDecodeError, UnicodeDecodeError, int limits
+        return strictjson.loads(data)
+    except strictjson.JsonError:
         raise TokenError("token payload is not valid JSON") from None
 
 

@@ -130,7 +130,7 @@ nut10s = st.builds(NUT10Option, kind=st.text(min_size=1, max_size=10), data=text
 @st.composite
 def requests(draw: st.DrawFn) -> PaymentRequest:
     unit = draw(st.none() | st.text(min_size=1, max_size=8))
-    amount = None if unit is None else draw(st.none() | st.integers(1, 2**64 - 1))
+    amount = None if unit is None else draw(st.none() | st.integers(1, 2**63 - 1))
     return PaymentRequest(
         amount=amount,
         unit=unit,
