@@ -122,14 +122,11 @@ def _count(value: object) -> int | None:
 
 
 def _bound_billing_fields(body: dict[str, Any]) -> None:
-    """The JSON fields that size a request's cost, when given, are ints in range (else 400):
-    output-token limits up to MAX_USAGE_TOKENS, choices (`n`, `best_of`) 1..MAX_N."""
+    """The output-token limits, when given, are ints up to MAX_USAGE_TOKENS (else 400); the
+    choice counts (`n`, `best_of`) are checked where the ceiling is made (pricing._choices)."""
     for name in ("max_tokens", "max_completion_tokens", "max_output_tokens"):
         if body.get(name) is not None:
             wire.wire_int(body[name], name, high=wire.MAX_USAGE_TOKENS)
-    for name in ("n", "best_of"):
-        if body.get(name) is not None:
-            wire.wire_int(body[name], name, low=1, high=pricing.MAX_N)
 
 
 def usage_tokens(usage: object) -> tuple[int, int] | None:
