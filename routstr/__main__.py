@@ -83,6 +83,10 @@ async def run_node(config: Config, worker: WorkerRole | None = None) -> None:
 
 async def _serve(node: Node, server: Server, config: Config, worker: WorkerRole | None) -> None:
     async with anyio.create_task_group() as tg:
+        if worker is not None and not worker.runs_jobs:
+            # The jobs process checkpoints the shared WAL from a thread; sqlite's automatic
+            # checkpoint here would fsync the database file on this event loop.
+            node.db.move_checkpoints_off_this_connection()
         if worker is None or worker.runs_jobs:  # background jobs: in exactly one process
             tg.start_soon(node.sweep_forever)
             tg.start_soon(node.checkpoint_forever)
