@@ -24,6 +24,7 @@ from typing import Any
 import anyio
 
 from routstr.db import Database
+from routstr.errors import Conflict
 from routstr.idempotency import IdempotencyStore, StoreLimits, owner_of
 from routstr.keys import hash_key
 from routstr.messages import Request, Response
@@ -316,3 +317,65 @@ def test_a_deposit_on_a_slow_disk_does_not_stall_other_requests(
     assert took >= 2 * SLOW_FSYNC_MS / 1000 * 0.9, took
     assert len(latencies) >= 10 and max(latencies) < HEALTH_MAX_S, latencies
     assert _balance(node, hash_key(doc["api_key"])) == 21_000
+
+
+def test_an_accepted_xcashu_payment_gets_its_answer_replayed(
+        node_factory: Any, tmp_path: Path, mint_url: str) -> None:
+    """The owner of an X-Cashu request is known only once its payment was accepted: the
+    answer is stored then (not claimed in the database before), and a retry replays it."""
+    minter = Minter(tmp_path)
+    token = minter.token(mint_url, 200)
+    minter.db.close()
+    with ScriptedUpstream() as upstream:
+        node = node_factory("--upstream-base-url", upstream.url, "--admin-token", ADMIN,
+                            "--cashu-mints", mint_url)
+        headers = {"X-Cashu": token, "Idempotency-Key": "pay-once"}
+        body = {**CHAT_BODY, "max_tokens": 100}
+        s1, h1, b1 = node.request("POST", "/v1/chat/completions", body, headers)
+        assert s1 == 200, b1
+        s2, h2, b2 = node.request("POST", "/v1/chat/completions", body, headers)
+        assert s2 == 200 and b2 == b1 and h2["idempotent-replayed"] == "true"
+        assert h2["x-cashu"] == h1["x-cashu"]  # the same change, not a second redemption
+        assert len(upstream.requests) == 1
+        assert _idempotency_rows(node.database) == 1
+
+
+def test_an_unknown_owners_duplicate_in_flight_is_refused_without_a_database_write(
+        tmp_path: Path) -> None:
+    db = Database(tmp_path / "idem.sqlite3")
+
+    async def nobody(request: Request) -> bool:
+        return False
+
+    store = IdempotencyStore(db, ttl_s=3600, boot_id="t", known=nobody)
+    release = anyio.Event()
+
+    async def slow(request: Request) -> Response:
+        await release.wait()
+        return Response(200, [], b"ok")
+
+    request = Request("POST", "/v1/x", (("authorization", "Bearer sk-who"),
+                                        ("idempotency-key", "k")), b"{}")
+    app = store.wrap(slow)
+    answers: list[Any] = []
+
+    async def main() -> None:
+        async def first() -> None:
+            answers.append(await app(request))
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(first)
+            await anyio.sleep(0.05)
+            try:
+                await app(request)
+            except Conflict as exc:
+                answers.append(exc)
+            release.set()
+        answers.append(await app(request))  # not in flight any more: runs again
+
+    anyio.run(main)
+    assert isinstance(answers[0], Conflict)
+    assert answers[0].code == "idempotency_request_in_progress"
+    assert [a.status for a in answers[1:]] == [200, 200]
+    assert db.query("SELECT COUNT(*) FROM idempotency")[0][0] == 0
+    db.close()
