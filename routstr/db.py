@@ -40,9 +40,13 @@ Durability (measured on this machine's ext4 disk, see the numbers below)
     wallet's transport: a write-ahead intent is on disk before the mint hears of it) and
     before any answer, or streamed chunk, of a request during which a durable commit
     happened. A power cut can lose only the unsynced suffix of the WAL (a prefix survives,
-    see below), and nobody was told of it. The durability is the same as FULL's; what moves is
-    only which thread waits for the disk (tests/test_hostile_resources.py slows the real
-    fsync system call with tests/support/slowfsync.c, LD_PRELOAD, to show it).
+    see below), and nobody was told of it — other requests may have *seen* the state (a
+    balance) meanwhile, and what they did with it is later in the WAL and lost with it; an
+    upstream may have served a request paid by a deposit whose credit was lost, which the
+    wallet's recovery credits again at start (the node forgoes that request, as for a lost
+    settle). The durability is the same as FULL's; what moves is only which thread waits for
+    the disk (tests/test_hostile_resources.py slows the real fsync system call with
+    tests/support/slowfsync.c, LD_PRELOAD, to show it).
 
     What a power cut (or kernel crash) can lose: only a *suffix* of the most recent NORMAL commits
     — the WAL is a log, so an fsync for a durable commit also makes every earlier commit durable,
@@ -51,7 +55,8 @@ Durability (measured on this machine's ext4 disk, see the numbers below)
     cut. A lost settle means the reservation reappears and is released by the start-up sweep: the
     user keeps the money for those requests and the node forgoes their revenue; a user's balance
     is never reduced by a lost write.
-    What it cannot lose: any deposit, grant, refund or payout whose transaction returned, nor
+    What it cannot lose: any deposit, grant, refund or payout whose transaction returned (with
+    the fsync deferred: whose request was answered, or whose mint call was made), nor
     anything committed before it. A process crash (SIGKILL, OOM) loses nothing that was
     committed, in either mode — the WAL is in the OS page cache.
 
