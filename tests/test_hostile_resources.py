@@ -15,6 +15,7 @@ import shutil
 import sqlite3
 import stat
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -71,6 +72,12 @@ def test_generated_admin_token_is_in_a_private_file_not_in_the_log(
     assert status == 200
     status, doc = node.json("POST", "/admin/login", {"token": token})
     assert status == 200 and doc["ok"] is True
+    # The login page and --help tell the operator where the token is.
+    status, _, page = node.request("GET", "/admin/", None, {"Accept": "text/html"})
+    assert status == 401 and b"&lt;database&gt;.admin-token" in page
+    helped = subprocess.run([sys.executable, "-m", "routstr", "--help"], capture_output=True,
+                            text=True, check=True, cwd=Path(__file__).parents[1])
+    assert "<database>.admin-token" in helped.stdout
     node.stop()
     # A restart neither generates a new token nor rewrites the file; the token keeps working.
     again = node_factory(workdir=tmp_path)
