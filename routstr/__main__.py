@@ -84,6 +84,10 @@ async def run_node(config: Config, worker: WorkerRole | None = None) -> None:
 async def _serve(node: Node, server: Server, config: Config, worker: WorkerRole | None) -> None:
     async with anyio.create_task_group() as tg:
         jobs = worker is None or worker.runs_jobs
+        if not jobs:
+            # The jobs process checkpoints the shared WAL from a thread; sqlite's automatic
+            # checkpoint here would fsync the database file on this event loop.
+            node.db.move_checkpoints_off_this_connection()
         # every process renews its own requests' holds; one releases the expired ones
         tg.start_soon(functools.partial(node.sweep_forever, release_expired=jobs))
         if jobs:  # background jobs: in exactly one process

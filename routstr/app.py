@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import secrets
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
@@ -16,7 +16,7 @@ from .admin import LoginLimiter, admin_routes
 from .admin_wallet import NodeWallet
 from .balance import BalanceHandlers, CashuBalanceHandlers
 from .cashu.lnurl import LnurlError
-from .cashu.mint import MintError
+from .cashu.mint import MintError, Transport
 from .cashu.wallet import Wallet, WalletError
 from .cashupay import CashuConfig, CashuPayments, xcashu_key_hash
 from .client import HttpClient
@@ -26,7 +26,7 @@ from .discovery import NostrService, open_nostr
 from .errors import ApiError, UpstreamError
 from .features import Platform, admin_bearer
 from .ledger import Ledger
-from .messages import Request, Response
+from .messages import BodyStream, Request, Response
 from .payments import Payments
 from .pricebook import PriceBook
 from .pricing import load_price_table
@@ -90,7 +90,8 @@ class Node:
         if config.cashu_mints:
             seed = bytes.fromhex(setting_get_or_create(db, "wallet_seed",
                                                        lambda: secrets.token_hex(64)))
-            wallet = Wallet(SqliteWalletStore(db), client_transport(http), seed)
+            wallet = Wallet(SqliteWalletStore(db), synced_transport(db, client_transport(http)),
+                            seed)
             cashu = CashuPayments(CashuConfig(config.cashu_mints, config.reservation_ttl,
                                               config.recovery_window),
                                   ledger, wallet, db)
@@ -111,6 +112,7 @@ class Node:
     async def aclose(self) -> None:
         await self.platform.aclose()
         await self.http.aclose()
+        await self.db.sync_durable()
         self.db.close()
 
     def info_doc(self) -> dict[str, object]:
@@ -219,7 +221,8 @@ def routes(node: Node) -> list[Route]:
         Route("GET", "/v1/transactions", balance.transactions),
         Route("GET", "/v1/providers", node.nostr.providers),
     ]
-    wallet = (NodeWallet(node.wallet, node.db, client_transport(node.http), c.cashu_mints)
+    wallet = (NodeWallet(node.wallet, node.db,
+                         synced_transport(node.db, client_transport(node.http)), c.cashu_mints)
               if node.wallet is not None else None)
     admin_limiter = LoginLimiter()  # admin API and /metrics: one count of failed tokens
     table += admin_routes(c, node.db, node.ledger, node.prices,
@@ -255,6 +258,9 @@ def routes(node: Node) -> list[Route]:
 
 
 def build_app(node: Node) -> Callable[[Request], Awaitable[Response]]:
+    """The node's request handler. Durable commits leave their fsync to a worker thread from
+    here on (`Database.defer_durable_sync`): `synced_answers` and `synced_transport` are the
+    barriers that keep them as safe as a commit with the fsync inline."""
     table = routes(node)
     router = Router(table)
 
@@ -262,4 +268,61 @@ def build_app(node: Node) -> Callable[[Request], Awaitable[Response]]:
         handler, params = router.resolve(request.method, request.path)
         return await handler(request, params)
 
-    return node.platform.wrap(app, table)
+    node.db.defer_durable_sync()
+    return synced_answers(node.db, node.platform.wrap(app, table))
+
+
+App = Callable[[Request], Awaitable[Response]]
+
+
+def synced_answers(db: Database, app: App) -> App:
+    """No answer (nor streamed chunk) tells a client of a durable commit made while its
+    request ran before that commit's fsync is done (`Database.sync_durable`, in a thread)."""
+
+    async def synced(request: Request) -> Response:
+        mark = db.durable_mark
+        try:
+            response = await app(request)
+        except ApiError:
+            await db.sync_durable(since=mark)
+            raise
+        await db.sync_durable(since=mark)
+        if response.stream is not None:
+            response.stream = _SyncedStream(db, response.stream, mark)
+        return response
+
+    return synced
+
+
+class _SyncedStream:
+    """Relays a stream; a chunk produced after a durable commit waits for its fsync."""
+
+    def __init__(self, db: Database, inner: BodyStream, mark: int) -> None:
+        self._db = db
+        self._inner = inner
+        self._mark = mark
+        self._iter: AsyncIterator[bytes] | None = None
+
+    def __aiter__(self) -> _SyncedStream:
+        return self
+
+    async def __anext__(self) -> bytes:
+        if self._iter is None:
+            self._iter = self._inner.__aiter__()
+        chunk = await self._iter.__anext__()
+        await self._db.sync_durable(since=self._mark)
+        return chunk
+
+    async def aclose(self) -> None:
+        await self._inner.aclose()
+
+
+def synced_transport(db: Database, transport: Transport) -> Transport:
+    """The wallet's mint transport, behind the write-ahead rule: every durable commit so far
+    (the operation's intent above all) is on disk before a mint hears of the operation."""
+
+    async def call(method: str, url: str, body: bytes | None) -> tuple[int, bytes]:
+        await db.sync_durable()
+        return await transport(method, url, body)
+
+    return call

@@ -29,6 +29,25 @@ Durability (measured on this machine's ext4 disk, see the numbers below)
     refunds, payouts, X-Cashu change, child-key fees — commits durably; the per-request
     reserve / settle / release / sweep commit with NORMAL.
 
+    The fsync never runs on the event loop (`defer_durable_sync`, switched on by the node): on
+    an SD card one fsync takes up to seconds, and every connection would stall meanwhile. A
+    durable transaction then commits like a NORMAL one (the write lock is held for
+    microseconds, no await inside: the one-writer rule is unchanged) and the connection owes
+    an fsync of the WAL; `await sync_durable()` pays it in a worker thread — one fsync for
+    every commit before it (group commit), while the loop goes on serving. The rule that makes
+    this as safe as ``synchronous=FULL``: nothing outside the process may learn of a durable
+    commit before its fsync — the node awaits `sync_durable` before every mint call (the
+    wallet's transport: a write-ahead intent is on disk before the mint hears of it) and
+    before any answer, or streamed chunk, of a request during which a durable commit
+    happened. A power cut can lose only the unsynced suffix of the WAL (a prefix survives,
+    see below), and nobody was told of it — other requests may have *seen* the state (a
+    balance) meanwhile, and what they did with it is later in the WAL and lost with it; an
+    upstream may have served a request paid by a deposit whose credit was lost, which the
+    wallet's recovery credits again at start (the node forgoes that request, as for a lost
+    settle). The durability is the same as FULL's; what moves is only which thread waits for
+    the disk (tests/test_hostile_resources.py slows the real fsync system call with
+    tests/support/slowfsync.c, LD_PRELOAD, to show it).
+
     What a power cut (or kernel crash) can lose: only a *suffix* of the most recent NORMAL commits
     — the WAL is a log, so an fsync for a durable commit also makes every earlier commit durable,
     and what survives is always a prefix of the commit history (never a torn or reordered
@@ -36,7 +55,8 @@ Durability (measured on this machine's ext4 disk, see the numbers below)
     cut. A lost settle means the reservation reappears and is released by the start-up sweep: the
     user keeps the money for those requests and the node forgoes their revenue; a user's balance
     is never reduced by a lost write.
-    What it cannot lose: any deposit, grant, refund or payout whose transaction returned, nor
+    What it cannot lose: any deposit, grant, refund or payout whose transaction returned (with
+    the fsync deferred: whose request was answered, or whose mint call was made), nor
     anything committed before it. A process crash (SIGKILL, OOM) loses nothing that was
     committed, in either mode — the WAL is in the OS page cache.
 
@@ -59,6 +79,9 @@ import sqlite3
 import time
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
+
+import anyio
+import anyio.to_thread
 
 T = TypeVar("T")
 
@@ -432,6 +455,10 @@ class Database:
             conn.close()
             raise
         self._conn: sqlite3.Connection | None = conn
+        self._defer_sync = False
+        self._durable_commits = 0  # durable commits made with the fsync deferred ...
+        self._synced_commits = 0  # ... and how many of them an fsync has covered
+        self._sync_lock: anyio.Lock | None = None
 
     @property
     def conn(self) -> sqlite3.Connection:
@@ -452,7 +479,9 @@ class Database:
         if conn.in_transaction:
             raise RuntimeError("nested transaction: ledger ops take the connection instead")
         started = time.perf_counter()
-        if durable and self._synchronous != "FULL":
+        deferred = durable and self._defer_sync
+        full_now = durable and not deferred and self._synchronous != "FULL"
+        if full_now:
             conn.execute("PRAGMA synchronous = FULL")
         try:
             conn.execute("BEGIN IMMEDIATE")
@@ -464,12 +493,14 @@ class Database:
                         close()
                     raise TypeError("transaction functions are plain defs; no await inside")
                 conn.execute("COMMIT")
+                if deferred:
+                    self._durable_commits += 1
             except BaseException:
                 if conn.in_transaction:
                     conn.execute("ROLLBACK")
                 raise
         finally:
-            if durable and self._synchronous != "FULL":
+            if full_now:
                 conn.execute(f"PRAGMA synchronous = {self._synchronous}")
             elapsed = time.perf_counter() - started
             if elapsed > SLOW_TRANSACTION_S:
@@ -479,6 +510,35 @@ class Database:
                     getattr(fn, "__qualname__", "fn"),
                 )
         return result
+
+    # -- durable commits without an fsync on the event loop (see the module docstring) -------
+
+    def defer_durable_sync(self) -> None:
+        """From now on `transaction(durable=True)` leaves its fsync to `sync_durable`. Only for
+        a caller that awaits `sync_durable` before anything outside learns of a commit."""
+        if self.path != ":memory:" and self._synchronous != "FULL":
+            self._defer_sync = True
+
+    @property
+    def durable_mark(self) -> int:
+        """A mark to pass to `sync_durable(since=...)`: the durable commits made so far."""
+        return self._durable_commits
+
+    async def sync_durable(self, *, since: int | None = None) -> None:
+        """Return once every durable commit made so far is on disk (an fsync of the WAL in a
+        worker thread, shared by all waiters). `since`: a `durable_mark`; nothing to wait for
+        unless a durable commit happened after it."""
+        target = self._durable_commits
+        if target <= self._synced_commits or (since is not None and target <= since):
+            return
+        if self._sync_lock is None:
+            self._sync_lock = anyio.Lock()
+        async with self._sync_lock:
+            if self._synced_commits >= target:  # another waiter's fsync covered it
+                return
+            covered = self._durable_commits  # everything committed up to now
+            await anyio.to_thread.run_sync(fsync_wal, self.path)
+            self._synced_commits = max(self._synced_commits, covered)
 
     def read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         """Run read-only `fn(conn)` on one consistent snapshot; writes inside it fail."""
@@ -574,6 +634,22 @@ def _migrate(conn: sqlite3.Connection, migrations: tuple[str, ...]) -> None:
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
             raise
+
+
+def fsync_wal(path: str) -> None:
+    """Flush `path`'s WAL file to the disk (what ``synchronous=FULL`` does at each commit).
+
+    An fsync covers the file, not the descriptor: every frame any connection wrote is on disk
+    when it returns. Frames a checkpoint already copied back are in the database file, which
+    sqlite synced before it let the WAL start over. Safe from any thread (no sqlite handle)."""
+    try:
+        fd = os.open(path + "-wal", os.O_RDONLY)
+    except FileNotFoundError:  # no WAL: every commit was checkpointed (and synced) already
+        return
+    try:
+        getattr(os, "fdatasync", os.fsync)(fd)
+    finally:
+        os.close(fd)
 
 
 def checkpoint_file(path: str) -> int:

@@ -11,17 +11,26 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import sqlite3
 import stat
+import subprocess
+import sys
+import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import anyio
 
 from routstr.db import Database
+from routstr.errors import Conflict
 from routstr.idempotency import IdempotencyStore, StoreLimits, owner_of
+from routstr.keys import hash_key
 from routstr.messages import Request, Response
+from tests.support.minter import Minter
+from tests.support.node import NodeProcess
 from tests.support.upstream import ScriptedUpstream
 
 ADMIN = "adm-hostile-resources-0123456789"
@@ -63,6 +72,12 @@ def test_generated_admin_token_is_in_a_private_file_not_in_the_log(
     assert status == 200
     status, doc = node.json("POST", "/admin/login", {"token": token})
     assert status == 200 and doc["ok"] is True
+    # The login page and --help tell the operator where the token is.
+    status, _, page = node.request("GET", "/admin/", None, {"Accept": "text/html"})
+    assert status == 401 and b"&lt;database&gt;.admin-token" in page
+    helped = subprocess.run([sys.executable, "-m", "routstr", "--help"], capture_output=True,
+                            text=True, check=True, cwd=Path(__file__).parents[1])
+    assert "<database>.admin-token" in helped.stdout
     node.stop()
     # A restart neither generates a new token nor rewrites the file; the token keeps working.
     again = node_factory(workdir=tmp_path)
@@ -213,4 +228,161 @@ def test_stored_answers_are_bounded_per_owner_and_in_total(tmp_path: Path) -> No
     before = db.query("SELECT COUNT(*) FROM idempotency")[0][0]
     assert _run_store(store, "Bearer sk-mallory", "m1", b"m" * 3000).status == 200
     assert db.query("SELECT COUNT(*) FROM idempotency")[0][0] == before
+    db.close()
+
+
+# --------------------------------------------------------------------------------------------
+# 16: a slow fsync (an SD card) never stalls the event loop
+# --------------------------------------------------------------------------------------------
+
+SLOW_FSYNC_MS = 1500
+HEALTH_MAX_S = 0.5  # far below the fsync: an answer this fast was not waiting behind it
+
+
+def _slow_fsync_library(tmp_path: Path) -> Path:
+    """tests/support/slowfsync.c built into a shared library (see its header)."""
+    compiler = shutil.which("cc") or shutil.which("gcc")
+    assert compiler, "a C compiler is needed to build the slow-disk library"
+    out = tmp_path / "libslowfsync.so"
+    source = Path(__file__).parent / "support" / "slowfsync.c"
+    subprocess.run([compiler, "-shared", "-fPIC", "-O2", "-o", str(out), str(source), "-ldl"],
+                   check=True, capture_output=True)
+    return out
+
+
+def _slow_disk_node(node_factory: Any, tmp_path: Path, *args: str) -> tuple[NodeProcess, Path]:
+    flag = tmp_path / "fsync-is-slow"
+    node = node_factory("--admin-token", ADMIN, *args, env={
+        "LD_PRELOAD": str(_slow_fsync_library(tmp_path)), "SLOW_FSYNC_FLAG": str(flag),
+        "SLOW_FSYNC_MS": str(SLOW_FSYNC_MS)})
+    return node, flag
+
+
+def _health_while(node: NodeProcess, flag: Path, action: Callable[[], Any]
+                  ) -> tuple[Any, float, list[float]]:
+    """Run `action` (durable work) in a thread with every fsync slow; meanwhile ask /health.
+    Returns the action's result, how long it took, and the /health latencies."""
+    done: dict[str, Any] = {}
+
+    def run() -> None:
+        started = time.monotonic()
+        try:
+            done["result"] = action()
+        finally:
+            done["took"] = time.monotonic() - started
+
+    flag.touch()  # from now on every fsync of the node takes SLOW_FSYNC_MS
+    worker = threading.Thread(target=run)
+    worker.start()
+    latencies = []
+    try:
+        while worker.is_alive():
+            started = time.monotonic()
+            assert node.request("GET", "/health", timeout=10)[0] == 200
+            latencies.append(time.monotonic() - started)
+            time.sleep(0.02)
+    finally:
+        worker.join()
+        flag.unlink()
+    return done.get("result"), done["took"], latencies
+
+
+def _balance(node: NodeProcess, key_hash: str) -> int:
+    with sqlite3.connect(node.database) as conn:
+        return int(conn.execute("SELECT balance_msats FROM keys WHERE key_hash = ?",
+                                (key_hash,)).fetchone()[0])
+
+
+def test_a_slow_durable_commit_does_not_stall_other_requests(
+        node_factory: Any, tmp_path: Path) -> None:
+    node, flag = _slow_disk_node(node_factory, tmp_path)
+    status, doc = node.json("POST", "/admin/api/keys", {"balance_msats": 1000}, AUTH)
+    assert status == 201, doc
+    key, key_id = doc["api_key"], doc["key"]["id"]
+    # A grant is money entering the node: a durable commit.
+    (status, doc), took, latencies = _health_while(node, flag, lambda: node.json(
+        "POST", f"/admin/api/keys/{key_id}/grant", {"amount_msats": 5000}, AUTH))
+    assert status == 200, doc
+    # The grant itself waited for its fsync (it is durable when it answers) ...
+    assert took >= SLOW_FSYNC_MS / 1000 * 0.9, took
+    # ... while the node kept answering everyone else.
+    assert len(latencies) >= 5 and max(latencies) < HEALTH_MAX_S, latencies
+    assert _balance(node, hash_key(key)) == 6000
+
+
+def test_a_deposit_on_a_slow_disk_does_not_stall_other_requests(
+        node_factory: Any, tmp_path: Path, mint_url: str) -> None:
+    node, flag = _slow_disk_node(node_factory, tmp_path, "--cashu-mints", mint_url)
+    minter = Minter(tmp_path)
+    token = minter.token(mint_url, 21)
+    # The wallet's intent is fsynced before the mint hears of the swap, the credit before the
+    # answer: at least two slow fsyncs, none of them on the event loop.
+    (status, doc), took, latencies = _health_while(node, flag, lambda: node.json(
+        "POST", "/v1/balance/create", {"initial_balance_token": token}))
+    minter.db.close()
+    assert status == 200, doc
+    assert took >= 2 * SLOW_FSYNC_MS / 1000 * 0.9, took
+    assert len(latencies) >= 10 and max(latencies) < HEALTH_MAX_S, latencies
+    assert _balance(node, hash_key(doc["api_key"])) == 21_000
+
+
+def test_an_accepted_xcashu_payment_gets_its_answer_replayed(
+        node_factory: Any, tmp_path: Path, mint_url: str) -> None:
+    """The owner of an X-Cashu request is known only once its payment was accepted: the
+    answer is stored then (not claimed in the database before), and a retry replays it."""
+    minter = Minter(tmp_path)
+    token = minter.token(mint_url, 200)
+    minter.db.close()
+    with ScriptedUpstream() as upstream:
+        node = node_factory("--upstream-base-url", upstream.url, "--admin-token", ADMIN,
+                            "--cashu-mints", mint_url)
+        headers = {"X-Cashu": token, "Idempotency-Key": "pay-once"}
+        body = {**CHAT_BODY, "max_tokens": 100}
+        s1, h1, b1 = node.request("POST", "/v1/chat/completions", body, headers)
+        assert s1 == 200, b1
+        s2, h2, b2 = node.request("POST", "/v1/chat/completions", body, headers)
+        assert s2 == 200 and b2 == b1 and h2["idempotent-replayed"] == "true"
+        assert h2["x-cashu"] == h1["x-cashu"]  # the same change, not a second redemption
+        assert len(upstream.requests) == 1
+        assert _idempotency_rows(node.database) == 1
+
+
+def test_an_unknown_owners_duplicate_in_flight_is_refused_without_a_database_write(
+        tmp_path: Path) -> None:
+    db = Database(tmp_path / "idem.sqlite3")
+
+    async def nobody(request: Request) -> bool:
+        return False
+
+    store = IdempotencyStore(db, ttl_s=3600, boot_id="t", known=nobody)
+    release = anyio.Event()
+
+    async def slow(request: Request) -> Response:
+        await release.wait()
+        return Response(200, [], b"ok")
+
+    request = Request("POST", "/v1/x", (("authorization", "Bearer sk-who"),
+                                        ("idempotency-key", "k")), b"{}")
+    app = store.wrap(slow)
+    answers: list[Any] = []
+
+    async def main() -> None:
+        async def first() -> None:
+            answers.append(await app(request))
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(first)
+            await anyio.sleep(0.05)
+            try:
+                await app(request)
+            except Conflict as exc:
+                answers.append(exc)
+            release.set()
+        answers.append(await app(request))  # not in flight any more: runs again
+
+    anyio.run(main)
+    assert isinstance(answers[0], Conflict)
+    assert answers[0].code == "idempotency_request_in_progress"
+    assert [a.status for a in answers[1:]] == [200, 200]
+    assert db.query("SELECT COUNT(*) FROM idempotency")[0][0] == 0
     db.close()
