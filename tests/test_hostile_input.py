@@ -409,3 +409,74 @@ def test_wire_int_is_in_range_or_400(value: Any) -> None:
 def test_usage_bound_is_named() -> None:
     assert MAX_USAGE_TOKENS < 1 << 63
     assert Path(strictjson.__file__).parent.name == "cashu"  # the wallet library may import it
+
+
+# ---- siblings: every other reader of foreign JSON --------------------------------------------
+def test_batch_item_with_a_deep_upstream_answer(node: NodeProcess, upstream: ScriptedUpstream) -> None:
+    """A batch sub-request's answer is an upstream's body, re-read to embed it in the batch."""
+    key = new_key(node)
+    upstream.enqueue(Behaviour(body=b"[" * 200_000, headers=[("content-type", "application/json")]))
+    tracebacks = node.log_text().count("Traceback")
+    status, _, raw = node.request("POST", "/v1/batch", {"requests": [
+        {"method": "POST", "endpoint": "/chat/completions", "body": CHAT}]},
+        {"Authorization": f"Bearer {key}"})
+    assert status == 200, raw[:300]
+    assert node.log_text().count("Traceback") == tracebacks
+    books(node)
+
+
+HOSTILE_ANSWERS = [b"[" * 100_000, b'{"keysets":' * 50_000, b'{"keysets":NaN}',
+                   b'{"keysets":[],"keysets":[]}', b'{"keysets":[' + b"9" * 5000 + b"]}"]
+
+
+@pytest.mark.parametrize("answer", HOSTILE_ANSWERS, ids=range(len(HOSTILE_ANSWERS)))
+def test_mint_and_lnurl_answers_are_protocol_errors(answer: bytes) -> None:
+    """The wallet library's readers of a mint's and an LNURL service's answers raise their
+    own typed errors (MintProtocolError, LnurlError), nothing else."""
+    import anyio
+
+    from routstr.cashu.lnurl import LnurlError, fetch_pay_request
+    from routstr.cashu.mint import MintClient, MintProtocolError, error_from_response
+
+    async def transport(method: str, url: str, body: bytes | None) -> tuple[int, bytes]:
+        return 200, answer
+
+    async def run() -> None:
+        with pytest.raises(MintProtocolError):
+            await MintClient("https://mint.example", transport).keysets()
+        with pytest.raises(LnurlError):
+            await fetch_pay_request(transport, "alice@example.com")
+
+    anyio.run(run)
+    assert error_from_response(400, answer).nut_code is None
+
+
+def test_mint_amounts_beyond_2_63_are_protocol_errors() -> None:
+    import anyio
+
+    from routstr.cashu.lnurl import LnurlError, fetch_pay_request
+    from routstr.cashu.mint import MintClient, MintProtocolError
+
+    quote = {"quote": "q", "request": "lnbc1", "amount": 1 << 63, "fee_reserve": 0,
+             "state": "UNPAID", "expiry": None, "unit": "sat"}
+    pay = {"tag": "payRequest", "callback": "https://example.com/cb", "minSendable": 1,
+           "maxSendable": 1 << 63, "metadata": "[]"}
+
+    async def transport(method: str, url: str, body: bytes | None) -> tuple[int, bytes]:
+        return 200, json.dumps(pay if "lnurlp" in url else quote).encode()
+
+    async def run() -> None:
+        with pytest.raises(MintProtocolError):
+            await MintClient("https://mint.example", transport).melt_quote("lnbc1", "sat")
+        with pytest.raises(LnurlError):
+            await fetch_pay_request(transport, "alice@example.com")
+
+    anyio.run(run)
+
+
+@pytest.mark.parametrize("text", ['["EVENT","s",' * 50_000, '["EVENT","s",{"kind":NaN}]',
+                                  '["NOTICE",' + "9" * 5000 + "]"])
+def test_relay_messages_are_relay_protocol_errors(text: str) -> None:
+    from routstr.nostr import RelayProtocolError, parse_relay_message
+    with pytest.raises(RelayProtocolError):
+        parse_relay_message(text)
