@@ -168,6 +168,19 @@ def _cases(key: str) -> list[tuple[str, str, str, Any, dict[str, str]]]:
         ("admin since", "GET", "/admin/api/transactions?since=" + big, None, admin),
         ("admin until", "GET", "/admin/api/transactions?until=" + big, None, admin),
         ("admin since iso", "GET", "/admin/api/transactions?since=99999-01-01", None, admin),
+        ("admin key filter", "GET", "/admin/api/transactions?key=%23" + big, None, admin),
+        ("admin key filter digits", "GET", "/admin/api/transactions?key=%23" + "9" * 5000,
+         None, admin),
+        ("admin key filter superscript", "GET", "/admin/api/transactions?key=%23%C2%B2", None,
+         admin),
+        ("dashboard key filter", "GET", "/admin?tk=%23" + big, None, admin),
+        ("admin price", "PUT", "/admin/api/prices/gpt-4o-mini",
+         {"input_msats_per_1k": 10**30}, admin),
+        ("admin price created", "PUT", "/admin/api/prices/gpt-4o-mini", {"created": 10**30}, admin),
+        ("admin grant", "POST", "/admin/api/keys/1/grant", {"amount_msats": 10**30}, admin),
+        ("admin key validity", "POST", "/admin/api/keys", {"validity_date": 10**30}, admin),
+        ("admin withdraw", "POST", "/admin/api/wallet/withdraw", {"amount_sats": 10**30}, admin),
+        ("invoice amount", "POST", "/lightning/invoice", {"amount_sats": 10**30}, {}),
         ("offset", "GET", "/v1/transactions?offset=" + big, None, auth),
         ("limit digits", "GET", "/v1/transactions?limit=" + "1" * 5000, None, auth),
         ("images n", "POST", "/v1/images/generations",
@@ -369,6 +382,22 @@ def test_bounded_reader_agrees_with_json_loads(doc: Any) -> None:
     text = json.dumps(doc)
     assert strictjson.loads(text) == json.loads(text)
     assert strictjson.loads(text.encode()) == json.loads(text)
+
+
+def _depth(doc: Any) -> int:
+    if isinstance(doc, list):
+        return 1 + max(map(_depth, doc), default=0)
+    if isinstance(doc, dict):
+        return 1 + max(map(_depth, doc.values()), default=0)
+    return 0
+
+
+@settings(max_examples=300, deadline=None)
+@given(_json_docs, st.sampled_from(["[", "]", "{", "}", '"', "\\", '\\"']))
+def test_depth_scan_counts_only_structure(doc: Any, noise: str) -> None:
+    """Brackets and escaped quotes inside strings never count as nesting."""
+    wrapped = [doc, noise, {noise: [noise * 3]}]
+    assert strictjson.depth_of(json.dumps(wrapped)) == _depth(wrapped)
 
 
 _json_alphabet = st.sampled_from(list('[]{}",:0123456789.eE+-tfnrulsaINfy \\u\ud800'))
