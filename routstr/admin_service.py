@@ -22,6 +22,7 @@ from .errors import InvalidRequest, NotFound, ServiceUnavailable
 from .keys import generate_api_key, hash_key, key_hint
 from .ledger import LIMIT_RESETS, Account, Ledger, LedgerInvariantError, TxRow
 from .pricebook import PRICE_FIELDS, PriceBook
+from .wire import wire_int
 
 log = logging.getLogger("routstr.admin")
 
@@ -263,7 +264,7 @@ class AdminService:
         if not term:
             return None
         if term.lstrip("#").isdigit() and (term.startswith("#") or len(term) < 4):
-            return (int(term.lstrip("#")),)
+            return (wire_int(term.lstrip("#"), "key"),)  # '#' + 30 digits, '#²': 400
         rows, _ = self.db.read(lambda c: admin_store.list_keys(
             c, search=term, limit=MAX_PAGE, offset=0))
         return tuple(a.id for a in rows)

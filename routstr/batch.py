@@ -35,6 +35,7 @@ from .errors import ApiError, InvalidRequest, PayloadTooLarge, render
 from .messages import Request, Response, json_response
 from .ratelimit import RateLimiter
 from .router import Route, Router
+from .wire import loads
 
 App = Callable[[Request], Awaitable[Response]]
 
@@ -181,6 +182,6 @@ def _body(raw: bytes) -> Any:
     if not raw:
         return None
     try:
-        return json.loads(raw)
-    except (ValueError, UnicodeDecodeError):
+        return loads(raw)  # a sub-request's answer may be an upstream's: the bounded reader
+    except ValueError:  # wire.JsonError
         return raw.decode("utf-8", "replace")

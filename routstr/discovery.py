@@ -40,7 +40,6 @@ start). The secret is never logged; the npub is shown in ``/v1/info``.
 from __future__ import annotations
 
 import ipaddress
-import json
 import logging
 import math
 import random
@@ -93,6 +92,7 @@ from .nostr import (
 )
 from .walletstore import setting_get_or_create
 from .websocket import ConnectionClosed, ProtocolError, WebSocket, WebSocketError
+from .wire import loads
 
 log = logging.getLogger("routstr.nostr")
 
@@ -451,8 +451,8 @@ class NostrService:
         if status != 200:
             return _probe_error(status, f"/v1/info answered {status}")
         try:
-            doc = json.loads(body)
-        except (ValueError, RecursionError):
+            doc = loads(body)
+        except ValueError:  # wire.JsonError: too deep, NaN, ... never shown to our clients
             return _probe_error(status, "/v1/info is not JSON")
         return {"status_code": status, "endpoint": "info", "json": doc}
 

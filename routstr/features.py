@@ -36,6 +36,7 @@ from .openapi import ApiDocs
 from .ratelimit import Limits, RateLimiter
 from .router import Route
 from .webhooks import Webhooks, WebhookSettings
+from .wire import loads
 
 log = logging.getLogger("routstr.features")
 
@@ -72,8 +73,8 @@ def list_middleware(app: App) -> App:
                 or not (response.header("content-type") or "").startswith("application/json")):
             return response
         try:
-            doc = json.loads(response.body)
-        except (ValueError, UnicodeDecodeError):
+            doc = loads(response.body)
+        except ValueError:  # wire.JsonError
             return response
         if not isinstance(doc, dict) or not isinstance(doc.get("data"), list):
             return response

@@ -49,6 +49,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from .cashu.secp256k1 import G, N, P, lift_x, mul_g, multi_mul
+from .wire import loads
 
 __all__ = [
     "KIND_ANNOUNCEMENT",
@@ -522,8 +523,8 @@ def parse_announcement(event: Event) -> dict[str, Any] | None:
     about: object = None
     if event.content:
         try:
-            meta = json.loads(event.content)
-        except (ValueError, RecursionError):
+            meta = loads(event.content)
+        except ValueError:  # wire.JsonError
             meta = None
         if isinstance(meta, dict):
             name = meta.get("name", "Unknown Provider")
@@ -614,8 +615,8 @@ def client_close(subscription: str) -> str:
 
 def parse_relay_message(text: str) -> RelayMessage:
     try:
-        msg = json.loads(text)
-    except (ValueError, RecursionError):
+        msg = loads(text)
+    except ValueError:  # wire.JsonError
         raise RelayProtocolError("relay message is not JSON") from None
     if not isinstance(msg, list) or not msg or not isinstance(msg[0], str):
         raise RelayProtocolError("relay message is not a JSON array led by a string")

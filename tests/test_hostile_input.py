@@ -16,7 +16,6 @@ import json
 import os
 import time
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -27,7 +26,7 @@ from routstr.cashu import cbor, strictjson
 from routstr.cashu.secp256k1 import mul_g
 from routstr.db import Database
 from routstr.ledger import Ledger
-from routstr.wire import MAX_USAGE_TOKENS, wire_int
+from routstr.wire import wire_int
 from tests.support.lnurl import LnurlService
 from tests.support.minter import Minter
 from tests.support.node import NodeProcess
@@ -168,6 +167,19 @@ def _cases(key: str) -> list[tuple[str, str, str, Any, dict[str, str]]]:
         ("admin since", "GET", "/admin/api/transactions?since=" + big, None, admin),
         ("admin until", "GET", "/admin/api/transactions?until=" + big, None, admin),
         ("admin since iso", "GET", "/admin/api/transactions?since=99999-01-01", None, admin),
+        ("admin key filter", "GET", "/admin/api/transactions?key=%23" + big, None, admin),
+        ("admin key filter digits", "GET", "/admin/api/transactions?key=%23" + "9" * 5000,
+         None, admin),
+        ("admin key filter superscript", "GET", "/admin/api/transactions?key=%23%C2%B2", None,
+         admin),
+        ("dashboard key filter", "GET", "/admin?tk=%23" + big, None, admin),
+        ("admin price", "PUT", "/admin/api/prices/gpt-4o-mini",
+         {"input_msats_per_1k": 10**30}, admin),
+        ("admin price created", "PUT", "/admin/api/prices/gpt-4o-mini", {"created": 10**30}, admin),
+        ("admin grant", "POST", "/admin/api/keys/1/grant", {"amount_msats": 10**30}, admin),
+        ("admin key validity", "POST", "/admin/api/keys", {"validity_date": 10**30}, admin),
+        ("admin withdraw", "POST", "/admin/api/wallet/withdraw", {"amount_sats": 10**30}, admin),
+        ("invoice amount", "POST", "/lightning/invoice", {"amount_sats": 10**30}, {}),
         ("offset", "GET", "/v1/transactions?offset=" + big, None, auth),
         ("limit digits", "GET", "/v1/transactions?limit=" + "1" * 5000, None, auth),
         ("images n", "POST", "/v1/images/generations",
@@ -371,6 +383,22 @@ def test_bounded_reader_agrees_with_json_loads(doc: Any) -> None:
     assert strictjson.loads(text.encode()) == json.loads(text)
 
 
+def _depth(doc: Any) -> int:
+    if isinstance(doc, list):
+        return 1 + max(map(_depth, doc), default=0)
+    if isinstance(doc, dict):
+        return 1 + max(map(_depth, doc.values()), default=0)
+    return 0
+
+
+@settings(max_examples=300, deadline=None)
+@given(_json_docs, st.sampled_from(["[", "]", "{", "}", '"', "\\", '\\"']))
+def test_depth_scan_counts_only_structure(doc: Any, noise: str) -> None:
+    """Brackets and escaped quotes inside strings never count as nesting."""
+    wrapped = [doc, noise, {noise: [noise * 3]}]
+    assert strictjson.depth_of(json.dumps(wrapped)) == _depth(wrapped)
+
+
 _json_alphabet = st.sampled_from(list('[]{}",:0123456789.eE+-tfnrulsaINfy \\u\ud800'))
 
 
@@ -406,6 +434,72 @@ def test_wire_int_is_in_range_or_400(value: Any) -> None:
         assert type(out) is int and 0 <= out <= 1000
 
 
-def test_usage_bound_is_named() -> None:
-    assert MAX_USAGE_TOKENS < 1 << 63
-    assert Path(strictjson.__file__).parent.name == "cashu"  # the wallet library may import it
+# ---- siblings: every other reader of foreign JSON --------------------------------------------
+def test_batch_item_with_a_deep_upstream_answer(node: NodeProcess, upstream: ScriptedUpstream) -> None:
+    """A batch sub-request's answer is an upstream's body, re-read to embed it in the batch."""
+    key = new_key(node)
+    upstream.enqueue(Behaviour(body=b"[" * 200_000, headers=[("content-type", "application/json")]))
+    tracebacks = node.log_text().count("Traceback")
+    status, _, raw = node.request("POST", "/v1/batch", {"requests": [
+        {"method": "POST", "endpoint": "/chat/completions", "body": CHAT}]},
+        {"Authorization": f"Bearer {key}"})
+    assert status == 200, raw[:300]
+    assert node.log_text().count("Traceback") == tracebacks
+    books(node)
+
+
+HOSTILE_ANSWERS = [b"[" * 100_000, b'{"keysets":' * 50_000, b'{"keysets":NaN}',
+                   b'{"keysets":[],"keysets":[]}', b'{"keysets":[' + b"9" * 5000 + b"]}"]
+
+
+@pytest.mark.parametrize("answer", HOSTILE_ANSWERS, ids=range(len(HOSTILE_ANSWERS)))
+def test_mint_and_lnurl_answers_are_protocol_errors(answer: bytes) -> None:
+    """The wallet library's readers of a mint's and an LNURL service's answers raise their
+    own typed errors (MintProtocolError, LnurlError), nothing else."""
+    import anyio
+
+    from routstr.cashu.lnurl import LnurlError, fetch_pay_request
+    from routstr.cashu.mint import MintClient, MintProtocolError, error_from_response
+
+    async def transport(method: str, url: str, body: bytes | None) -> tuple[int, bytes]:
+        return 200, answer
+
+    async def run() -> None:
+        with pytest.raises(MintProtocolError):
+            await MintClient("https://mint.example", transport).keysets()
+        with pytest.raises(LnurlError):
+            await fetch_pay_request(transport, "alice@example.com")
+
+    anyio.run(run)
+    assert error_from_response(400, answer).nut_code is None
+
+
+def test_mint_amounts_beyond_2_63_are_protocol_errors() -> None:
+    import anyio
+
+    from routstr.cashu.lnurl import LnurlError, fetch_pay_request
+    from routstr.cashu.mint import MintClient, MintProtocolError
+
+    quote = {"quote": "q", "request": "lnbc1", "amount": 1 << 63, "fee_reserve": 0,
+             "state": "UNPAID", "expiry": None, "unit": "sat"}
+    pay = {"tag": "payRequest", "callback": "https://example.com/cb", "minSendable": 1,
+           "maxSendable": 1 << 63, "metadata": "[]"}
+
+    async def transport(method: str, url: str, body: bytes | None) -> tuple[int, bytes]:
+        return 200, json.dumps(pay if "lnurlp" in url else quote).encode()
+
+    async def run() -> None:
+        with pytest.raises(MintProtocolError):
+            await MintClient("https://mint.example", transport).melt_quote("lnbc1", "sat")
+        with pytest.raises(LnurlError):
+            await fetch_pay_request(transport, "alice@example.com")
+
+    anyio.run(run)
+
+
+@pytest.mark.parametrize("text", ['["EVENT","s",' * 50_000, '["EVENT","s",{"kind":NaN}]',
+                                  '["NOTICE",' + "9" * 5000 + "]"])
+def test_relay_messages_are_relay_protocol_errors(text: str) -> None:
+    from routstr.nostr import RelayProtocolError, parse_relay_message
+    with pytest.raises(RelayProtocolError):
+        parse_relay_message(text)

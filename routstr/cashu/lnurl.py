@@ -15,15 +15,16 @@ invoice decodes it fully, and the amount is what protects the payer.
 from __future__ import annotations
 
 import ipaddress
-import json
 import re
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote, urlsplit
 
+from routstr.cashu import strictjson
 from routstr.cashu.mint import Transport
 
 MAX_RESPONSE_BYTES = 64 * 1024
+MAX_MSAT = (1 << 63) - 1  # an amount field beyond sqlite's signed 64-bit INTEGER is malformed
 _ADDRESS = re.compile(r"^([a-z0-9\-_.+]+)@([a-z0-9\-.]+(?::\d{1,5})?)$")
 _HRP = re.compile(r"^ln([a-z]+?)(\d*)([munp]?)$")
 _MSAT_PER_BTC = 100_000_000_000
@@ -153,8 +154,8 @@ async def _get_json(transport: Transport, url: str) -> dict[str, Any]:
     if len(body) > MAX_RESPONSE_BYTES:
         raise LnurlError("LNURL response too large")
     try:
-        doc = json.loads(body)
-    except ValueError:
+        doc = strictjson.loads(body)
+    except strictjson.JsonError:
         raise LnurlError(f"LNURL service answered {status} without JSON") from None
     if not isinstance(doc, dict):
         raise LnurlError("LNURL response is not an object")
@@ -166,7 +167,7 @@ async def _get_json(transport: Transport, url: str) -> dict[str, Any]:
 
 
 def _msat(v: Any, what: str) -> int:
-    if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+    if not isinstance(v, int) or isinstance(v, bool) or not 0 <= v <= MAX_MSAT:
         raise LnurlError(f"payRequest {what} must be a non-negative integer")
     return v
 

@@ -41,9 +41,9 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol
 from urllib.parse import quote as urlquote
 
-from routstr.cashu import bdhke, keysets
+from routstr.cashu import bdhke, keysets, strictjson
 from routstr.cashu.secp256k1 import point_from_hex
-from routstr.cashu.tokens import Proof
+from routstr.cashu.tokens import MAX_AMOUNT, Proof
 
 #: The mint may be slow to answer a melt (it pays a Lightning invoice synchronously); the
 #: transport owns timeouts, this is only documentation of the expectation.
@@ -215,8 +215,8 @@ def error_from_response(status: int, body: bytes) -> MintError:
     detail = body[:500].decode("utf-8", "replace")
     code: int | None = None
     try:
-        doc = json.loads(body)
-    except ValueError:
+        doc = strictjson.loads(body)
+    except strictjson.JsonError:
         doc = None
     if isinstance(doc, dict):
         if isinstance(doc.get("detail"), str):
@@ -321,7 +321,8 @@ def _want(cond: bool, what: str) -> None:
 
 
 def _int(v: Any, what: str) -> int:
-    _want(isinstance(v, int) and not isinstance(v, bool) and v >= 0, what)
+    """A non-negative int that fits sqlite's signed 64-bit INTEGER (amounts, fees, expiries)."""
+    _want(isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= MAX_AMOUNT, what)
     return int(v)
 
 
@@ -441,8 +442,8 @@ class MintClient:
         if status != 200:
             raise error_from_response(status, raw)
         try:
-            return json.loads(raw)
-        except ValueError:
+            return strictjson.loads(raw)
+        except strictjson.JsonError:
             raise MintProtocolError(f"{method} {path}: response is not JSON") from None
 
     # -- NUT-06

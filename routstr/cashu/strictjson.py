@@ -44,8 +44,9 @@ __all__ = ["MAX_JSON_DEPTH", "MAX_JSON_NUMBER_CHARS", "JsonError", "loads"]
 MAX_JSON_DEPTH: Final = 128  # nested arrays/objects; real API bodies stay well under 32
 MAX_JSON_NUMBER_CHARS: Final = 100  # one number token, sign and exponent included
 
-_STRING = re.compile(r'"(?:[^"\\]|\\.)*"', re.DOTALL)
-_SURROGATE = re.compile(r"\\u[dD][89a-fA-F]|[\ud800-\udfff]")
+_STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)  # unrolled: one pass
+_ESCAPED_SURROGATE = re.compile(r"\\u[dD][89a-fA-F]")
+_RAW_SURROGATE = re.compile("[\ud800-\udfff]")
 _DELTA: Final = {ord("["): 1, ord("{"): 1, ord("]"): -1, ord("}"): -1}
 _NOT_BRACKET = re.compile(r"[^\[\]{}]+")
 
@@ -100,6 +101,12 @@ def depth_of(text: str) -> int:
     return max(accumulate(map(_DELTA.__getitem__, brackets)), default=0)
 
 
+def _might_hold_surrogates(text: str) -> bool:
+    if "\\u" in text and _ESCAPED_SURROGATE.search(text):
+        return True
+    return not text.isascii() and _RAW_SURROGATE.search(text) is not None
+
+
 def loads(data: str | bytes | bytearray, *, max_depth: int = MAX_JSON_DEPTH) -> Any:
     """`json.loads` within the bounds above; raises only `JsonError`."""
     if not isinstance(data, (str, bytes, bytearray)):
@@ -114,9 +121,10 @@ def loads(data: str | bytes | bytearray, *, max_depth: int = MAX_JSON_DEPTH) -> 
         raise JsonError(f"nested deeper than {max_depth}") from None
     except ValueError as exc:  # JSONDecodeError, and int() limits
         raise JsonError(str(exc)[:200]) from None
-    if depth_of(text) > max_depth:
+    # fewer opening brackets than the limit (the common case, counted at C speed): no scan
+    if text.count("[") + text.count("{") > max_depth and depth_of(text) > max_depth:
         raise JsonError(f"nested deeper than {max_depth}")
-    if _SURROGATE.search(text):
+    if _might_hold_surrogates(text):
         try:
             json.dumps(doc, ensure_ascii=False).encode("utf-8")
         except UnicodeEncodeError:
