@@ -15,8 +15,8 @@ from . import __version__
 from .admin import admin_routes
 from .admin_wallet import NodeWallet
 from .balance import BalanceHandlers, CashuBalanceHandlers
-from .cashu.lnurl import LnurlError
-from .cashu.mint import MintError
+from .cashu.lnurl import LnurlError, in_lookup
+from .cashu.mint import MintError, Transport
 from .cashu.wallet import Wallet, WalletError
 from .cashupay import CashuConfig, CashuPayments
 from .client import HttpClient
@@ -27,6 +27,7 @@ from .errors import UpstreamError
 from .features import Platform, admin_bearer
 from .ledger import Ledger
 from .messages import Request, Response
+from .netguard import Guard, foreign
 from .payments import Payments
 from .pricebook import PriceBook
 from .pricing import load_price_table
@@ -53,6 +54,21 @@ SWEEP_INTERVAL_S = 60.0
 CHECKPOINT_INTERVAL_S = 1.0
 INVOICE_POLL_S = 5.0
 WALLET_RECOVER_S = 60.0
+
+
+def lnurl_guarded(transport: Transport) -> Transport:
+    """The wallet's transport with LNURL lookups (`lnurl.in_lookup`) sent as foreign URLs:
+    the HTTP client's outbound URL guard (`routstr.netguard`, ``--lnurl-allow-private``)
+    checks them and the address they connect to. Mint calls (the operator's mints) pass as
+    they are."""
+
+    async def call(method: str, url: str, body: bytes | None) -> tuple[int, bytes]:
+        if not in_lookup():
+            return await transport(method, url, body)
+        with foreign():
+            return await transport(method, url, body)
+
+    return call
 
 
 @dataclass
@@ -84,12 +100,13 @@ class Node:
         prices = PriceBook(load_price_table(config.pricing or None), db)
         http = HttpClient(connect_timeout=config.upstream_connect_timeout,
                           read_timeout=config.upstream_read_timeout,
-                          proxy=config.upstream_proxy or None)
+                          proxy=config.upstream_proxy or None,
+                          foreign_guard=Guard(allow_private=config.lnurl_allow_private))
         wallet = cashu = None
         if config.cashu_mints:
             seed = bytes.fromhex(setting_get_or_create(db, "wallet_seed",
                                                        lambda: secrets.token_hex(64)))
-            wallet = Wallet(SqliteWalletStore(db), client_transport(http), seed)
+            wallet = Wallet(SqliteWalletStore(db), lnurl_guarded(client_transport(http)), seed)
             cashu = CashuPayments(CashuConfig(config.cashu_mints, config.reservation_ttl),
                                   ledger, wallet, db)
         return cls(config, db, ledger, prices, http, Payments(ledger, cashu), wallet, cashu)
@@ -199,7 +216,8 @@ def routes(node: Node) -> list[Route]:
         Route("GET", "/v1/transactions", balance.transactions),
         Route("GET", "/v1/providers", node.nostr.providers),
     ]
-    wallet = (NodeWallet(node.wallet, node.db, client_transport(node.http), c.cashu_mints)
+    wallet = (NodeWallet(node.wallet, node.db, lnurl_guarded(client_transport(node.http)),
+                         c.cashu_mints)
               if node.wallet is not None else None)
     table += admin_routes(c, node.db, node.ledger, node.prices,
                           {"database": status.database, "upstream": status.upstream,
