@@ -205,9 +205,11 @@ def _check_head(head: bytes) -> None:
     """Refuse what h11 tolerates but RFC 9112 does not let a server accept: a bare CR,
     obs-fold (§5.2), whitespace before a field's colon (§5.1), and Content-Length together
     with Transfer-Encoding (§6.3: "ought to be handled as an error"; h11 lets TE win, so a
-    front end that framed by Content-Length would see a different second request)."""
+    front end that framed by Content-Length would see a different second request), two Host
+    fields (§3.2) and Transfer-Encoding in HTTP/1.0 (§6.1)."""
     lines = head[:-4].split(b"\r\n")
     framing: set[bytes] = set()
+    hosts = 0
     for number, line in enumerate(lines):
         if b"\r" in line:
             raise _bad_http("bare CR in the request head")
@@ -221,8 +223,13 @@ def _check_head(head: bytes) -> None:
         lname = name.lower()
         if lname in (b"content-length", b"transfer-encoding"):
             framing.add(lname)
+        hosts += lname == b"host"
     if len(framing) == 2:
         raise _bad_http("both Content-Length and Transfer-Encoding")
+    if hosts > 1:  # §3.2: more than one Host field MUST be answered 400
+        raise _bad_http("more than one Host header")
+    if b"transfer-encoding" in framing and lines[0].endswith(b" HTTP/1.0"):
+        raise _bad_http("Transfer-Encoding in an HTTP/1.0 request")  # §6.1: faulty framing
 
 
 async def _linger(stream: anyio.abc.ByteStream) -> None:

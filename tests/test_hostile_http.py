@@ -107,8 +107,10 @@ def test_content_length_with_transfer_encoding_is_400_and_smuggled_request_never
     b"GET /fold HTTP/1.1\r\nHost: x\r\nX-A: a\r\n b\r\n\r\n",   # obs-fold (SP)
     b"GET /fold HTTP/1.1\r\nHost: x\r\nX-A: a\r\n\tb\r\n\r\n",  # obs-fold (HTAB)
     b"GET /ws HTTP/1.1\r\nHost: x\r\nX-A : 1\r\n\r\n",       # whitespace before the colon
+    b"GET /hh HTTP/1.1\r\nHost: x\r\nHost: internal\r\n\r\n",  # two Host fields
+    b"POST /te HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",  # TE in 1.0
 ])
-def test_bare_lf_bare_cr_and_obs_fold_are_400(srv: Running, raw: bytes) -> None:
+def test_bare_lf_obs_fold_and_other_sloppy_heads_are_400(srv: Running, raw: bytes) -> None:
     with srv.connect() as s:
         s.sendall(raw)
         _bad_request(s)
