@@ -21,9 +21,9 @@ showing the answer. Two layers, both here, both applied by `routstr.client.HttpC
    (the client has no redirect logic; a 3xx is just an answer).
 
 Not public (`forbidden_ip`): loopback, private (RFC 1918, ULA), link-local (169.254/16 —
-metadata — and fe80::/10), CGNAT (100.64/10), multicast, reserved, unspecified, and anything
-else Python does not call global; IPv4 embedded in IPv6 (mapped ``::ffff:a.b.c.d``, 6to4,
-Teredo, NAT64 ``64:ff9b::/96``) is judged by its IPv4 address.
+metadata — and fe80::/10), site-local (fec0::/10), CGNAT (100.64/10), multicast, reserved,
+unspecified, and anything else Python does not call global; IPv4 embedded in IPv6 (mapped
+``::ffff:a.b.c.d``, 6to4, Teredo, NAT64 ``64:ff9b::/96``) is judged by its IPv4 address.
 
 Through a SOCKS5 proxy (``--upstream-proxy``, Tor, ``socks5h``) the *proxy* resolves names and
 opens the connection: then layer 1 still applies in full (literals and ``localhost`` refused,
@@ -81,6 +81,8 @@ def forbidden_ip(ip: IPAddress) -> bool:
         inner = _embedded_v4(ip)
         if inner is not None:
             return forbidden_ip(inner)
+        if ip.is_site_local:  # fec0::/10, deprecated but still routed on some networks
+            return True
     return bool(not ip.is_global or ip.is_private or ip.is_loopback or ip.is_link_local
                 or ip.is_multicast or ip.is_reserved or ip.is_unspecified)
 

@@ -81,6 +81,7 @@ PRIVATE_LITERALS = [
     "http://172.16.0.1/", "http://100.64.0.1/", "http://224.0.0.1/",
     "http://255.255.255.255/", "http://[fe80::1]/", "http://[fc00::1]/", "http://[ff02::1]/",
     "http://[::]/", "http://[::ffff:169.254.169.254]/", "http://198.18.0.1/",
+    "http://[fec0::1]/", "http://[::127.0.0.1]/", "http://[64:ff9b:1::a00:5]/",
 ]
 PUBLIC = ["https://8.8.8.8/", "https://[2606:4700:4700::1111]/x", "https://example.com/a?b=c",
           "http://abcdefghijklmnop.onion/", "https://x_y.example.org./"]
