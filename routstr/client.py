@@ -260,6 +260,23 @@ async def _connect_guarded(host: str, port: int, guard: netguard.Guard) -> Socke
     raise error
 
 
+def _h11_request(method: str, target: _Target, headers: Sequence[tuple[str, str]],
+                 body: bytes | AsyncIterable[bytes]) -> h11.Request:
+    """The request head: the caller's headers cleaned (`_request_headers`) plus the framing."""
+    try:
+        out_headers = _request_headers(target.host_header, headers)
+        if isinstance(body, _BYTES_LIKE):
+            if body or method not in _BODYLESS_METHODS:
+                out_headers.append((b"content-length", b"%d" % len(body)))
+        else:
+            out_headers.append((b"transfer-encoding", b"chunked"))
+        return h11.Request(method=method, target=target.target, headers=out_headers)
+    except (UnicodeError, h11.LocalProtocolError) as exc:
+        raise UpstreamProtocolError(
+            "Invalid request for upstream", detail=_describe(exc)
+        ) from None
+
+
 # ---------------------------------------------------------------------------------------------
 # SOCKS5 (RFC 1928, username/password RFC 1929)
 
@@ -463,19 +480,7 @@ class HttpClient:
             _check_url(guard, url)
         target = _parse_url(url)
         method = method.upper()
-        try:
-            out_headers = _request_headers(target.host_header, headers)
-            if isinstance(body, _BYTES_LIKE):
-                if body or method not in _BODYLESS_METHODS:
-                    out_headers.append((b"content-length", b"%d" % len(body)))
-            else:
-                out_headers.append((b"transfer-encoding", b"chunked"))
-            h11_request = h11.Request(method=method, target=target.target, headers=out_headers)
-        except (UnicodeError, h11.LocalProtocolError) as exc:
-            raise UpstreamProtocolError(
-                "Invalid request for upstream", detail=_describe(exc)
-            ) from None
-
+        h11_request = _h11_request(method, target, headers, body)
         pool_key = (*target.origin, guard)
         pool = self._pools.get(pool_key)
         if pool is None:
