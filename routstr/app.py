@@ -15,7 +15,7 @@ from . import __version__
 from .admin import LoginLimiter, admin_routes
 from .admin_wallet import NodeWallet
 from .balance import BalanceHandlers, CashuBalanceHandlers
-from .cashu.lnurl import LnurlError
+from .cashu.lnurl import LnurlError, in_lookup
 from .cashu.mint import MintError, Transport
 from .cashu.wallet import Wallet, WalletError
 from .cashupay import CashuConfig, CashuPayments, xcashu_key_hash
@@ -27,6 +27,7 @@ from .errors import ApiError, UpstreamError
 from .features import Platform, admin_bearer
 from .ledger import Ledger
 from .messages import BodyStream, Request, Response
+from .netguard import Guard, foreign
 from .payments import Payments
 from .pricebook import PriceBook
 from .pricing import load_price_table
@@ -53,6 +54,21 @@ SWEEP_INTERVAL_S = 60.0
 CHECKPOINT_INTERVAL_S = 1.0
 INVOICE_POLL_S = 5.0
 WALLET_RECOVER_S = 60.0
+
+
+def lnurl_guarded(transport: Transport) -> Transport:
+    """The wallet's transport with LNURL lookups (`lnurl.in_lookup`) sent as foreign URLs:
+    the HTTP client's outbound URL guard (`routstr.netguard`, ``--lnurl-allow-private``)
+    checks them and the address they connect to. Mint calls (the operator's mints) pass as
+    they are."""
+
+    async def call(method: str, url: str, body: bytes | None) -> tuple[int, bytes]:
+        if not in_lookup():
+            return await transport(method, url, body)
+        with foreign():
+            return await transport(method, url, body)
+
+    return call
 
 
 @dataclass
@@ -85,13 +101,14 @@ class Node:
         prices = PriceBook(load_price_table(config.pricing or None), db)
         http = HttpClient(connect_timeout=config.upstream_connect_timeout,
                           read_timeout=config.upstream_read_timeout,
-                          proxy=config.upstream_proxy or None)
+                          proxy=config.upstream_proxy or None,
+                          foreign_guard=Guard(allow_private=config.lnurl_allow_private))
         wallet = cashu = None
         if config.cashu_mints:
             seed = bytes.fromhex(setting_get_or_create(db, "wallet_seed",
                                                        lambda: secrets.token_hex(64)))
-            wallet = Wallet(SqliteWalletStore(db), synced_transport(db, client_transport(http)),
-                            seed)
+            wallet = Wallet(SqliteWalletStore(db),
+                            synced_transport(db, lnurl_guarded(client_transport(http))), seed)
             cashu = CashuPayments(CashuConfig(config.cashu_mints, config.reservation_ttl,
                                               config.recovery_window),
                                   ledger, wallet, db)
@@ -222,7 +239,8 @@ def routes(node: Node) -> list[Route]:
         Route("GET", "/v1/providers", node.nostr.providers),
     ]
     wallet = (NodeWallet(node.wallet, node.db,
-                         synced_transport(node.db, client_transport(node.http)), c.cashu_mints)
+                         synced_transport(node.db, lnurl_guarded(client_transport(node.http))),
+                         c.cashu_mints)
               if node.wallet is not None else None)
     admin_limiter = LoginLimiter()  # admin API and /metrics: one count of failed tokens
     table += admin_routes(c, node.db, node.ledger, node.prices,

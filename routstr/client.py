@@ -24,6 +24,12 @@ What it does
   Sending a request and reading its response head run under one cancel scope whose deadline
   is moved before each write and read (one timer per request instead of one per socket call).
 
+Someone else's URLs (a webhook, an LNURL callback, an announced node): `request(guard=...)`, or
+any request inside `netguard.foreign()` (the client's `foreign_guard`), checks the URL, resolves
+the name itself, refuses unless every address is allowed and connects to the checked address —
+see `routstr.netguard` (also for what a SOCKS proxy leaves unchecked). Such requests have pools
+of their own. No redirect is ever followed.
+
 Errors: nothing foreign escapes. OSError, anyio stream errors, ssl errors, h11 protocol errors and
 timeouts become `UpstreamConnectError`, `UpstreamTimeout` (`UpstreamConnectTimeout` is both) or
 `UpstreamProtocolError`, all `routstr.errors.UpstreamError` (502). Their message is safe to show a
@@ -53,9 +59,10 @@ from urllib.parse import unquote, urlsplit
 
 import anyio
 import h11
-from anyio.abc import ByteStream, SocketAttribute
+from anyio.abc import ByteStream, SocketAttribute, SocketStream
 from anyio.streams.tls import TLSStream
 
+from routstr import netguard
 from routstr.errors import UpstreamError
 
 DEFAULT_MAX_BODY_BYTES = 16 * 1024 * 1024
@@ -94,6 +101,13 @@ class UpstreamConnectError(UpstreamError):
     def __init__(self, message: str, *, detail: str = "") -> None:
         super().__init__(message)
         self.detail = detail or message
+
+
+class AddressRefused(UpstreamConnectError):
+    """The outbound URL guard (`routstr.netguard`) refused the URL or the address it resolves
+    to; nothing was sent (no connection was opened)."""
+
+    default_code = "address_refused"
 
 
 class UpstreamTimeout(UpstreamError):
@@ -213,6 +227,54 @@ def _request_headers(
             continue
         out.append((lname.encode("ascii"), value.encode("latin-1")))
     return out
+
+
+def _check_url(guard: netguard.Guard, url: str) -> None:
+    try:
+        guard.check_url(url)
+    except netguard.Refused as exc:
+        raise AddressRefused(f"Address not allowed: {exc}", detail=f"{url!r}: {exc}") from None
+
+
+async def _connect_guarded(host: str, port: int, guard: netguard.Guard) -> SocketStream:
+    """Resolve `host` here, refuse if any address is not allowed, then connect to the checked
+    addresses themselves (never the name again: no second DNS answer to rebind) and check the
+    socket's peer once more."""
+    infos = await anyio.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    addresses = list(dict.fromkeys(str(info[4][0]) for info in infos))
+    for address in addresses:
+        guard.check_ip(address)
+    error: OSError = OSError(f"{host} resolves to no address")
+    for address in addresses:
+        try:
+            tcp = await anyio.connect_tcp(address, port)
+        except OSError as exc:
+            error = exc
+            continue
+        try:
+            guard.check_ip(str(tcp.extra(SocketAttribute.remote_address)[0]))
+        except BaseException:
+            await anyio.aclose_forcefully(tcp)
+            raise
+        return tcp
+    raise error
+
+
+def _h11_request(method: str, target: _Target, headers: Sequence[tuple[str, str]],
+                 body: bytes | AsyncIterable[bytes]) -> h11.Request:
+    """The request head: the caller's headers cleaned (`_request_headers`) plus the framing."""
+    try:
+        out_headers = _request_headers(target.host_header, headers)
+        if isinstance(body, _BYTES_LIKE):
+            if body or method not in _BODYLESS_METHODS:
+                out_headers.append((b"content-length", b"%d" % len(body)))
+        else:
+            out_headers.append((b"transfer-encoding", b"chunked"))
+        return h11.Request(method=method, target=target.target, headers=out_headers)
+    except (UnicodeError, h11.LocalProtocolError) as exc:
+        raise UpstreamProtocolError(
+            "Invalid request for upstream", detail=_describe(exc)
+        ) from None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -374,6 +436,7 @@ class HttpClient:
         ssl_context: ssl.SSLContext | None = None,
         keepalive_expiry: float = 30.0,
         pool_timeout: float | None = None,
+        foreign_guard: netguard.Guard | None = None,
     ) -> None:
         if max_connections_per_origin < 1:
             raise ValueError("max_connections_per_origin must be >= 1")
@@ -385,7 +448,10 @@ class HttpClient:
         self._ssl_context = ssl_context
         self._keepalive_expiry = keepalive_expiry
         self._pool_timeout = pool_timeout
-        self._pools: dict[tuple[str, str, int], _Pool] = {}
+        # what requests made inside `netguard.foreign()` may reach (strict unless told)
+        self._foreign_guard = foreign_guard or netguard.Guard()
+        # per origin and guard: a guarded request never reuses a connection opened unguarded
+        self._pools: dict[tuple[str, str, int, netguard.Guard | None], _Pool] = {}
         self._closed = False
 
     # -- public API ---------------------------------------------------------------------------
@@ -396,31 +462,29 @@ class HttpClient:
         url: str,
         headers: Sequence[tuple[str, str]] = (),
         body: bytes | AsyncIterable[bytes] = b"",
+        *,
+        guard: netguard.Guard | None = None,
     ) -> UpstreamResponse:
         """Send a request and return once the response head has arrived.
 
+        `guard`: the URL is someone else's — check it and the address connected to
+        (`routstr.netguard`); a refusal raises `AddressRefused` before any connection. Requests
+        made inside `netguard.foreign()` get the client's `foreign_guard` when none is given.
         The caller must read and/or `aclose()` the returned response.
         """
         if self._closed:
             raise UpstreamConnectError("Upstream client is closed")
+        if guard is None and netguard.is_foreign():
+            guard = self._foreign_guard
+        if guard is not None:
+            _check_url(guard, url)
         target = _parse_url(url)
         method = method.upper()
-        try:
-            out_headers = _request_headers(target.host_header, headers)
-            if isinstance(body, _BYTES_LIKE):
-                if body or method not in _BODYLESS_METHODS:
-                    out_headers.append((b"content-length", b"%d" % len(body)))
-            else:
-                out_headers.append((b"transfer-encoding", b"chunked"))
-            h11_request = h11.Request(method=method, target=target.target, headers=out_headers)
-        except (UnicodeError, h11.LocalProtocolError) as exc:
-            raise UpstreamProtocolError(
-                "Invalid request for upstream", detail=_describe(exc)
-            ) from None
-
-        pool = self._pools.get(target.origin)
+        h11_request = _h11_request(method, target, headers, body)
+        pool_key = (*target.origin, guard)
+        pool = self._pools.get(pool_key)
         if pool is None:
-            pool = self._pools[target.origin] = _Pool(self._max_per_origin)
+            pool = self._pools[pool_key] = _Pool(self._max_per_origin)
         await self._acquire_slot(pool)
         try:
             retried = False
@@ -429,7 +493,7 @@ class HttpClient:
                 reused = conn is not None
                 if conn is None:
                     try:
-                        conn = await self._connect(target)
+                        conn = await self._connect(target, guard)
                     except UpstreamConnectError as exc:
                         if not retried:
                             raise
@@ -478,12 +542,14 @@ class HttpClient:
         headers: Sequence[tuple[str, str]] = (),
         body: bytes = b"",
         max_bytes: int = DEFAULT_MAX_BODY_BYTES,
+        *,
+        guard: netguard.Guard | None = None,
     ) -> tuple[int, list[tuple[str, str]], bytes]:
         """`request()`, read the whole body (at most `max_bytes`) and close.
 
         Returns (status, headers, body).
         """
-        response = await self.request(method, url, headers, body)
+        response = await self.request(method, url, headers, body, guard=guard)
         try:
             data = await response.read(max_bytes)
         finally:
@@ -586,16 +652,19 @@ class HttpClient:
         target = _Target("https" if tls else "http", host, port, b"", b"/")
         return await self._connect_stream(target)
 
-    async def _connect(self, target: _Target) -> _Connection:
-        return _Connection(await self._connect_stream(target))
+    async def _connect(self, target: _Target, guard: netguard.Guard | None) -> _Connection:
+        return _Connection(await self._connect_stream(target, guard))
 
-    async def _connect_stream(self, target: _Target) -> ByteStream:
+    async def _connect_stream(self, target: _Target,
+                              guard: netguard.Guard | None = None) -> ByteStream:
         where = f"{target.host}:{target.port}"
         if self._proxy is not None:
             where += f" via SOCKS5 {self._proxy.host}:{self._proxy.port}"
         try:
             with anyio.fail_after(self._connect_timeout):
-                stream = await self._open_stream(target)
+                stream = await self._open_stream(target, guard)
+        except netguard.Refused as exc:
+            raise AddressRefused(f"Address not allowed: {exc}", detail=f"{where}: {exc}") from None
         except TimeoutError:
             raise UpstreamConnectTimeout(
                 "Upstream service connection timed out", detail=f"connect to {where} timed out"
@@ -615,12 +684,14 @@ class HttpClient:
             ) from exc
         return stream
 
-    async def _open_stream(self, target: _Target) -> ByteStream:
+    async def _open_stream(self, target: _Target, guard: netguard.Guard | None) -> ByteStream:
         proxy = self._proxy
-        if proxy is None:
+        if proxy is not None:  # the proxy resolves the name: only the URL was checked
+            tcp = await anyio.connect_tcp(proxy.host, proxy.port)
+        elif guard is None:
             tcp = await anyio.connect_tcp(target.host, target.port)
         else:
-            tcp = await anyio.connect_tcp(proxy.host, proxy.port)
+            tcp = await _connect_guarded(target.host, target.port, guard)
         stream: ByteStream = tcp
         try:
             sock = tcp.extra(SocketAttribute.raw_socket)

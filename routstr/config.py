@@ -211,6 +211,11 @@ class Config:
         default=False,
         metadata=_s("let webhooks target private, loopback and link-local addresses (testing)"),
     )
+    lnurl_allow_private: bool = field(
+        default=False,
+        metadata=_s("let Lightning-address/LNURL lookups (Refund-LNURL refunds, payouts) reach"
+                    " private, loopback and link-local addresses (testing)"),
+    )
     webhook_low_balance_msats: int = field(
         default=100_000,
         metadata=_s("balance.low threshold for webhooks that set none, msats", _non_negative),

@@ -22,10 +22,12 @@
 * **Prober** — GETs each discovered node's ``/v1/info`` (bounded time, size and concurrency),
   right after it appears and then every refresh interval; private, loopback and link-local
   addresses are not probed unless ``--providers-allow-private`` (announcements are anyone's
-  input: the node must not become a proxy into its own network). The check looks at literal
-  addresses and ``localhost`` names; a public name that resolves to a private address is not
-  caught — the probe is a GET of ``/v1/info`` only, and its answer is at most
-  `PROBE_MAX_BYTES`.
+  input: the node must not become a proxy into its own network). The outbound URL guard
+  (`routstr.netguard`) applies: numeric tricks (``127.1``, ``2130706433``…), user info, a query
+  or fragment are refused outright, and the address the probe connects to is the one checked
+  after resolution (a public name resolving to a private address is refused too; through a
+  SOCKS proxy only the URL is checked). The probe is a GET of ``/v1/info`` only, and its
+  answer is at most `PROBE_MAX_BYTES`.
 
 Bad relays — unreachable, hanging, resetting, sending malformed frames or JSON, oversize
 messages, forged events — are logged (relay text clipped and escaped), counted in `/metrics`
@@ -39,7 +41,6 @@ start). The secret is never logged; the npub is shown in ``/v1/info``.
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 import math
 import random
@@ -48,13 +49,12 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import urlsplit
 
 import anyio
 import anyio.lowlevel
 from anyio.abc import ByteStream, TaskStatus
 
-from . import __version__
+from . import __version__, netguard
 from .client import HttpClient
 from .config import Config
 from .db import Database
@@ -198,20 +198,14 @@ class Counters:
 # Announcements we know (pure)
 
 
-def _probe_allowed(url: str, allow_private: bool) -> bool:
-    host = (urlsplit(url).hostname or "").lower()
-    if not host:
-        return False
-    if allow_private:
-        return True
-    if host == "localhost" or host.endswith(".localhost"):
-        return False
+def _probe_refusal(url: str, guard: netguard.Guard) -> str | None:
+    """Why an announced endpoint is not probed (None: it may be). The URL guard's rules
+    (`routstr.netguard`), and no query or fragment: ``/v1/info`` is appended to it."""
     try:
-        ip = ipaddress.ip_address(host)
-    except ValueError:
-        return True
-    return not (ip.is_private or ip.is_loopback or ip.is_link_local or ip.is_unspecified
-                or ip.is_multicast or ip.is_reserved)
+        guard.check_url(url, allow_query=False)
+    except netguard.Refused as exc:
+        return str(exc)
+    return None
 
 
 @dataclass
@@ -435,15 +429,17 @@ class NostrService:
         self.directory.set_health(key, health, anyio.current_time())
 
     async def probe(self, endpoint_url: str) -> dict[str, Any]:
-        if not _probe_allowed(endpoint_url, self.options.allow_private):
+        guard = netguard.Guard(allow_private=self.options.allow_private)
+        refusal = _probe_refusal(endpoint_url, guard)
+        if refusal is not None:
             return {"status_code": None, "endpoint": "skipped",
-                    "json": {"error": "private address not probed"}}
+                    "json": {"error": f"not probed: {refusal}"}}
         info_url = endpoint_url.rstrip("/") + "/v1/info"
         try:
             with anyio.fail_after(PROBE_TIMEOUT_S):
                 status, _headers, body = await self.http.fetch(
                     "GET", info_url, headers=[("accept", "application/json")],
-                    max_bytes=PROBE_MAX_BYTES)
+                    max_bytes=PROBE_MAX_BYTES, guard=guard)
         except TimeoutError:
             return _probe_error(500, "Failed to fetch provider: timed out")
         except UpstreamError as exc:

@@ -21,6 +21,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
+from . import netguard
 from .cashu.lnurl import LnurlError, resolve_url
 from .errors import ApiError, AuthenticationFailed, InvalidRequest
 from .keys import ApiKeyCredential, CashuCredential, hash_key, parse_bearer
@@ -105,9 +106,9 @@ class Payments:
         if not address:
             return
         address = address.strip()
-        try:
-            resolve_url(address)
-        except LnurlError as exc:
+        try:  # the URL guard's syntax rules now; the address is checked when it is fetched
+            netguard.check_syntax(resolve_url(address))
+        except (LnurlError, netguard.Refused) as exc:
             raise InvalidRequest(f"Refund-LNURL must be a Lightning address or an LNURL: {exc}",
                                  code="invalid_header") from None
         expiry = None

@@ -61,6 +61,7 @@ access_log = logging.getLogger("routstr.access")
 App = Callable[[Request], Awaitable[Response]]
 
 MAX_HEADER_BYTES = 64 * 1024  # request line + header fields + the blank line, in total
+CHUNKED_END_BYTES = 8  # bytes kept of what h11 was fed before its latest piece
 MAX_LEADING_CRLF = 8  # empty lines ignored before a request line (bytes, 4 lines)
 READ_SIZE = 64 * 1024
 GZIP_MIN_BYTES = 1024
@@ -117,6 +118,10 @@ class _Conn:
         self.pending = bytearray()
         self.eof = False
         self.linger = False  # an error was answered: half-close and drain before closing
+        # the last bytes given to h11 (a few before the latest piece, and that piece), to see
+        # how a chunked body really ended
+        self.fed_before = b""
+        self.fed_last = b""
         self.busy = False
         self.scope: anyio.CancelScope | None = None
         # time.monotonic() past which the reaper cancels `scope` (closing the connection)
@@ -145,7 +150,22 @@ class _Conn:
             except (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError,
                     OSError):
                 data = b""
-            self.h11.receive_data(data)
+            self.feed(data)
+
+    def feed(self, data: bytes) -> None:
+        self.fed_before = (self.fed_before + self.fed_last[-CHUNKED_END_BYTES:])[
+            -CHUNKED_END_BYTES:]
+        self.fed_last = data
+        self.h11.receive_data(data)
+
+    def check_chunked_end(self) -> None:
+        """h11 takes a bare LF for the blank line that ends a chunked body (``0\r\n\n``):
+        a front end that does not would read what follows as part of this request while we
+        run it as the next one. The bytes h11 consumed must end with CRLF CRLF."""
+        remaining = len(self.h11.trailing_data[0])
+        consumed = self.fed_before + self.fed_last[:len(self.fed_last) - remaining]
+        if not consumed.endswith(b"\r\n\r\n"):
+            raise _bad_http("chunked body not ended by CRLF CRLF")
 
 
 def _new_h11() -> h11.Connection:
@@ -185,9 +205,11 @@ def _check_head(head: bytes) -> None:
     """Refuse what h11 tolerates but RFC 9112 does not let a server accept: a bare CR,
     obs-fold (§5.2), whitespace before a field's colon (§5.1), and Content-Length together
     with Transfer-Encoding (§6.3: "ought to be handled as an error"; h11 lets TE win, so a
-    front end that framed by Content-Length would see a different second request)."""
+    front end that framed by Content-Length would see a different second request), two Host
+    fields (§3.2) and Transfer-Encoding in HTTP/1.0 (§6.1)."""
     lines = head[:-4].split(b"\r\n")
     framing: set[bytes] = set()
+    hosts = 0
     for number, line in enumerate(lines):
         if b"\r" in line:
             raise _bad_http("bare CR in the request head")
@@ -201,8 +223,13 @@ def _check_head(head: bytes) -> None:
         lname = name.lower()
         if lname in (b"content-length", b"transfer-encoding"):
             framing.add(lname)
+        hosts += lname == b"host"
     if len(framing) == 2:
         raise _bad_http("both Content-Length and Transfer-Encoding")
+    if hosts > 1:  # §3.2: more than one Host field MUST be answered 400
+        raise _bad_http("more than one Host header")
+    if b"transfer-encoding" in framing and lines[0].endswith(b" HTTP/1.0"):
+        raise _bad_http("Transfer-Encoding in an HTTP/1.0 request")  # §6.1: faulty framing
 
 
 async def _linger(stream: anyio.abc.ByteStream) -> None:
@@ -362,7 +389,7 @@ class Server:
         if end is None:
             return None  # closed before a complete head: nothing to answer
         _check_head(bytes(conn.pending[:end]))
-        conn.h11.receive_data(bytes(conn.pending))
+        conn.feed(bytes(conn.pending))
         conn.pending.clear()
         if conn.eof:
             conn.h11.receive_data(b"")
@@ -389,7 +416,9 @@ class Server:
 
     async def _read_body(self, conn: _Conn, head: h11.Request) -> bytes:
         limit = self.options.max_body_bytes
+        chunked = False
         for name, value in head.headers:
+            chunked = chunked or name == b"transfer-encoding"
             if name == b"content-length" and int(value) > limit:
                 raise PayloadTooLarge(
                     f"Request body exceeds {limit} bytes", details={"max_body_bytes": limit}
@@ -421,6 +450,8 @@ class Server:
                     )
                 chunks.append(bytes(event.data))
             elif isinstance(event, h11.EndOfMessage):
+                if chunked:
+                    conn.check_chunked_end()
                 return b"".join(chunks)
             else:
                 raise _ClientGone()

@@ -29,14 +29,16 @@ Delivery
     ``--webhook-max-attempts``, then marked failed. Finished rows are swept after a day.
 
 SSRF guard
-    The URL must be http(s) without credentials. Its host is resolved at registration and again
-    before every delivery; a private, loopback, link-local, multicast, reserved or unspecified
-    address is refused unless ``--webhooks-allow-private`` is set (tests; a LAN receiver).
-    Redirects are not followed. Residual risk: the client resolves the name again when it
-    connects, so a DNS answer that changes within that instant is not caught. With
-    ``--upstream-proxy`` (Tor) deliveries go through the proxy, which resolves names itself:
-    then names are not resolved locally (no DNS leak) and only address literals and
-    ``localhost`` are checked — the proxy's exit, not this host, opens the connection.
+    The node's outbound URL guard (`routstr.netguard`): the URL must be http(s) without
+    credentials or fragment, its host a name or a canonical address (``127.1``, ``2130706433``,
+    ``0x7f000001``… refused outright). Its host is resolved at registration and before every
+    delivery; a private, loopback, link-local, multicast, reserved or unspecified address is
+    refused unless ``--webhooks-allow-private`` is set (tests; a LAN receiver). Each delivery's
+    connection goes to the address the client itself resolved and checked (no DNS rebinding
+    between check and connect). Redirects are not followed. With ``--upstream-proxy`` (Tor)
+    deliveries go through the proxy, which resolves names itself: then names are not resolved
+    locally (no DNS leak) and only the URL is checked (address literals, ``localhost``, the
+    numeric tricks) — the proxy's exit, not this host, opens the connection.
     Secrets are stored as given (the HMAC needs them); they are shown only at creation.
 """
 
@@ -44,7 +46,6 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import ipaddress
 import json
 import logging
 import secrets
@@ -57,7 +58,7 @@ from urllib.parse import urlsplit
 
 import anyio
 
-from . import __version__
+from . import __version__, netguard
 from .client import HttpClient
 from .db import Connection, Database, DatabaseError
 from .errors import ApiError, InvalidRequest, NotFound, UpstreamError
@@ -96,58 +97,46 @@ def signature(secret: str, body: bytes) -> str:
     return "sha256=" + hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
 
 
-def _forbidden_address(addr: str) -> bool:
-    ip = ipaddress.ip_address(addr.split("%", 1)[0])
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
-    return bool(ip.is_private or ip.is_loopback or ip.is_link_local or ip.is_multicast
-                or ip.is_reserved or ip.is_unspecified or not ip.is_global)
-
-
 async def check_target(url: str, *, allow_private: bool, resolve: bool = True) -> None:
-    """Refuse URLs a webhook must not reach (400 ``webhook_url_forbidden`` and friends).
+    """Refuse URLs a webhook must not reach (400 ``webhook_url_forbidden`` and friends): the
+    outbound URL guard's rules (`routstr.netguard`), checked here at registration (and before
+    each delivery) so the owner hears at once; the client checks the address it connects to
+    again on every delivery (a DNS answer that changed in between is caught there).
 
-    `resolve=False` (deliveries through a proxy that resolves names): check address literals
-    and ``localhost`` only.
+    `resolve=False` (deliveries through a proxy that resolves names): check the URL only —
+    literal addresses and ``localhost`` names.
     """
     if len(url) > MAX_URL_CHARS:
         raise InvalidRequest(f"'url' is longer than {MAX_URL_CHARS} characters",
                              code="invalid_webhook_url")
+    guard = netguard.Guard(allow_private=allow_private)
     try:
         parts = urlsplit(url)
-        port = parts.port or (443 if parts.scheme == "https" else 80)
-    except ValueError:
-        raise InvalidRequest("'url' is not a valid URL", code="invalid_webhook_url") from None
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise InvalidRequest("'url' must be an http:// or https:// URL",
-                             code="invalid_webhook_url")
-    if parts.username or parts.password:
-        raise InvalidRequest("'url' must not carry credentials", code="invalid_webhook_url")
-    if allow_private:
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise netguard.Refused("'url' must be an http:// or https:// URL")
+        if parts.username is not None or parts.password is not None:
+            raise netguard.Refused("'url' must not carry credentials")
+        host, port = guard.check_url(url)
+    except (ValueError, netguard.Refused) as exc:  # urlsplit's ValueError: a malformed port
+        code = ("webhook_url_forbidden" if isinstance(exc, netguard.Forbidden)
+                else "invalid_webhook_url")
+        raise InvalidRequest(f"Webhook URL refused: {exc}", code=code) from None
+    if allow_private or not resolve or netguard.parse_host(host) is not None:
         return
-    host = parts.hostname.rstrip(".").lower()
     try:
-        ipaddress.ip_address(host.split("%", 1)[0])
-        literal = True
-    except ValueError:
-        literal = False
-    if host == "localhost" or host.endswith(".localhost"):
-        addresses = ["127.0.0.1"]
-    elif literal or resolve:
+        infos = await anyio.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except OSError:
+        raise InvalidRequest(f"'url' host {parts.hostname!r} does not resolve",
+                             code="webhook_url_unresolvable") from None
+    for info in infos:
+        address = str(info[4][0])
         try:
-            infos = await anyio.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-        except OSError:
-            raise InvalidRequest(f"'url' host {parts.hostname!r} does not resolve",
-                                 code="webhook_url_unresolvable") from None
-        addresses = [str(info[4][0]) for info in infos]
-    else:
-        return
-    for address in addresses:
-        if _forbidden_address(address):
+            guard.check_ip(address)
+        except netguard.Refused:
             raise InvalidRequest(
                 "Webhook URLs may not target private, loopback or link-local addresses",
                 code="webhook_url_forbidden",
-                details={"host": parts.hostname, "address": address})
+                details={"host": parts.hostname, "address": address}) from None
 
 
 def _events(value: object) -> list[str]:
@@ -365,8 +354,9 @@ class Webhooks:
                    ("x-webhook-attempt", str(attempt))]
         try:
             with anyio.fail_after(DELIVERY_TIMEOUT_S):
-                status, _, _ = await self.http.fetch("POST", url, headers, payload,
-                                                     max_bytes=MAX_RESPONSE_BYTES)
+                status, _, _ = await self.http.fetch(
+                    "POST", url, headers, payload, max_bytes=MAX_RESPONSE_BYTES,
+                    guard=netguard.Guard(allow_private=self.settings.allow_private))
         except TimeoutError:
             return "timed out"
         except UpstreamError as exc:

@@ -40,7 +40,8 @@ def upstream() -> Iterator[ScriptedUpstream]:
 def node(upstream: ScriptedUpstream, mint_url: str,
          tmp_path_factory: pytest.TempPathFactory) -> Iterator[NodeProcess]:
     n = NodeProcess(tmp_path_factory.mktemp("compat"), [
-        "--upstream-base-url", upstream.url, "--admin-token", ADMIN, "--cashu-mints", mint_url])
+        "--upstream-base-url", upstream.url, "--admin-token", ADMIN, "--cashu-mints", mint_url,
+        "--lnurl-allow-private", "true"])
     n.start()
     yield n
     n.stop()

@@ -107,8 +107,10 @@ def test_content_length_with_transfer_encoding_is_400_and_smuggled_request_never
     b"GET /fold HTTP/1.1\r\nHost: x\r\nX-A: a\r\n b\r\n\r\n",   # obs-fold (SP)
     b"GET /fold HTTP/1.1\r\nHost: x\r\nX-A: a\r\n\tb\r\n\r\n",  # obs-fold (HTAB)
     b"GET /ws HTTP/1.1\r\nHost: x\r\nX-A : 1\r\n\r\n",       # whitespace before the colon
+    b"GET /hh HTTP/1.1\r\nHost: x\r\nHost: internal\r\n\r\n",  # two Host fields
+    b"POST /te HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",  # TE in 1.0
 ])
-def test_bare_lf_bare_cr_and_obs_fold_are_400(srv: Running, raw: bytes) -> None:
+def test_bare_lf_obs_fold_and_other_sloppy_heads_are_400(srv: Running, raw: bytes) -> None:
     with srv.connect() as s:
         s.sendall(raw)
         _bad_request(s)
@@ -347,3 +349,28 @@ async def test_oversize_upstream_response_head_is_a_protocol_error() -> None:
     async with raw_server(handler) as (port, _count), HttpClient(read_timeout=3) as client:
         with pytest.raises(UpstreamProtocolError):
             await client.fetch("GET", f"http://127.0.0.1:{port}/")
+
+
+@pytest.mark.parametrize("end", [b"0\r\n\n", b"0\r\nX-T: 1\n\n"])
+def test_chunked_body_ended_by_a_bare_lf_is_400_and_what_follows_never_runs(
+        srv: Running, end: bytes) -> None:
+    """h11 takes a bare LF as the blank line after the last chunk; a front end that does not
+    would forward what follows as part of this request — and we would run it as the next."""
+    with srv.connect() as s:
+        s.sendall(b"POST /front HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+                  b"3\r\nabc\r\n" + end + SMUGGLED)
+        _bad_request(s)
+    assert srv.app.seen == []
+
+
+def test_chunked_trailers_and_a_terminator_split_byte_by_byte_are_accepted(srv: Running) -> None:
+    with srv.connect() as s:
+        s.sendall(b"POST /a HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+                  b"3\r\nabc\r\n0\r\nX-Checksum: 1\r\n\r\n")
+        assert json.loads(read_response(s)[2])["body"] == "abc"
+        s.sendall(b"POST /b HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nhi\r\n")
+        for byte in b"0\r\n\r\n":
+            time.sleep(0.005)
+            s.sendall(bytes([byte]))
+        assert json.loads(read_response(s)[2])["body"] == "hi"
+    assert [p for _, p in srv.app.seen] == ["/a", "/b"]

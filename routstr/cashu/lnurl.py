@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote, urlsplit
@@ -29,6 +30,17 @@ _ADDRESS = re.compile(r"^([a-z0-9\-_.+]+)@([a-z0-9\-.]+(?::\d{1,5})?)$")
 _HRP = re.compile(r"^ln([a-z]+?)(\d*)([munp]?)$")
 _MSAT_PER_BTC = 100_000_000_000
 _BECH32 = "qpzry9x8gf2tvdw0s3jn54khce6mua7l"
+
+
+# True while a lookup's request is in the transport: every URL here (the address's endpoint,
+# its callback) is the address owner's, not the operator's, so the transport's owner applies
+# its policy for foreign URLs (the node: `routstr.netguard`, ``--lnurl-allow-private``).
+_LOOKUP: ContextVar[bool] = ContextVar("lnurl_lookup", default=False)
+
+
+def in_lookup() -> bool:
+    """Whether the current transport call is an LNURL lookup (a URL someone else supplied)."""
+    return _LOOKUP.get()
 
 
 class LnurlError(Exception):
@@ -148,7 +160,11 @@ def resolve_url(address: str) -> str:
 
 async def _get_json(transport: Transport, url: str) -> dict[str, Any]:
     try:
-        status, body = await transport("GET", url, None)
+        token = _LOOKUP.set(True)  # someone else's URL: see `in_lookup`
+        try:
+            status, body = await transport("GET", url, None)
+        finally:
+            _LOOKUP.reset(token)
     except (ConnectionError, TimeoutError, OSError) as exc:
         raise LnurlError(f"LNURL service unreachable: {type(exc).__name__}") from exc
     if len(body) > MAX_RESPONSE_BYTES:

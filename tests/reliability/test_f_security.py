@@ -48,7 +48,8 @@ def secure_node(tmp_path_factory: pytest.TempPathFactory, mint_url: str) -> Iter
     workdir = tmp_path_factory.mktemp("security")
     with FaultyUpstream() as upstream:
         node = NodeProcess(workdir, ["--upstream-base-url", upstream.url, "--cashu-mints",
-                                     mint_url, *NODE_FLAGS, "--upstream-read-timeout", "20"]
+                                     mint_url, *NODE_FLAGS, "--upstream-read-timeout", "20",
+                                     "--lnurl-allow-private", "true"]
                            ).start()
         try:
             yield node
