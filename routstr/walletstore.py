@@ -52,6 +52,7 @@ from routstr import admin_store, ledger
 from routstr.cashu.mint import Transport
 from routstr.cashu.tokens import Proof
 from routstr.cashu.wallet import (
+    FAILED_OP_RETENTION_S,
     OP_LEASE_S,
     InputsBusy,
     Intent,
@@ -188,6 +189,9 @@ def _op(row: Sequence[Any]) -> Operation:
 
 
 # --------------------------------------------------------------------------- operation owners
+
+#: Failed operations deleted per `sweep_failed` call.
+SWEEP_BATCH = 500
 
 #: Where an operation's lease is kept in its row (the `data` JSON, next to the intent's data).
 _LEASE = "_lease"
@@ -508,6 +512,21 @@ class SqliteWalletStore:
 
     def watched(self, now: float) -> list[Operation]:
         return self._ops("state = 'failed' AND recheck_until > ? ORDER BY id", (now,))
+
+    def sweep_failed(self) -> int:
+        """See `WalletStore.sweep_failed`; at most `SWEEP_BATCH` rows a call (one short
+        transaction; the periodic recovery calls it again)."""
+        now = self._clock()
+        return int(self.db.transaction(lambda conn: conn.execute(
+            "DELETE FROM wallet_ops WHERE id IN (SELECT o.id FROM wallet_ops o"
+            " WHERE o.state = 'failed' AND o.updated_at < ?"
+            " AND (o.recheck_until IS NULL OR o.recheck_until < ?)"
+            " AND NOT EXISTS (SELECT 1 FROM wallet_proofs p WHERE p.op_id = o.id)"
+            " AND NOT EXISTS (SELECT 1 FROM wallet_proofs p WHERE p.origin_op = o.id)"
+            " AND NOT EXISTS (SELECT 1 FROM wallet_input_locks l WHERE l.op_id = o.id)"
+            " LIMIT ?)",
+            (now - FAILED_OP_RETENTION_S, now, SWEEP_BATCH),
+        ).rowcount))
 
     def by_quote(self, quote: str) -> Operation | None:
         ops = self._ops(

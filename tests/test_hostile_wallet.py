@@ -408,3 +408,80 @@ def test_lightning_topup_of_a_key_deleted_before_payment_lands_on_the_invoice_ke
                              headers={"Authorization": f"Bearer {st['api_key']}"})
     assert status == 200 and info["balance"] == 7_000
     books(node)
+
+
+# ---- class 10b: forged many-proof tokens, failed operations kept forever -----------------------
+def _forged_token(mint_url: str, n: int, *, valid_points: bool, keyset: str = "00" + "ab" * 7
+                  ) -> str:
+    """A cashuB token of `n` 1-sat proofs nobody signed (C the generator, or not a point)."""
+    import base64
+    import os
+
+    from routstr.cashu import cbor
+
+    c = bytes.fromhex(G_HEX) if valid_points else b"\x02" + b"\x00" * 32
+    tag = os.urandom(4).hex()
+    proofs = [{"a": 1, "s": f"{tag}{i}", "c": c} for i in range(n)]  # short secrets: 8 000 fit
+    raw = cbor.dumps({"m": mint_url, "u": "sat",
+                      "t": [{"i": bytes.fromhex(keyset), "p": proofs}]})
+    return "cashuB" + base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def test_a_token_of_too_many_proofs_is_refused_before_any_work(
+        node: NodeProcess, minter: Minter, mint_url: str) -> None:
+    """MAX_PROOFS_PER_TOKEN is checked while decoding, before any proof is built (point checks
+    are the CPU cost) and so before any write-ahead row or mint call."""
+    from routstr.cashu.tokens import MAX_PROOFS_PER_TOKEN, TokenError
+
+    # the count is checked before any proof is built: a bad point past the limit is not seen
+    with pytest.raises(TokenError, match="proofs"):
+        parse_token(_forged_token(mint_url, MAX_PROOFS_PER_TOKEN + 1, valid_points=False))
+    keyset = parse_token(minter.token(mint_url, 1)).proofs[0].id  # the mint's real keyset
+    forged = _forged_token(mint_url, 8000, valid_points=True, keyset=keyset)
+    db = Database(node.database)
+    try:
+        def ops() -> int:
+            return int(db.read(lambda c: c.execute("SELECT COUNT(*) FROM wallet_ops"
+                                                   ).fetchone()[0]))
+        before = ops()
+        status, doc = node.json("POST", "/v1/balance/create", {"initial_balance_token": forged})
+        assert status == 400 and doc["error"]["code"] == "invalid_cashu_token", doc
+        # (a header cannot carry such a token: the 64 KiB header limit stops it first)
+        assert ops() == before  # no write-ahead row, so no mint call
+    finally:
+        db.close()
+
+
+def test_failed_wallet_operations_are_swept_after_their_retention(tmp_path: Path) -> None:
+    from routstr.cashu.tokens import Proof
+    from routstr.cashu.wallet import FAILED_OP_RETENTION_S, Intent, Outcome
+    from routstr.walletstore import SqliteWalletStore
+
+    db = Database(tmp_path / "w.sqlite3")
+    now = [1_000_000.0]
+    try:
+        store = SqliteWalletStore(db, clock=lambda: now[0])
+
+        def receive(secret: str) -> Intent:
+            return Intent(kind="receive", mint="http://m", unit="sat",
+                          inputs=(Proof(amount=1, id="00" * 8, secret=secret, C=G_HEX),),
+                          own_inputs=False, outputs=(("00" * 8, 1, "keep"),), purpose=None,
+                          purpose_at="finish", amount=1, fee=0)
+
+        refused = store.begin(receive("a" * 64))
+        store.abort(refused.id, "the mint refused the proofs")
+        watched = store.begin(receive("b" * 64))
+        store.abort(watched.id, "not executed", recheck_until=now[0] + 2 * FAILED_OP_RETENTION_S)
+        done = store.begin(receive("c" * 64))
+        store.finish(done.id, Outcome(proofs=(Proof(amount=1, id="00" * 8, secret="d" * 64,
+                                                    C=G_HEX),), amount=1, fee=0))
+        assert store.sweep_failed() == 0  # within the retention: kept for the operator
+        now[0] += FAILED_OP_RETENTION_S + 1
+        assert store.sweep_failed() == 1
+        assert store.get(refused.id) is None
+        assert store.get(watched.id) is not None and store.get(done.id) is not None
+        now[0] += 2 * FAILED_OP_RETENTION_S
+        assert store.sweep_failed() == 1 and store.get(watched.id) is None
+        assert store.get(done.id) is not None  # done operations are the wallet's history
+    finally:
+        db.close()
