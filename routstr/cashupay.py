@@ -72,6 +72,7 @@ from .walletstore import (
     invoice_insert,
     invoice_mark,
     invoices_pending,
+    invoices_sweep,
     setting_get_or_create,
 )
 
@@ -569,10 +570,14 @@ class CashuPayments:
         return self.invoice_status(inv)
 
     async def settle_pending_invoices(self) -> int:
+        """Settle paid invoices (background job); expired unpaid ones are swept after their
+        retention, so invoices anyone may ask for do not accumulate."""
         settled = 0
-        for inv in invoices_pending(self.db, int(time.time())):
+        now = int(time.time())
+        for inv in invoices_pending(self.db, now):
             if (await self.settle_invoice(inv)).state == "paid":
                 settled += 1
+        invoices_sweep(self.db, now)
         return settled
 
     # ---- operator payouts ------------------------------------------------------------------

@@ -732,3 +732,24 @@ def invoice_collect(db: Database, invoice_id: str, now: int) -> bool:
         ).rowcount,
         durable=True,
     ))
+
+
+#: An expired, never paid invoice (anyone may ask for one) is deleted this long after expiry.
+EXPIRED_INVOICE_RETENTION_S = 24 * 3600
+
+
+def invoices_sweep(db: Database, now: int) -> int:
+    """Delete expired unpaid invoices past their retention, with their mint quotes (no mint
+    operation refers to an unpaid quote); how many invoices."""
+    def fn(c: sqlite3.Connection) -> int:
+        cutoff = now - EXPIRED_INVOICE_RETENTION_S
+        c.execute(
+            "DELETE FROM wallet_quotes WHERE quote IN (SELECT quote FROM lightning_invoices"
+            " WHERE state = 'expired' AND expires_at < ?)"
+            " AND NOT EXISTS (SELECT 1 FROM wallet_ops o WHERE o.quote = wallet_quotes.quote)",
+            (cutoff,))
+        return int(c.execute(
+            "DELETE FROM lightning_invoices WHERE state = 'expired' AND expires_at < ?",
+            (cutoff,)).rowcount)
+
+    return int(db.transaction(fn))

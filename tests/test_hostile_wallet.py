@@ -485,3 +485,34 @@ def test_failed_wallet_operations_are_swept_after_their_retention(tmp_path: Path
         assert store.get(done.id) is not None  # done operations are the wallet's history
     finally:
         db.close()
+
+
+def test_expired_unpaid_invoices_are_swept_after_their_retention(tmp_path: Path) -> None:
+    """Sibling of the failed-operations sweep: anyone may ask for an invoice (a row and a mint
+    quote each); an expired, unpaid one does not stay forever. Paid ones are kept."""
+    from routstr.cashu.wallet import QuoteRecord
+    from routstr.walletstore import (
+        EXPIRED_INVOICE_RETENTION_S,
+        Invoice,
+        SqliteWalletStore,
+        invoice_get,
+        invoice_insert,
+        invoice_mark,
+        invoices_sweep,
+    )
+
+    db = Database(tmp_path / "i.sqlite3")
+    try:
+        store = SqliteWalletStore(db)
+        for i, state in enumerate(("pending", "paid")):
+            store.save_quote(QuoteRecord("http://m", "sat", f"q{i}", 5, f"lnbc{i}", None))
+            invoice_insert(db, Invoice(f"inv{i}", f"q{i}", "http://m", f"lnbc{i}", 5, "create",
+                                       None, None, "pending", 0, 100, None))
+            invoice_mark(db, f"inv{i}", "expired" if state == "pending" else "paid",
+                         account_id=None, now=50)
+        assert invoices_sweep(db, 100 + EXPIRED_INVOICE_RETENTION_S - 1) == 0
+        assert invoices_sweep(db, 100 + EXPIRED_INVOICE_RETENTION_S + 1) == 1
+        assert invoice_get(db, invoice_id="inv0") is None and store.quote("q0") is None
+        assert invoice_get(db, invoice_id="inv1") is not None and store.quote("q1") is not None
+    finally:
+        db.close()
