@@ -363,7 +363,8 @@ class CashuPayments:
         Never raises for a request that was served: a change not made now (mint down, another
         make_change of it in progress) is left to `recover_change`. The sub-sat remainder is
         charged as rounding in the same transaction as the change's debit (the send's
-        write-ahead intent), never before it: a send that is refused leaves the account whole.
+        write-ahead intent), never before it: a send that is refused gives the whole sats back
+        to the account (the rest, which no token can carry, stays charged).
         Returns (token or None, msats)."""
         ref = self._change_ref(account_id)
         op = self.wallet.issued_token(ref)
