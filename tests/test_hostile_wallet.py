@@ -516,3 +516,63 @@ def test_expired_unpaid_invoices_are_swept_after_their_retention(tmp_path: Path)
         assert invoice_get(db, invoice_id="inv1") is not None and store.quote("q1") is not None
     finally:
         db.close()
+
+
+def test_a_restore_that_finds_part_of_a_swap_finishes_nothing(
+        tmp_path: Path, minter: Minter, mint_url: str) -> None:
+    """The swap's answer is lost (the intent stays pending); NUT-09 restore then shows only one
+    of its outputs, as while the mint is still writing them. Recovery must not credit that part
+    (and lose the rest): it leaves the intent pending until the restore shows all."""
+    import secrets as _secrets
+
+    import anyio
+
+    from routstr.cashu.wallet import Wallet
+    from routstr.keys import hash_key, token_api_key
+    from routstr.walletstore import SqliteWalletStore
+    from tests.support.mint import UrllibTransport
+
+    class LoseSwapAnswerTruncateRestore(UrllibTransport):
+        truncate = True
+
+        async def __call__(self, method: str, url: str, body: bytes | None
+                           ) -> tuple[int, bytes]:
+            status, raw = await super().__call__(method, url, body)
+            if url.endswith("/v1/swap"):
+                raise ConnectionResetError("answer lost after the mint swapped")
+            if self.truncate and url.endswith("/v1/restore") and status == 200:
+                doc = json.loads(raw)
+                for k in ("outputs", "signatures", "promises"):
+                    if k in doc:
+                        doc[k] = doc[k][:1]
+                raw = json.dumps(doc).encode()
+            return status, raw
+
+    db = Database(tmp_path / "w.sqlite3")
+    try:
+        transport = LoseSwapAnswerTruncateRestore()
+        wallet = Wallet(SqliteWalletStore(db), transport, _secrets.token_bytes(64),
+                        inflight_grace_s=0.0)
+        token = minter.token(mint_url, 7)  # three outputs: 1 + 2 + 4
+        key_hash = hash_key(token_api_key(token))
+        purpose = {"action": "create_account", "key_hash": key_hash, "kind": "token"}
+
+        async def run() -> None:
+            try:
+                await wallet.receive(token, purpose)
+            except Exception as exc:  # noqa: BLE001 - the lost answer, whatever its type
+                assert "unreachable" in type(exc).__name__.lower() or "Pending" in repr(exc)
+            assert len(wallet.store.pending()) == 1
+            report = await wallet.recover()
+            assert report.still_pending and not report.finished, report
+            assert Ledger(db).get_account(key_hash) is None and wallet.balances() == {}
+            transport.truncate = False
+            report = await wallet.recover()
+            assert report.finished, report
+
+        anyio.run(run)
+        acct = Ledger(db).get_account(key_hash)
+        assert acct is not None and acct.balance_msats == 7_000
+        assert wallet.balance(mint_url) == 7
+    finally:
+        db.close()
