@@ -239,6 +239,27 @@ def _proof_from_row(row: Sequence[Any]) -> Proof:
     return Proof.from_dict(d)
 
 
+def _hold_inputs(conn: sqlite3.Connection, intent: Intent, op_id: int) -> None:
+    """Reserve our input proofs (`ProofsUnavailable` unless all unspent) or lock foreign ones
+    (`InputsBusy` if another operation holds one) for operation `op_id`."""
+    for p in intent.inputs:
+        if intent.own_inputs:
+            n = conn.execute(
+                "UPDATE wallet_proofs SET state = 'reserved', op_id = ? WHERE secret = ?"
+                " AND mint = ? AND state = 'unspent'", (op_id, p.secret, intent.mint),
+            ).rowcount
+            if n != 1:
+                raise ProofsUnavailable(f"proof {p.secret[:8]}… is not unspent")
+            continue
+        row = conn.execute(
+            "SELECT op_id FROM wallet_input_locks WHERE secret = ?", (p.secret,)
+        ).fetchone()
+        if row:
+            raise InputsBusy(row[0])
+        conn.execute("INSERT INTO wallet_input_locks (secret, op_id) VALUES (?, ?)",
+                     (p.secret, op_id))
+
+
 # --------------------------------------------------------------------------- the store
 
 
@@ -341,24 +362,7 @@ class SqliteWalletStore:
             )
             op_id = cur.lastrowid
             assert op_id is not None
-            for p in intent.inputs:
-                if intent.own_inputs:
-                    n = conn.execute(
-                        "UPDATE wallet_proofs SET state = 'reserved', op_id = ? WHERE secret = ?"
-                        " AND mint = ? AND state = 'unspent'", (op_id, p.secret, intent.mint),
-                    ).rowcount
-                    if n != 1:
-                        raise ProofsUnavailable(f"proof {p.secret[:8]}… is not unspent")
-                else:
-                    row = conn.execute(
-                        "SELECT op_id FROM wallet_input_locks WHERE secret = ?", (p.secret,)
-                    ).fetchone()
-                    if row:
-                        raise InputsBusy(row[0])
-                    conn.execute(
-                        "INSERT INTO wallet_input_locks (secret, op_id) VALUES (?, ?)",
-                        (p.secret, op_id),
-                    )
+            _hold_inputs(conn, intent, op_id)
             op = self._require(conn, op_id)
             if intent.purpose is not None and intent.purpose_at == "begin":
                 self._purpose_fn(conn, intent.purpose, self._event(op, "apply", op.amount, op.fee))
