@@ -546,7 +546,7 @@ class CashuPayments:
         """The status document; a paid invoice's key (`_invoice_key`) with it when `with_key`
         (the caller holds the invoice id, or this is the first collection by bolt11)."""
         api_key = self._invoice_key(inv) if with_key else None
-        if api_key is not None:
+        if api_key is not None and inv.collected_at is None:
             invoice_collect(self.db, inv.id, int(time.time()))
         return {"invoice_id": inv.id, "status": inv.state, "api_key": api_key,
                 "amount_sats": inv.amount_sats, "paid_at": inv.paid_at,
