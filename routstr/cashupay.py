@@ -74,6 +74,7 @@ from .walletstore import (
     invoice_insert,
     invoice_mark,
     invoices_pending,
+    invoices_sweep,
     setting_get_or_create,
 )
 
@@ -367,7 +368,8 @@ class CashuPayments:
         Never raises for a request that was served: a change not made now (mint down, another
         make_change of it in progress) is left to `recover_change`. The sub-sat remainder is
         charged as rounding in the same transaction as the change's debit (the send's
-        write-ahead intent), never before it: a send that is refused leaves the account whole.
+        write-ahead intent), never before it: a send that is refused gives the whole sats back
+        to the account (the rest, which no token can carry, stays charged).
         Returns (token or None, msats)."""
         ref = self._change_ref(account_id)
         op = self.wallet.issued_token(ref)
@@ -552,7 +554,7 @@ class CashuPayments:
         """The status document; a paid invoice's key (`_invoice_key`) with it when `with_key`
         (the caller holds the invoice id, or this is the first collection by bolt11)."""
         api_key = self._invoice_key(inv) if with_key else None
-        if api_key is not None:
+        if api_key is not None and inv.collected_at is None:
             invoice_collect(self.db, inv.id, int(time.time()))
         return {"invoice_id": inv.id, "status": inv.state, "api_key": api_key,
                 "amount_sats": inv.amount_sats, "paid_at": inv.paid_at,
@@ -577,10 +579,14 @@ class CashuPayments:
         return self.invoice_status(inv)
 
     async def settle_pending_invoices(self) -> int:
+        """Settle paid invoices (background job); expired unpaid ones are swept after their
+        retention, so invoices anyone may ask for do not accumulate."""
         settled = 0
-        for inv in invoices_pending(self.db, int(time.time())):
+        now = int(time.time())
+        for inv in invoices_pending(self.db, now):
             if (await self.settle_invoice(inv)).state == "paid":
                 settled += 1
+        invoices_sweep(self.db, now)
         return settled
 
     # ---- operator payouts ------------------------------------------------------------------

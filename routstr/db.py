@@ -393,6 +393,10 @@ _MIGRATION_6_RECOVERY = """
 -- A paid 'create' invoice's key is handed out by bolt11 alone only until it was first collected
 -- (routstr/cashupay.py): then only with the invoice id, the creator's secret.
 ALTER TABLE lightning_invoices ADD COLUMN collected_at INTEGER;
+-- Failed wallet operations are swept after their retention (SqliteWalletStore.sweep_failed):
+-- found by this index, kept while a proof refers to them.
+CREATE INDEX wallet_ops_failed ON wallet_ops (updated_at) WHERE state = 'failed';
+CREATE INDEX wallet_proofs_origin ON wallet_proofs (origin_op) WHERE origin_op IS NOT NULL;
 """
 
 MIGRATIONS: tuple[str, ...] = (

@@ -10,7 +10,9 @@
   checked locally first (402 with a NUT-18 payment request when it cannot cover the worst
   case, token untouched), then redeemed into a one-request account; after settlement the
   remaining balance is returned as change (`X-Cashu` response header, or an `event:
-  cashu-change` after a stream), recorded before it is sent so it can be recovered.
+  cashu-change` after a stream), recorded before it is sent so it can be recovered. The token
+  pays for that one request only: a concurrent request with the same token is refused with
+  nothing charged (425 while it is being redeemed, 400 once spent), never joins its account.
 
 The Cashu parts are delegated to `CashuPayments` (routstr.cashupay) when mints are configured.
 """

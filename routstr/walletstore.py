@@ -52,6 +52,7 @@ from routstr import admin_store, ledger
 from routstr.cashu.mint import Transport
 from routstr.cashu.tokens import Proof
 from routstr.cashu.wallet import (
+    FAILED_OP_RETENTION_S,
     OP_LEASE_S,
     InputsBusy,
     Intent,
@@ -189,6 +190,9 @@ def _op(row: Sequence[Any]) -> Operation:
 
 # --------------------------------------------------------------------------- operation owners
 
+#: Failed operations deleted per `sweep_failed` call.
+SWEEP_BATCH = 500
+
 #: Where an operation's lease is kept in its row (the `data` JSON, next to the intent's data).
 _LEASE = "_lease"
 
@@ -233,6 +237,27 @@ def _proof_from_row(row: Sequence[Any]) -> Proof:
     if dleq:
         d["dleq"] = json.loads(dleq)
     return Proof.from_dict(d)
+
+
+def _hold_inputs(conn: sqlite3.Connection, intent: Intent, op_id: int) -> None:
+    """Reserve our input proofs (`ProofsUnavailable` unless all unspent) or lock foreign ones
+    (`InputsBusy` if another operation holds one) for operation `op_id`."""
+    for p in intent.inputs:
+        if intent.own_inputs:
+            n = conn.execute(
+                "UPDATE wallet_proofs SET state = 'reserved', op_id = ? WHERE secret = ?"
+                " AND mint = ? AND state = 'unspent'", (op_id, p.secret, intent.mint),
+            ).rowcount
+            if n != 1:
+                raise ProofsUnavailable(f"proof {p.secret[:8]}… is not unspent")
+            continue
+        row = conn.execute(
+            "SELECT op_id FROM wallet_input_locks WHERE secret = ?", (p.secret,)
+        ).fetchone()
+        if row:
+            raise InputsBusy(row[0])
+        conn.execute("INSERT INTO wallet_input_locks (secret, op_id) VALUES (?, ?)",
+                     (p.secret, op_id))
 
 
 # --------------------------------------------------------------------------- the store
@@ -337,24 +362,7 @@ class SqliteWalletStore:
             )
             op_id = cur.lastrowid
             assert op_id is not None
-            for p in intent.inputs:
-                if intent.own_inputs:
-                    n = conn.execute(
-                        "UPDATE wallet_proofs SET state = 'reserved', op_id = ? WHERE secret = ?"
-                        " AND mint = ? AND state = 'unspent'", (op_id, p.secret, intent.mint),
-                    ).rowcount
-                    if n != 1:
-                        raise ProofsUnavailable(f"proof {p.secret[:8]}… is not unspent")
-                else:
-                    row = conn.execute(
-                        "SELECT op_id FROM wallet_input_locks WHERE secret = ?", (p.secret,)
-                    ).fetchone()
-                    if row:
-                        raise InputsBusy(row[0])
-                    conn.execute(
-                        "INSERT INTO wallet_input_locks (secret, op_id) VALUES (?, ?)",
-                        (p.secret, op_id),
-                    )
+            _hold_inputs(conn, intent, op_id)
             op = self._require(conn, op_id)
             if intent.purpose is not None and intent.purpose_at == "begin":
                 self._purpose_fn(conn, intent.purpose, self._event(op, "apply", op.amount, op.fee))
@@ -508,6 +516,21 @@ class SqliteWalletStore:
 
     def watched(self, now: float) -> list[Operation]:
         return self._ops("state = 'failed' AND recheck_until > ? ORDER BY id", (now,))
+
+    def sweep_failed(self) -> int:
+        """See `WalletStore.sweep_failed`; at most `SWEEP_BATCH` rows a call (one short
+        transaction; the periodic recovery calls it again)."""
+        now = self._clock()
+        return int(self.db.transaction(lambda conn: conn.execute(
+            "DELETE FROM wallet_ops WHERE id IN (SELECT o.id FROM wallet_ops o"
+            " WHERE o.state = 'failed' AND o.updated_at < ?"
+            " AND (o.recheck_until IS NULL OR o.recheck_until < ?)"
+            " AND NOT EXISTS (SELECT 1 FROM wallet_proofs p WHERE p.op_id = o.id)"
+            " AND NOT EXISTS (SELECT 1 FROM wallet_proofs p WHERE p.origin_op = o.id)"
+            " AND NOT EXISTS (SELECT 1 FROM wallet_input_locks l WHERE l.op_id = o.id)"
+            " LIMIT ?)",
+            (now - FAILED_OP_RETENTION_S, now, SWEEP_BATCH),
+        ).rowcount))
 
     def by_quote(self, quote: str) -> Operation | None:
         ops = self._ops(
@@ -713,3 +736,24 @@ def invoice_collect(db: Database, invoice_id: str, now: int) -> bool:
         ).rowcount,
         durable=True,
     ))
+
+
+#: An expired, never paid invoice (anyone may ask for one) is deleted this long after expiry.
+EXPIRED_INVOICE_RETENTION_S = 24 * 3600
+
+
+def invoices_sweep(db: Database, now: int) -> int:
+    """Delete expired unpaid invoices past their retention, with their mint quotes (no mint
+    operation refers to an unpaid quote); how many invoices."""
+    def fn(c: sqlite3.Connection) -> int:
+        cutoff = now - EXPIRED_INVOICE_RETENTION_S
+        c.execute(
+            "DELETE FROM wallet_quotes WHERE quote IN (SELECT quote FROM lightning_invoices"
+            " WHERE state = 'expired' AND expires_at < ?)"
+            " AND NOT EXISTS (SELECT 1 FROM wallet_ops o WHERE o.quote = wallet_quotes.quote)",
+            (cutoff,))
+        return int(c.execute(
+            "DELETE FROM lightning_invoices WHERE state = 'expired' AND expires_at < ?",
+            (cutoff,)).rowcount)
+
+    return int(db.transaction(fn))

@@ -60,6 +60,10 @@ __all__ = [
 ]
 
 MAX_TOKEN_CHARS: Final = 1_000_000
+#: Most proofs one token may carry, counted while decoding — before any proof is built (each
+#: costs a curve-point check), any write-ahead row or any mint call. Nutshell's default
+#: ``mint_max_request_length``: a token with more could not be swapped in one request anyway.
+MAX_PROOFS_PER_TOKEN: Final = 1000
 MAX_AMOUNT: Final = (1 << 63) - 1  # a proof's amount and a token's total
 TOKEN_V3_PREFIX: Final = "cashuA"  # noqa: S105 (a prefix, not a password)
 TOKEN_V4_PREFIX: Final = "cashuB"  # noqa: S105
@@ -393,6 +397,11 @@ def _parse_json(data: bytes) -> object:
         raise TokenError("token payload is not valid JSON") from None
 
 
+def _count_proofs(n: int) -> None:
+    if n > MAX_PROOFS_PER_TOKEN:
+        raise TokenError(f"token has more than {MAX_PROOFS_PER_TOKEN} proofs")
+
+
 def _parse_v3(data: bytes) -> Token:
     obj = _parse_json(data)
     if not isinstance(obj, dict):
@@ -412,6 +421,7 @@ def _parse_v3(data: bytes) -> Token:
         entry_proofs = entry.get("proofs")
         if not isinstance(entry_proofs, list):
             raise TokenError("V3 token entry must have a 'proofs' list")
+        _count_proofs(len(proofs) + len(entry_proofs))
         proofs.extend(Proof.from_dict(p) for p in entry_proofs)
     assert mint is not None
     unit = obj.get("unit")
@@ -482,6 +492,7 @@ def _parse_v4_obj(obj: Mapping[Any, Any]) -> Token:
         group_proofs = group.get("p")
         if not isinstance(group_proofs, list):
             raise TokenError("V4 token group must have a 'p' list")
+        _count_proofs(len(proofs) + len(group_proofs))
         proofs.extend(_v4_proof(p, keyset_id) for p in group_proofs)
     memo = _get(obj, "d")
     return Token(

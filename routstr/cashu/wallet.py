@@ -96,6 +96,10 @@ SELECT_RETRIES = 5
 #: no other process (another `--workers` worker) reconciles it — its mint call may be in flight.
 #: Longer than any mint call (the HTTP client's read timeout defaults to 300 s).
 OP_LEASE_S = 300.0
+#: A failed (rolled back) operation is kept this long for the operator, then swept (a refused
+#: forged token must not leave its row forever); one still watched is kept until its recheck
+#: ends, one a proof refers to for good.
+FAILED_OP_RETENTION_S = 24 * 3600.0
 
 
 # --------------------------------------------------------------------------- errors
@@ -274,6 +278,11 @@ class WalletStore(Protocol):
 
     def watched(self, now: float) -> list[Operation]:
         """Failed operations with ``recheck_until > now``."""
+        ...
+
+    def sweep_failed(self) -> int:
+        """Delete failed operations older than `FAILED_OP_RETENTION_S` that are no longer
+        watched and no proof refers to; how many."""
         ...
 
     def by_quote(self, quote: str) -> Operation | None:
@@ -795,6 +804,9 @@ class Wallet:
                     revived.append(op.id)
             except MintError as exc:
                 log.info("watched operation %d not checked: %s", op.id, exc)
+        swept = self.store.sweep_failed()
+        if swept:
+            log.info("swept %d failed wallet operations past their retention", swept)
         return RecoveryReport(tuple(finished), tuple(rolled), tuple(pending), tuple(revived))
 
     async def _restore(self, op: Operation) -> list[tuple[_Derived, BlindSignature]]:
