@@ -46,7 +46,16 @@ def server_options(config: Config) -> ServerOptions:
     )
 
 
+MIN_STRONG_ADMIN_TOKEN_CHARS = 24
+
+
 def _start_up(node: Node, config: Config, *, single_process: bool) -> None:
+    if config.admin_token and len(config.admin_token) < MIN_STRONG_ADMIN_TOKEN_CHARS:
+        # failed tokens are slowed down but never lock the right one out, so a short token is
+        # guessable: its length is the only defence
+        log.warning("--admin-token is shorter than %d characters and can be guessed; use a"
+                    " long random one (or none: a 192-bit token is generated)",
+                    MIN_STRONG_ADMIN_TOKEN_CHARS)
     token_file = ensure_admin_token(node.db, config)
     if token_file:  # the token is in that 0600 file, never in the log
         print(f"routstr: generated the admin token; it is in {token_file}"

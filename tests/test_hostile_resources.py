@@ -55,6 +55,15 @@ def is_error(doc: Any, status: int, code: str) -> bool:
 # --------------------------------------------------------------------------------------------
 
 
+def test_a_short_admin_token_is_warned_about_at_start(node_factory: Any) -> None:
+    """Failures never lock the right token out (class 11), so only its length protects it."""
+    short = node_factory("--admin-token", "adm-short")
+    assert "--admin-token is shorter than 24 characters" in short.log_text()
+    assert "adm-short" not in short.log_text()
+    long = node_factory("--admin-token", "adm-" + "x" * 40)
+    assert "can be guessed" not in long.log_text()
+
+
 def test_generated_admin_token_is_in_a_private_file_not_in_the_log(
         node_factory: Any, tmp_path: Path) -> None:
     node = node_factory()
