@@ -781,23 +781,6 @@ def release(conn: sqlite3.Connection, reservation_id: int, *, now: int) -> Settl
     return Settlement(r.id, 0, r.amount_msats, 0, int(balance[0]))
 
 
-def renew(conn: sqlite3.Connection, reservation_id: int, *, ttl_s: int, now: int) -> Reservation:
-    """Extend a live reservation's expiry to at least ``now + ttl_s`` (long streams call this).
-
-    Moves no money, so it writes no log row.
-    """
-    if ttl_s <= 0:
-        raise ValueError("ttl_s must be positive")
-    conn.execute(
-        "UPDATE reservations SET expires_at = MAX(expires_at, ?) WHERE id = ?",
-        (now + ttl_s, reservation_id),
-    )
-    r = _get_reservation(conn, reservation_id)
-    if r is None:
-        raise ReservationGone(reservation_id)
-    return r
-
-
 def _release_where(
     conn: sqlite3.Connection, where: str, params: tuple[Any, ...], kind: str, now: int, memo: str
 ) -> int:
@@ -1294,10 +1277,6 @@ class Ledger:
         t = self._now(now)
         self._live.pop(reservation_id, None)
         return self.db.transaction(lambda c: release(c, reservation_id, now=t))
-
-    def renew(self, reservation_id: int, *, ttl_s: int, now: int | None = None) -> Reservation:
-        t = self._now(now)
-        return self.db.transaction(lambda c: renew(c, reservation_id, ttl_s=ttl_s, now=t))
 
     def sweep_expired(self, *, now: int | None = None) -> int:
         """Renew this process's live reservations, then release the expired (see there)."""

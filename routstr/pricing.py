@@ -572,7 +572,8 @@ def _client_constants(price: ModelPrice) -> _ClientConstants:
     return _ClientConstants(reservation, d, scaled(pa), scaled(pp), scaled(ca), scaled(cp))
 
 
-def client_reservation_msats(price: ModelPrice, body: Mapping[str, Any]) -> int:
+def client_reservation_msats(price: ModelPrice, body: Mapping[str, Any],
+                             prompt_estimate: int | None = None) -> int:
     """What routstr-core reserves for `body` (and clients pay for), from the advertised pricing.
 
     payment/helpers.py `get_max_cost_for_model` + `calculate_discounted_max_cost`, evaluated in
@@ -580,11 +581,14 @@ def client_reservation_msats(price: ModelPrice, body: Mapping[str, Any]) -> int:
     prompt allowance not used by the estimated prompt, less the completion allowance not used
     by ``max_tokens`` (only that field), at least MIN_REQUEST_MSATS. (Each discount is
     floor(delta × 1000) for delta > 0, computed as an integer quotient over `d`.)
+    `prompt_estimate`: `_estimate_prompt_tokens(body["messages"])` when the caller has it.
     """
     k = _client_constants(price)
     reservation = k.reservation
     if body.get("messages"):
-        delta = k.prompt_allowed - _estimate_prompt_tokens(body["messages"]) * k.prompt_per_token
+        if prompt_estimate is None:
+            prompt_estimate = _estimate_prompt_tokens(body["messages"])
+        delta = k.prompt_allowed - prompt_estimate * k.prompt_per_token
         if delta > 0:
             reservation -= delta // k.d
     if body.get("max_tokens") is not None:
@@ -763,10 +767,10 @@ def reservation_msats(price: ModelPrice, body: Mapping[str, Any], ceil: Ceiling,
     left of the balance or the payment (the ledger's settle)."""
     if billing == "per_request":
         return max(MIN_REQUEST_MSATS, ceil.msats)
-    estimate = min(_estimate_prompt_tokens(body.get("messages")), ceil.prompt_tokens)
-    own = actual_cost(price, estimate, ceil.output_tokens).total_msats
+    estimate = _estimate_prompt_tokens(body.get("messages"))  # walked once per request
+    own = actual_cost(price, min(estimate, ceil.prompt_tokens), ceil.output_tokens).total_msats
     client_body = {**body, "max_tokens": 0} if billing == "prompt" else body
-    client = client_reservation_msats(price, client_body) - CLIENT_ROUNDING_MARGIN_MSATS
+    client = client_reservation_msats(price, client_body, estimate) - CLIENT_ROUNDING_MARGIN_MSATS
     return max(MIN_REQUEST_MSATS, min(ceil.msats, max(own, client)))
 
 

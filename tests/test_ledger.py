@@ -235,16 +235,16 @@ def test_a_live_request_keeps_its_hold_past_the_ttl(lg: Ledger) -> None:
     lg.check_invariant()
 
 
-def test_renew_extends_expiry(lg: Ledger) -> None:
+def test_renew_live_extends_expiry_never_shortens(lg: Ledger) -> None:
     a = funded(lg, 1_000)
     r = lg.reserve(a.id, 10, request_id="stream", ttl_s=30, now=NOW)
-    assert lg.renew(r.id, ttl_s=120, now=NOW + 20).expires_at == NOW + 140
-    assert lg.renew(r.id, ttl_s=1, now=NOW + 21).expires_at == NOW + 140  # never shortens
-    assert lg.sweep_expired(now=NOW + 139) == 0
+    lg.db.transaction(lambda c: ledger.renew_live(c, {r.id: 120}, now=NOW + 20))
+    assert lg.get_reservation(r.id).expires_at == NOW + 140
+    lg.db.transaction(lambda c: ledger.renew_live(c, {r.id: 1}, now=NOW + 21))
+    assert lg.get_reservation(r.id).expires_at == NOW + 140  # never shortens
     lg.settle(r.id, 5)
-    with pytest.raises(ReservationGone):
-        lg.renew(r.id, ttl_s=10)
-
+    lg.db.transaction(lambda c: ledger.renew_live(c, {r.id: 10}, now=NOW + 22))  # gone: no-op
+    assert lg.get_reservation(r.id) is None
 
 def test_release_orphans_only_touches_other_boots(db: Database) -> None:
     old = Ledger(db, boot_id="old-boot", clock=lambda: NOW)
