@@ -107,8 +107,7 @@ class Node:
         if config.cashu_mints:
             seed = bytes.fromhex(setting_get_or_create(db, "wallet_seed",
                                                        lambda: secrets.token_hex(64)))
-            wallet = Wallet(SqliteWalletStore(db),
-                            synced_transport(db, lnurl_guarded(client_transport(http))), seed)
+            wallet = Wallet(SqliteWalletStore(db), wallet_transport(db, http), seed)
             cashu = CashuPayments(CashuConfig(config.cashu_mints, config.reservation_ttl,
                                               config.recovery_window),
                                   ledger, wallet, db)
@@ -238,8 +237,7 @@ def routes(node: Node) -> list[Route]:
         Route("GET", "/v1/transactions", balance.transactions),
         Route("GET", "/v1/providers", node.nostr.providers),
     ]
-    wallet = (NodeWallet(node.wallet, node.db,
-                         synced_transport(node.db, lnurl_guarded(client_transport(node.http))),
+    wallet = (NodeWallet(node.wallet, node.db, wallet_transport(node.db, node.http),
                          c.cashu_mints)
               if node.wallet is not None else None)
     admin_limiter = LoginLimiter()  # admin API and /metrics: one count of failed tokens
@@ -333,6 +331,12 @@ class _SyncedStream:
 
     async def aclose(self) -> None:
         await self._inner.aclose()
+
+
+def wallet_transport(db: Database, http: HttpClient) -> Transport:
+    """The one transport stack of the node's wallet (payments and the admin wallet alike):
+    write-ahead synced, LNURL lookups address-guarded."""
+    return synced_transport(db, lnurl_guarded(client_transport(http)))
 
 
 def synced_transport(db: Database, transport: Transport) -> Transport:

@@ -786,7 +786,9 @@ class HttpClient:
             if type(event) is h11.Response:
                 # h11 bounds only what one read leaves incomplete: bound the head (1xx heads
                 # included) itself — what was received less what is still unparsed (body)
-                if received - len(h.trailing_data[0]) > MAX_RESPONSE_HEAD_BYTES:
+                # (trailing_data copies the buffer: only looked at when the total is over)
+                if (received > MAX_RESPONSE_HEAD_BYTES
+                        and received - len(h.trailing_data[0]) > MAX_RESPONSE_HEAD_BYTES):
                     raise UpstreamProtocolError(
                         "Upstream sent a malformed response",
                         detail=f"response head over {MAX_RESPONSE_HEAD_BYTES} bytes")

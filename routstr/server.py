@@ -176,20 +176,24 @@ def _bad_http(message: str) -> h11.RemoteProtocolError:
     return h11.RemoteProtocolError(message, error_status_hint=400)
 
 
-def _head_end(buf: bytearray) -> int | None:
+def _head_end(buf: bytearray, scanned: int = 0) -> int | None:
     """Where the header block in `buf` ends (after its CRLF CRLF), or None if not yet.
 
     Raises 431 past `MAX_HEADER_BYTES` and 400 at a bare LF, which h11 would take for a line
     end (RFC 9112 §2.2: a front end that disagrees about line ends is a smuggling vector).
-    Leading empty lines are dropped (§2.2: a server SHOULD ignore at least one)."""
-    skip = 0
-    while len(buf) >= skip + 2 and buf[skip:skip + 2] == b"\r\n" and skip < MAX_LEADING_CRLF:
-        skip += 2
-    if skip:
-        del buf[:skip]
-    end = buf.find(b"\r\n\r\n", 0, MAX_HEADER_BYTES)
+    Leading empty lines are dropped (§2.2: a server SHOULD ignore at least one).
+    `scanned`: how much of `buf` an earlier call already searched (a head that trickles in
+    is scanned once, not once per read)."""
+    if scanned < MAX_LEADING_CRLF + 4:  # the start may still be moving: scan it all
+        scanned = 0
+        skip = 0
+        while len(buf) >= skip + 2 and buf[skip:skip + 2] == b"\r\n" and skip < MAX_LEADING_CRLF:
+            skip += 2
+        if skip:
+            del buf[:skip]
+    end = buf.find(b"\r\n\r\n", max(0, scanned - 3), MAX_HEADER_BYTES)
     scan = len(buf) if end < 0 else end + 4
-    lf = buf.find(b"\n", 0, scan)
+    lf = buf.find(b"\n", scanned, scan)
     while lf >= 0:
         if lf == 0 or buf[lf - 1] != 0x0D:
             raise _bad_http("bare LF in the request head")
@@ -408,8 +412,9 @@ class Server:
             if not data:
                 conn.eof = True
                 break
+            scanned = len(conn.pending)
             conn.pending += data
-            end = _head_end(conn.pending)
+            end = _head_end(conn.pending, scanned)
             if end is not None:
                 return end
         return None
