@@ -216,10 +216,13 @@ class IdempotencyStore:
         workers and the expiry sweep change it too — and whenever it says the bound is
         passed, so eviction always acts on the exact total."""
         lim = self.limits
-        rows = conn.execute(
+        n, total = conn.execute(
+            "SELECT COUNT(*), COALESCE(SUM(length(body)), 0) FROM idempotency"
+            " WHERE owner_hash = ? AND state = 'done'", (owner,)).fetchone()
+        rows = [] if n <= lim.owner_keys and total <= lim.owner_bytes else conn.execute(
             "SELECT idem_key, COALESCE(length(body), 0) FROM idempotency"
             " WHERE owner_hash = ? AND state = 'done' ORDER BY created_at DESC, idem_key DESC",
-            (owner,)).fetchall()
+            (owner,)).fetchall()  # the walk only when the owner is over a bound
         count = size = removed = 0
         for idem_key, length in rows:
             count, size = count + 1, size + int(length)

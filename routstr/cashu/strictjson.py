@@ -101,10 +101,11 @@ def depth_of(text: str) -> int:
     return max(accumulate(map(_DELTA.__getitem__, brackets)), default=0)
 
 
-def _might_hold_surrogates(text: str) -> bool:
+def _might_hold_surrogates(text: str, *, raw: bool) -> bool:
+    """`raw`: the text came as str (bytes were decoded as UTF-8, which refuses surrogates)."""
     if "\\u" in text and _ESCAPED_SURROGATE.search(text):
         return True
-    return not text.isascii() and _RAW_SURROGATE.search(text) is not None
+    return raw and not text.isascii() and _RAW_SURROGATE.search(text) is not None
 
 
 def loads(data: str | bytes | bytearray, *, max_depth: int = MAX_JSON_DEPTH) -> Any:
@@ -124,7 +125,7 @@ def loads(data: str | bytes | bytearray, *, max_depth: int = MAX_JSON_DEPTH) -> 
     # fewer opening brackets than the limit (the common case, counted at C speed): no scan
     if text.count("[") + text.count("{") > max_depth and depth_of(text) > max_depth:
         raise JsonError(f"nested deeper than {max_depth}")
-    if _might_hold_surrogates(text):
+    if _might_hold_surrogates(text, raw=isinstance(data, str)):
         try:
             json.dumps(doc, ensure_ascii=False).encode("utf-8")
         except UnicodeEncodeError:

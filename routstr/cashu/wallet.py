@@ -744,7 +744,7 @@ class Wallet:
         return await self._execute_mint(op)
 
     async def _mint_existing(self, op: Operation) -> Received | None:
-        claimed = self._take_over(op) if op.state == "pending" else None
+        claimed = self._take_over(op)
         if claimed is not None:
             await self._reconcile(claimed, retry=True)
             op = self.store.get(op.id) or op
