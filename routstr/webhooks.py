@@ -31,8 +31,9 @@ Delivery
 SSRF guard
     The node's outbound URL guard (`routstr.netguard`): the URL must be http(s) without
     credentials or fragment, its host a name or a canonical address (``127.1``, ``2130706433``,
-    ``0x7f000001``… refused outright). Its host is resolved at registration and before every
-    delivery; a private, loopback, link-local, multicast, reserved or unspecified address is
+    ``0x7f000001``… refused outright). Its host is resolved at registration (so the owner hears
+    at once) and by the client on every delivery (once: the URL rules are checked before); a
+    private, loopback, link-local, multicast, reserved or unspecified address is
     refused unless ``--webhooks-allow-private`` is set (tests; a LAN receiver). Each delivery's
     connection goes to the address the client itself resolved and checked (no DNS rebinding
     between check and connect). Redirects are not followed. With ``--upstream-proxy`` (Tor)
@@ -59,7 +60,7 @@ from urllib.parse import urlsplit
 import anyio
 
 from . import __version__, netguard
-from .client import HttpClient
+from .client import AddressRefused, HttpClient
 from .db import Connection, Database, DatabaseError
 from .errors import ApiError, InvalidRequest, NotFound, UpstreamError
 from .ledger import Account
@@ -343,9 +344,8 @@ class Webhooks:
     async def _attempt(self, url: str, secret: str, event: str, event_id: str, payload: bytes,
                        attempt: int) -> str | None:
         """One delivery attempt: None on success, else the reason."""
-        try:
-            await check_target(url, allow_private=self.settings.allow_private,
-                               resolve=self.settings.resolve)
+        try:  # the URL's rules; the address is resolved and checked once, by the client
+            await check_target(url, allow_private=self.settings.allow_private, resolve=False)
         except InvalidRequest as exc:
             return f"refused: {exc.code}"
         headers = [("content-type", "application/json"), ("user-agent", f"routstr/{__version__}"),
@@ -359,6 +359,8 @@ class Webhooks:
                     guard=netguard.Guard(allow_private=self.settings.allow_private))
         except TimeoutError:
             return "timed out"
+        except AddressRefused:
+            return "refused: webhook_url_forbidden"
         except UpstreamError as exc:
             return f"{exc.code}: {exc}"
         return None if 200 <= status < 300 else f"status {status}"
