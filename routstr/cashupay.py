@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import json
 import logging
 import secrets
 import time
@@ -65,8 +64,7 @@ from .errors import (
 from .keys import hash_key, key_hint, token_api_key, token_deposit_ref
 from .ledger import MAX_MSATS, Account, Ledger
 from .money import MSAT_PER_SAT, ceil_div, format_sats
-from .payments import Payer
-from .sse import encode_event
+from .payments import Change, Payer
 from .walletstore import (
     Invoice,
     invoice_collect,
@@ -402,12 +400,10 @@ class CashuPayments:
         token, msats = await self.make_change(payer.account_id)
         return [("x-cashu", token)] if token else []
 
-    async def xcashu_change_events(self, payer: Payer) -> list[bytes]:
+    async def xcashu_stream_change(self, payer: Payer) -> Change | None:
         with anyio.CancelScope(shield=True):
             token, msats = await self.make_change(payer.account_id)
-        if not token:
-            return []
-        return [encode_event(json.dumps({"token": token, "msats": msats}), "cashu-change")]
+        return Change(token, msats) if token else None
 
     async def xcashu_refund_on_failure(self, payer: Payer, exc: ApiError) -> None:
         with anyio.CancelScope(shield=True):

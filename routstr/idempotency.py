@@ -30,7 +30,7 @@ What is stored and replayed
     it is not stored: the key is freed and a retry executes again.
     A streamed answer is recorded while it is relayed and replayed as one (non-live)
     ``text/event-stream`` body holding the same events — the content, the usage chunk with its
-    cost, ``[DONE]`` and the ``routstr-cost`` event. If the first client went away mid-stream,
+    cost and ``[DONE]``. If the first client went away mid-stream,
     the request was charged for what was relayed and the replay holds exactly that part.
     An answer above `MAX_STORED_BYTES` is not kept; its key then answers 409
     ``idempotency_response_not_stored`` (it was executed and charged once).

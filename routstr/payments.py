@@ -9,8 +9,8 @@
 * `X-Cashu: cashu…` (wins over Authorization) — pay per request: the token's face value is
   checked locally first (402 with a NUT-18 payment request when it cannot cover the worst
   case, token untouched), then redeemed into a one-request account; after settlement the
-  remaining balance is returned as change (`X-Cashu` response header, or an `event:
-  cashu-change` after a stream), recorded before it is sent so it can be recovered. The token
+  remaining balance is returned as change (`X-Cashu` response header, or in a stream's final
+  event — see `proxy.Relay`), recorded before it is sent so it can be recovered. The token
   pays for that one request only: a concurrent request with the same token is refused with
   nothing charged (425 while it is being redeemed, 400 once spent), never joins its account.
 
@@ -40,6 +40,14 @@ class Payer:
     token_hash: str = ""  # X-Cashu: sha256 of the payment token (never the token itself)
 
 
+@dataclass(frozen=True)
+class Change:
+    """X-Cashu change handed back in a stream: a token and the msats it is worth."""
+
+    token: str
+    msats: int
+
+
 class CashuPort(Protocol):
     """What the Cashu side offers the proxy (implemented in routstr.cashupay)."""
 
@@ -50,7 +58,7 @@ class CashuPort(Protocol):
 
     async def xcashu_change_header(self, payer: Payer) -> list[tuple[str, str]]: ...
 
-    async def xcashu_change_events(self, payer: Payer) -> list[bytes]: ...
+    async def xcashu_stream_change(self, payer: Payer) -> Change | None: ...
 
     async def xcashu_refund_on_failure(self, payer: Payer, exc: ApiError) -> None: ...
 
@@ -128,10 +136,10 @@ class Payments:
             return await self.cashu.xcashu_change_header(payer)
         return []
 
-    async def after_stream(self, payer: Payer, settlement: Settlement | None) -> list[bytes]:
+    async def after_stream(self, payer: Payer, settlement: Settlement | None) -> Change | None:
         if payer.kind == "xcashu" and self.cashu is not None:
-            return await self.cashu.xcashu_change_events(payer)
-        return []
+            return await self.cashu.xcashu_stream_change(payer)
+        return None
 
     async def after_failure(self, payer: Payer, exc: ApiError) -> None:
         if payer.kind == "xcashu" and self.cashu is not None:

@@ -44,7 +44,7 @@ from .errors import (
 from .ledger import MAX_MSATS, Ledger, ReservationGone, Settlement
 from .messages import Request, Response
 from .money import format_sats
-from .payments import Payer, Payments
+from .payments import Change, Payer, Payments
 from .sse import SSEDecoder, SSEError, SSEEvent, encode_event
 
 log = logging.getLogger("routstr.proxy")
@@ -192,6 +192,7 @@ class Billing:
     finished: bool = False
     estimated: bool = False
     tokens: int = 0  # usage tokens (reported or estimated, clamped), for the tokens/hour limit
+    counts: tuple[int, int] = (0, 0)  # the (prompt, completion) tokens charged
     request: Request | None = None
     observer: ProxyObserver | None = None
 
@@ -204,7 +205,8 @@ class Billing:
                         self.ceiling.output_tokens)
             if self.observer is not None:
                 self.observer.overreported()
-        self.tokens = sum(self.ceiling.clamp(prompt, completion))
+        self.counts = self.ceiling.clamp(prompt, completion)
+        self.tokens = sum(self.counts)
         return self.ceiling.charge(self.price, prompt, completion)
 
     def cost_for_usage(self, usage: object, units: int | None = None) -> pricing.Cost:
@@ -237,7 +239,7 @@ class Billing:
         completion = math.ceil(relayed_chars / CHARS_PER_TOKEN_ESTIMATE)
         if self.endpoint.billing == "prompt":
             completion = 0
-        prompt, completion = self.ceiling.clamp(prompt, completion)
+        prompt, completion = self.counts = self.ceiling.clamp(prompt, completion)
         self.tokens = prompt + completion
         cost = self.ceiling.charge(self.price, prompt, completion)
         if cost.total_msats > self.reserved_msats:
@@ -304,10 +306,15 @@ class Billing:
 class Relay:
     """Relays an upstream SSE stream event by event and settles when it ends, however it ends.
 
-    The usage chunk (chat) or `response.completed` event (Responses API) is held back until the
-    reservation is settled, then passed on carrying the cost — or dropped when the client did
-    not ask for usage. After the upstream's `[DONE]` a `routstr-cost` event follows, and the
-    payer may add its own events (the X-Cashu change).
+    The stream stays a plain stream of its dialect through any relay in front of the node
+    (routstr-core holds `[DONE]` back and re-emits it last, passing every other event through,
+    and bills its own user from `usage` only): nothing of ours follows the last event, and the
+    cost rides in the stream's final usage-bearing event — chat's usage chunk (sent when the
+    client asked for usage), Responses' `response.completed`, Messages' `message_delta` — held
+    until the reservation is settled. A stream the node charged without such an event from the
+    upstream (no usage, or cut short) gets one made from the counts charged, before the error
+    event. X-Cashu change rides in the same event (`cashu_change`), or, when there is none,
+    in an `event: cashu-change` after the last event.
     """
 
     upstream: UpstreamResponse
@@ -320,11 +327,26 @@ class Relay:
     _closed: bool = False
     _decoder: SSEDecoder = field(default_factory=SSEDecoder)
     _gen: AsyncGenerator[bytes, None] | None = None
+    _ident: dict[str, Any] = field(default_factory=dict)  # id/model/created of the stream
 
     def __aiter__(self) -> AsyncIterator[bytes]:
         gen = self._run()
         self._gen = gen
         return gen
+
+    @property
+    def _style(self) -> str:
+        return self.billing.endpoint.usage_style
+
+    def _note_ident(self, doc: Mapping[str, Any]) -> None:
+        """The stream's id and model, for an event the node has to make itself."""
+        if self._ident:
+            return
+        src = doc.get("response") if self._style == "responses" else doc.get("message") \
+            if self._style == "anthropic" else doc
+        if isinstance(src, dict) and isinstance(src.get("id"), str):
+            self._ident = {k: src[k] for k in ("id", "model", "created")
+                           if isinstance(src.get(k), (str, int)) and not isinstance(src[k], bool)}
 
     def _note_content(self, doc: Mapping[str, Any]) -> None:
         for choice in doc.get("choices") or ():
@@ -342,7 +364,7 @@ class Relay:
         """The stream's last event: `[DONE]`, or Anthropic's `message_stop`."""
         if event.is_done:
             return True
-        if self.billing.endpoint.usage_style != "anthropic" or not event.has_data:
+        if self._style != "anthropic" or not event.has_data:
             return False
         if event.event is not None:
             return event.event == "message_stop"
@@ -374,7 +396,7 @@ class Relay:
 
     def _error_event(self, code: str, message: str) -> bytes:
         """A final error event in the stream's own dialect."""
-        if self.billing.endpoint.usage_style == "anthropic":
+        if self._style == "anthropic":
             return encode_event(json.dumps({"type": "error", "error": {
                 "type": "api_error", "code": code, "message": message}}), "error")
         return encode_event(json.dumps({"error": {
@@ -387,9 +409,10 @@ class Relay:
         doc = event.json()
         if not isinstance(doc, dict):
             return event.raw
-        if self.billing.endpoint.usage_style == "anthropic":
+        self._note_ident(doc)
+        if self._style == "anthropic":
             return self._inspect_anthropic(event, doc)
-        if self.billing.endpoint.usage_style == "responses":
+        if self._style == "responses":
             if doc.get("type") == "response.completed" or event.event == "response.completed":
                 resp = doc.get("response")
                 self.usage = resp.get("usage") if isinstance(resp, dict) else None
@@ -406,84 +429,114 @@ class Relay:
             self.usage = doc["usage"]
         return event.raw
 
-    def _settle(self) -> None:
+    async def _settle(self) -> Change | None:
+        """Settle (a plain call: no await before the ledger is done), then the X-Cashu change,
+        shielded: a client gone away does not stop the change being made and recorded."""
         cost = (self.billing.cost_for_usage(self.usage) if self.usage is not None
                 else self.billing.estimate(self.relayed_chars))
         self.billing.finish(cost)
+        with anyio.CancelScope(shield=True):
+            change = await self.payments.after_stream(self.billing.payer, self.billing.settlement)
+        return change
 
-    def _held_with_cost(self) -> bytes | None:
-        held = self._held
-        if held is None or self.billing.settlement is None:
-            return None
-        doc = held.json()
-        assert isinstance(doc, dict)
-        if self.billing.endpoint.usage_style == "anthropic":
-            if isinstance(doc.get("usage"), dict):
-                doc["usage"].update(self.billing.usage_fields())
-            return encode_event(json.dumps(doc, separators=(",", ":")), held.event)
-        if self.billing.endpoint.usage_style == "responses":
-            resp = doc.get("response")
-            if isinstance(resp, dict) and isinstance(resp.get("usage"), dict):
-                resp["usage"].update(self.billing.usage_fields())
-            return encode_event(json.dumps(doc, separators=(",", ":")), held.event)
-        if not self.client_wants_usage:
-            return None
-        doc["usage"].update(self.billing.usage_fields())
-        return encode_event(json.dumps(doc, separators=(",", ":")), held.event)
+    def _made_usage(self) -> dict[str, Any]:
+        """The usage of the counts the node charged, in the stream's dialect."""
+        prompt, completion = self.billing.counts
+        if self._style == "chat":
+            return {"prompt_tokens": prompt, "completion_tokens": completion,
+                    "total_tokens": prompt + completion}
+        usage = {"input_tokens": prompt, "output_tokens": completion}
+        if self._style == "responses":
+            usage["total_tokens"] = prompt + completion
+        return usage
 
-    async def _trailer(self) -> list[bytes]:
-        out: list[bytes] = []
-        settlement = self.billing.settlement
-        # Chat streams end with [DONE], where SDKs stop reading: the cost event after it is
-        # invisible to them. Responses API streams have no [DONE] (SDKs read to the end), and
-        # carry the cost in response.completed already, so they get no extra event.
-        if settlement is not None and self.billing.endpoint.usage_style == "chat":
-            out.append(encode_event(json.dumps({
-                "cost_msats": settlement.charged_msats,
-                "balance_msats": settlement.balance_msats,
-            }), "routstr-cost"))
-        out.extend(await self.payments.after_stream(self.billing.payer, settlement))
+    def _made_event(self, cut: bool) -> tuple[dict[str, Any], str | None] | None:
+        """The usage-bearing event the upstream did not send, or None where none is due."""
+        if self._style == "chat":
+            if not (cut or self.client_wants_usage):
+                return None  # OpenAI's contract: no usage chunk unless asked for
+            doc: dict[str, Any] = {"id": "", "object": "chat.completion.chunk", "created": 0,
+                                   "model": "", **self._ident}
+            return {**doc, "choices": [], "usage": self._made_usage()}, None
+        if self._style == "anthropic":
+            return {"type": "message_delta", "delta": {"stop_reason": None, "stop_sequence": None},
+                    "usage": self._made_usage()}, "message_delta"
+        resp = {"id": "", "object": "response", **self._ident, "status": "failed",
+                "error": {"code": "upstream_stream_failed",
+                          "message": "The upstream stream ended before the response completed"},
+                "usage": self._made_usage()}
+        return {"type": "response.failed", "response": resp}, "response.failed"
+
+    def _final_event(self, change: Change | None, *, cut: bool) -> bytes | None:
+        """The stream's last usage-bearing event with the cost (and the X-Cashu change)."""
+        if self.billing.settlement is None:
+            return None
+        held, name = self._held, None
+        if held is not None and (cut or self.client_wants_usage or self._style != "chat"):
+            doc = held.json()
+            assert isinstance(doc, dict)
+            name = held.event
+        elif held is None and (made := self._made_event(cut)) is not None:
+            doc, name = made
+        else:
+            return None
+        target = doc.get("response") if self._style == "responses" else doc
+        if isinstance(target, dict):
+            if not isinstance(target.get("usage"), dict):
+                target["usage"] = self._made_usage()
+            target["usage"].update(self.billing.usage_fields())
+        if change is not None:
+            doc["cashu_change"] = {"token": change.token, "msats": change.msats}
+        return encode_event(json.dumps(doc, separators=(",", ":")), name)
+
+    async def _end(self, final: SSEEvent | None, error: tuple[str, str] | None) -> list[bytes]:
+        """The stream's end: the usage-bearing event, then the upstream's last event or an
+        error event, then the change if no event carried it. A stream is cut when its last
+        event never came (Responses: `response.completed`, which then is the usage event)."""
+        change = await self._settle()
+        cut = self._held is None if self._style == "responses" else final is None
+        usage_event = self._final_event(change, cut=cut)
+        out = [usage_event] if usage_event is not None else []
+        if final is not None:
+            out.append(final.raw)
+        elif cut and self._style != "responses":  # Responses: response.failed says it
+            out.append(self._error_event(*(error or (
+                "upstream_stream_incomplete", "The upstream stream ended before its last event"))))
+        if change is not None and usage_event is None:
+            out.append(encode_event(json.dumps({"token": change.token, "msats": change.msats}),
+                                    "cashu-change"))
         return out
 
     async def _run(self) -> AsyncGenerator[bytes, None]:
-        done_seen = False
+        ended = False
         try:
             async for chunk in self.upstream:
                 for event in self._decoder.feed(chunk):
+                    if ended:
+                        continue  # read to the end (the connection is reused), pass nothing on
                     if self._is_final(event):
-                        done_seen = True
-                        self._settle()  # a plain def: no await, cannot be cancelled
-                        held = self._held_with_cost()
-                        if held:
-                            yield held
-                        yield event.raw
+                        ended = True
+                        for piece in await self._end(event, None):
+                            yield piece
                         continue
                     out = self._inspect(event)
                     if out is not None:
                         yield out
             for event in self._decoder.close():
-                out = self._inspect(event)
-                if out is not None and not event.is_done:
-                    yield out
+                rest = None if ended else self._inspect(event)
+                if rest is not None and not event.is_done:
+                    yield rest
         except (UpstreamError, SSEError) as exc:
             log.warning("upstream stream for %s broke: %s", self.billing.request_id, exc)
             if self.billing.observer is not None:
                 self.billing.observer.upstream_error("upstream_stream_failed")
-            self._settle()  # a plain def: no await, cannot be cancelled
-            yield self._error_event("upstream_stream_failed",
-                                    "The upstream stream ended unexpectedly")
-            yield b"".join(await self._trailer())
+            if not ended:
+                yield b"".join(await self._end(None, (
+                    "upstream_stream_failed", "The upstream stream ended unexpectedly")))
             return
-        if not done_seen:
-            self._settle()  # a plain def: no await, cannot be cancelled
-            held = self._held_with_cost()
-            if held:
-                yield held
-            if self.billing.endpoint.usage_style in ("chat", "anthropic"):
-                yield self._error_event("upstream_stream_incomplete",
-                                        "The upstream stream ended before its last event")
-        for extra in await self._trailer():
-            yield extra
+        if not ended:
+            for piece in await self._end(None, None):
+                yield piece
 
     async def aclose(self) -> None:
         if self._closed:
@@ -493,8 +546,7 @@ class Relay:
             if self._gen is not None:
                 await self._gen.aclose()  # finalize the generator now, not at GC time
             if not self.billing.finished:  # the client went away mid-stream
-                self._settle()
-                await self.payments.after_stream(self.billing.payer, self.billing.settlement)
+                await self._settle()
         finally:
             await self.upstream.aclose()
 

@@ -203,6 +203,25 @@ def test_xcashu_stream_change_event(node: NodeProcess, minter: Minter, mint_url:
     check_books(node)
 
 
+def test_xcashu_stream_change_rides_in_the_usage_chunk(node: NodeProcess, minter: Minter,
+                                                       mint_url: str) -> None:
+    """With a usage chunk to carry it, the in-band change is in it: nothing follows [DONE]."""
+    token = minter.token(mint_url, 100)
+    body = {"model": "gpt-4o-mini", "messages": MSG, "stream": True, "max_tokens": 100,
+            "stream_options": {"include_usage": True}}
+    status, headers, raw = node.request("POST", "/v1/chat/completions", body, {"X-Cashu": token})
+    assert status == 200
+    text = raw.decode()
+    assert text.endswith("data: [DONE]\n\n") and "event:" not in text
+    last = json.loads(text.rsplit("data: ", 2)[1])
+    assert last["choices"] == [] and last["usage"]["cost"]["total_msats"] == CHAT_COST
+    change = last["cashu_change"]
+    assert parse_token(change["token"]).amount * 1000 == change["msats"]
+    header = parse_token(headers["x-cashu"]).amount * 1000 if "x-cashu" in headers else 0
+    assert header + change["msats"] == (100 - -(-CHAT_COST // 1000)) * 1000
+    check_books(node)
+
+
 def test_xcashu_too_small_gets_402_with_payment_request(node: NodeProcess, minter: Minter,
                                                         mint_url: str) -> None:
     token = minter.token(mint_url, 1)

@@ -170,22 +170,6 @@ def test_streaming_injects_usage_and_hides_it(node: NodeProcess, money: Money,
     settled(money, key, 10_000_000, 2 * cost("gpt-3.5-turbo", 12, 5))
 
 
-def test_stream_trailer_event_after_done(node: NodeProcess, money: Money) -> None:
-    key = new_key(node)
-    body = json.dumps({"model": "gpt-4o-mini", "stream": True,
-                       "messages": [{"role": "user", "content": "hi"}]}).encode()
-    status, headers, raw = node.request("POST", "/v1/chat/completions", body,
-                                        {"Authorization": f"Bearer {key}"})
-    assert status == 200 and headers["content-type"].startswith("text/event-stream")
-    text = raw.decode()
-    done_at = text.index("data: [DONE]")
-    trailer = text[done_at:]
-    assert "event: routstr-cost" in trailer
-    data = json.loads(trailer.split("event: routstr-cost\ndata: ", 1)[1].split("\n", 1)[0])
-    assert data == {"cost_msats": CHAT_COST, "balance_msats": 10_000_000 - CHAT_COST}
-    settled(money, key, 10_000_000, CHAT_COST)
-
-
 def test_function_calling(node: NodeProcess, money: Money) -> None:
     key = new_key(node)
     tools = [{"type": "function", "function": {
