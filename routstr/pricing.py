@@ -48,7 +48,8 @@ charged at settlement from the remaining balance (see `ledger.settle`).
 
 `sats_pricing` (routstr-core's field, sats per token) is derived exactly from the msat table:
 prompt = input_msats_per_1k / 10⁶, completion = output_msats_per_1k / 10⁶, request =
-request_msats / 1000 (at least 0.001, as routstr-core forces), input cache read/write = prompt
+request_msats / 1000 (0 when none is charged; a per-request model is advertised as one output
+unit per request, see `sats_pricing`), input cache read/write = prompt
 (cached tokens are billed at the input price); max_prompt_cost / max_completion_cost / max_cost
 in sats follow routstr-core's derivation from context_length and max_output_tokens, and
 max_cost also includes the request fee (we charge it; routstr-core does not). ``pricing`` (USD)
@@ -465,15 +466,35 @@ class SatsPricing:
         )
 
 
+def per_request_model(price: ModelPrice) -> bool:
+    """Priced by the request alone (images, audio): no token prices, a request fee."""
+    return price.request_msats > 0 and not price.input_msats_per_1k \
+        and not price.output_msats_per_1k
+
+
 def _limits(price: ModelPrice) -> tuple[int | None, int | None]:
-    """(top_provider.context_length, top_provider.max_completion_tokens) as advertised."""
+    """(top_provider.context_length, top_provider.max_completion_tokens) as advertised.
+
+    A per-request model is advertised as one output unit per request (see `sats_pricing`)."""
+    if per_request_model(price):
+        return None, 1
     return (price.context_length or None, price.max_output_tokens or None)
 
 
 def sats_pricing(price: ModelPrice) -> SatsPricing:
+    """routstr-core's fields, advertising only what is billed (`request` 0 when no request
+    fee is charged, where routstr-core advertises its 0.001 floor).
+
+    A per-request model (images, audio) is advertised as ONE OUTPUT UNIT per request:
+    completion = its price, max_completion_tokens = 1, request = 0. routstr-core, using this
+    node as upstream, derives a model's max cost from the token prices and limits and counts
+    `request` only when no limit is given — then × 100 000 — so this is the one encoding under
+    which it reserves what the request costs (issue 17 §3), not 0 nor 10⁵ times too much."""
     p = Fraction(price.input_msats_per_1k, 1_000_000)
     c = Fraction(price.output_msats_per_1k, 1_000_000)
     r = Fraction(price.request_msats, 1000)
+    if per_request_model(price):
+        c, r = r, Fraction(0)
     cl, mct = _limits(price)
     # routstr-core's max-cost derivation (payment/models.py, _calculate_usd_max_costs)
     if cl and mct and cl > mct:
@@ -489,7 +510,7 @@ def sats_pricing(price: ModelPrice) -> SatsPricing:
     return SatsPricing(
         prompt=p,
         completion=c,
-        request=r if r > 0 else floor,
+        request=r,
         max_prompt_cost=mp,
         max_completion_cost=mc,
         max_cost=max(tokens + r, floor),

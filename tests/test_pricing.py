@@ -512,7 +512,12 @@ def test_models_document_shape() -> None:
         assert set(m["pricing_msats"]) == {
             "input_msats_per_1k", "output_msats_per_1k", "request_msats", "max_output_tokens"
         }  # fmt: skip
-        assert m["sats_pricing"]["max_cost"] >= 0.001 and m["sats_pricing"]["request"] >= 0.001
+        assert m["sats_pricing"]["max_cost"] >= 0.001
+        # only what is billed is advertised: no request fee where none is charged
+        pm = m["pricing_msats"]
+        per_request = pm["input_msats_per_1k"] == pm["output_msats_per_1k"] == 0
+        billed_per_request = 0 if per_request else pm["request_msats"]
+        assert m["sats_pricing"]["request"] == billed_per_request / 1000
 
 
 def test_sats_pricing_is_exact() -> None:
@@ -526,8 +531,11 @@ def test_sats_pricing_is_exact() -> None:
     assert sp["max_cost"] == float(Fraction((128_000 - 16_384) * 150 + 16_384 * 600, 10**6))
     gpt4 = model_object(TABLE.get("gpt-4"))["sats_pricing"]  # cl <= mct: cl * max(p, c)
     assert gpt4["max_cost"] == 8192 * 0.06
-    dalle = model_object(TABLE.get("dall-e-3"))["sats_pricing"]  # flat: max_cost = request
-    assert dalle["request"] == dalle["max_cost"] == 120.0
+    dalle = model_object(TABLE.get("dall-e-3"))  # per request: one output unit of 120 sats
+    assert dalle["sats_pricing"]["completion"] == dalle["sats_pricing"]["max_cost"] == 120.0
+    assert dalle["sats_pricing"]["request"] == dalle["sats_pricing"]["prompt"] == 0.0
+    assert dalle["top_provider"]["max_completion_tokens"] == 1
+    assert model_object(TABLE.get("gpt-4o-mini"))["sats_pricing"]["request"] == 0.0  # not billed
     emb = model_object(TABLE.get("text-embedding-3-small"))
     assert emb["top_provider"]["max_completion_tokens"] is None
     assert emb["sats_pricing"]["max_cost"] == float(Fraction(8191 * 20, 10**6))
@@ -537,11 +545,66 @@ def test_sats_pricing_is_exact() -> None:
 def test_sats_pricing_floats_are_the_rounded_exact_values(price: ModelPrice) -> None:
     sp = pricing.sats_pricing(price)
     served = wire(model_object(price))["sats_pricing"]
+    assert served["max_cost"] == float(sp.max_cost)
+    if pricing.per_request_model(price):  # one output unit per request
+        assert served["prompt"] == served["request"] == 0.0
+        assert served["completion"] == price.request_msats / 1000
+        return
     assert served["prompt"] == float(Fraction(price.input_msats_per_1k, 10**6))
     assert served["completion"] == float(Fraction(price.output_msats_per_1k, 10**6))
-    assert served["max_cost"] == float(sp.max_cost)
-    assume(price.request_msats > 0)
     assert served["request"] == price.request_msats / 1000
+
+
+def core_max_cost_msats(m: dict[str, Any], btc_usd: int = 100_000) -> float:
+    """routstr-core 0.4.5's max cost of a model it reads from our /v1/models (digest §1a,
+    payment/models.py `_calculate_usd_max_costs`), from the USD `pricing` and the limits, in
+    msats at `btc_usd`. Written here from the digest, independently of routstr/pricing.py."""
+    pr, top = m["pricing"], m.get("top_provider") or {}
+    p, c = pr["prompt"], pr["completion"]
+    cl, mct = top.get("context_length"), top.get("max_completion_tokens")
+    if cl or mct:
+        if cl and mct:
+            usd = cl * max(p, c) if cl <= mct else (cl - mct) * p + mct * c
+        elif cl:
+            usd = cl * max(p, c)
+        else:
+            usd = mct * c
+    elif m["context_length"]:
+        usd = m["context_length"] * max(p, c)
+    else:
+        usd = max(p * 1e6 + c * 32_000 + pr["request"] * 1e5 + pr["image"] * 100
+                  + pr["web_search"] * 1000 + pr["internal_reasoning"] * 100, 1e-6)
+    return usd / (btc_usd / 100_000_000) * 1000
+
+
+PER_REQUEST_BODIES = {"dall-e-3": ("per_request", {"prompt": "a city", "n": 1}),
+                      "whisper-1": ("per_request", {})}
+
+
+@pytest.mark.parametrize("model", [p.id for p in BUILTIN_PRICES])
+def test_routstr_core_derives_our_max_cost(model: str) -> None:
+    """A routstr-core node using us as upstream derives, from what we advertise, the max cost
+    we reserve (within 2 %): otherwise it refuses its users (402 for `request × 100 000`) or
+    holds too little. Ours: the reservation of a default request for per-request models
+    (images, audio); the advertised max cost (context-filling prompt) for token models."""
+    price = TABLE.get(model)
+    m = wire(model_object(price))
+    if model in PER_REQUEST_BODIES:
+        billing, body = PER_REQUEST_BODIES[model]
+        ceil = pricing.ceiling(price, {"model": model, **body}, 100, billing)
+        ours = pricing.reservation_msats(price, {"model": model, **body}, ceil, billing)
+        assert ours == price.request_msats
+    else:
+        ours = float(pricing.sats_pricing(price).max_cost) * 1000
+    assert core_max_cost_msats(m) == pytest.approx(ours, rel=0.02)
+
+
+@given(prices)
+def test_routstr_core_derives_our_max_cost_for_any_price(price: ModelPrice) -> None:
+    assume(price.request_msats == 0 or pricing.per_request_model(price))
+    m = wire(model_object(price))
+    ours = max(float(pricing.sats_pricing(price).max_cost) * 1000, 1)
+    assert core_max_cost_msats(m) == pytest.approx(ours, rel=0.02, abs=1)
 
 
 def test_fields_filter() -> None:
