@@ -46,6 +46,7 @@ from .cashu.wallet import (
     Wallet,
     WalletError,
     normalize_mint_url,
+    proof_y,
 )
 from .db import Database
 from .errors import (
@@ -307,7 +308,11 @@ class CashuPayments:
                               description="routstr: pay per request").encode()
 
     async def xcashu_payer(self, text: str, worst_msats: int, model: str,
-                           request_id: str) -> Payer:
+                           request_id: str, *, stream: bool = False) -> Payer:
+        """The one-request account an X-Cashu token opens. For a stream the redeeming swap also
+        splits off the client's change beyond the worst case (`Payer.split_token`), so that
+        change goes in the response header before the first byte (where the Routstr SDK and
+        routstr-python read it); what the worst case leaves is handed back at the end."""
         token = self.parse(text, echo=True)
         value_msats = token.amount * MSAT_PER_SAT
         if value_msats < worst_msats:
@@ -327,11 +332,19 @@ class CashuPayments:
                    "ref": token_deposit_ref(text),
                    "refund_mint": normalize_mint_url(token.mint), "refund_unit": token.unit,
                    "fallback": self._rescue(text, token)}
-        account = await self._redeem_for_one_request(text, token, purpose, key_hash)
-        return Payer(account.id, "xcashu", request_id, token_hash=key_hash)
+        keep = ceil_div(worst_msats, MSAT_PER_SAT) if stream else None
+        account, split = await self._redeem_for_one_request(text, token, purpose, key_hash,
+                                                            keep)
+        return Payer(account.id, "xcashu", request_id, token_hash=key_hash,
+                     split_token=split or "")
+
+    @staticmethod
+    def _split_ref(key_hash: str) -> str:
+        return f"xcashu-split:{key_hash}"
 
     async def _redeem_for_one_request(self, text: str, token: Token, purpose: dict[str, Any],
-                                      key_hash: str) -> Account:
+                                      key_hash: str,
+                                      keep: int | None = None) -> tuple[Account, str | None]:
         """An X-Cashu token pays for exactly one request: the one whose own swap opened the
         account. Unlike a Bearer token (a key that many requests share), a concurrent request
         with the same token never joins that account — it would reserve from the first
@@ -339,7 +352,8 @@ class CashuPayments:
         needs no request in flight) or would hand out the other's. It is refused with nothing
         charged: 425 while the first is redeeming, 400 once the token is spent."""
         try:
-            await self.wallet.receive(token, purpose)
+            received = await self.wallet.receive(token, purpose, keep=keep,
+                                                 ref=self._split_ref(key_hash))
         except OperationPending:
             raise TooEarly("This token is paying for another request",
                            code="cashu_token_pending", headers=[("retry-after", "2")]) from None
@@ -355,7 +369,7 @@ class CashuPayments:
         account = self.ledger.get_account(key_hash)
         if account is None:
             raise self._rescued(text)
-        return account
+        return account, received.token
 
     def _change_ref(self, account_id: int) -> str:
         return f"xcashu-change:{account_id}"
@@ -396,18 +410,31 @@ class CashuPayments:
             return None, 0
         return token.serialize(), sats * MSAT_PER_SAT
 
+    async def _all_change(self, payer: Payer) -> tuple[str | None, int]:
+        """The change of a request whose answer carries it whole (not a stream whose head
+        carried the split-off part): the split-off part, if any, and the rest, as one token."""
+        with anyio.CancelScope(shield=True):
+            token, msats = await self.make_change(payer.account_id)
+        if not payer.split_token:
+            return token, msats
+        split = parse_token(payer.split_token)
+        if token is None:
+            return payer.split_token, split.amount * MSAT_PER_SAT
+        return merge_tokens(split, parse_token(token)), msats + split.amount * MSAT_PER_SAT
+
     async def xcashu_change_header(self, payer: Payer) -> list[tuple[str, str]]:
-        token, msats = await self.make_change(payer.account_id)
+        token, _ = await self._all_change(payer)
         return [("x-cashu", token)] if token else []
 
     async def xcashu_stream_change(self, payer: Payer) -> Change | None:
+        """A stream's change at its end: what the worst case left (the split-off part went in
+        the response head, `Payments.stream_headers`)."""
         with anyio.CancelScope(shield=True):
             token, msats = await self.make_change(payer.account_id)
         return Change(token, msats) if token else None
 
     async def xcashu_refund_on_failure(self, payer: Payer, exc: ApiError) -> None:
-        with anyio.CancelScope(shield=True):
-            token, msats = await self.make_change(payer.account_id)
+        token, msats = await self._all_change(payer)
         if token:
             exc.headers.append(("x-cashu", token))
             exc.details["refund_token"] = token
@@ -419,9 +446,43 @@ class CashuPayments:
         Change already handed out is returned again only within the recovery window of its
         hand-out (the client lost the answer); change never made yet (the mint was down) is
         made whenever asked — it is still on the account, nobody else can have it."""
-        account = self.ledger.get_account(xcashu_key_hash(text.strip()))
+        key_hash = xcashu_key_hash(text.strip())
+        account = self.ledger.get_account(key_hash)
         if account is None:
             raise NotFound("Refund not found", code="refund_not_found")
+        if account.reserved_msats:
+            raise TooEarly("Refund is pending; retry shortly.", code="refund_pending",
+                           headers=[("retry-after", "2")])
+        split = await self._unspent_split(key_hash)
+        try:
+            token, msats = await self._recover_rest(account)
+        except InvalidRequest:  # nothing more than the split-off part, or that too old
+            if split is None:
+                raise
+            return split.serialize(4), split.amount * MSAT_PER_SAT
+        if split is None:
+            return token, msats
+        return merge_tokens(split, parse_token(token)), msats + split.amount * MSAT_PER_SAT
+
+    async def _unspent_split(self, key_hash: str) -> Token | None:
+        """A stream's change split off at redemption (sent in its response head), within the
+        recovery window of that redemption: its proofs the mint still has unspent (those the
+        client already redeemed are dropped, NUT-07). None when there is nothing to return."""
+        op = self.wallet.issued_token(self._split_ref(key_hash))
+        if op is None or op.state != "done" or not op.token \
+                or time.time() - op.updated_at > self.config.recovery_window_s:
+            return None
+        split = parse_token(op.token)
+        try:
+            states = await self.wallet.client(split.mint).check_state(
+                [proof_y(p.secret) for p in split.proofs])
+        except MintError as exc:
+            raise _mint_error(exc) from None
+        left = tuple(p for p, st in zip(split.proofs, states, strict=True)
+                     if st.state == "UNSPENT")
+        return Token(mint=split.mint, unit=split.unit, proofs=left) if left else None
+
+    async def _recover_rest(self, account: Account) -> tuple[str, int]:
         made = self.wallet.issued_token(self._change_ref(account.id))
         if made is not None and made.state == "done" \
                 and time.time() - made.updated_at > self.config.recovery_window_s:
@@ -429,9 +490,6 @@ class CashuPayments:
                 "The change of this payment was handed out more than"
                 f" {self.config.recovery_window_s} s ago; it is not returned again",
                 code="recovery_window_expired")
-        if account.reserved_msats:
-            raise TooEarly("Refund is pending; retry shortly.", code="refund_pending",
-                           headers=[("retry-after", "2")])
         token, msats = await self.make_change(account.id)
         if token is None:
             op = self.wallet.issued_token(self._change_ref(account.id))
@@ -613,6 +671,13 @@ class CashuPayments:
 
     def balances(self) -> dict[str, int]:
         return self.wallet.balances()
+
+
+def merge_tokens(a: Token, b: Token) -> str:
+    """One token holding the proofs of two from the same mint and unit."""
+    if normalize_mint_url(a.mint) != normalize_mint_url(b.mint) or a.unit != b.unit:
+        raise ValueError("tokens from different mints or units cannot be merged")
+    return Token(mint=a.mint, unit=a.unit, proofs=a.proofs + b.proofs).serialize(4)
 
 
 def _still_spendable(exc: MintError | WalletError) -> bool:

@@ -9,8 +9,10 @@
 * `X-Cashu: cashu…` (wins over Authorization) — pay per request: the token's face value is
   checked locally first (402 with a NUT-18 payment request when it cannot cover the worst
   case, token untouched), then redeemed into a one-request account; after settlement the
-  remaining balance is returned as change (`X-Cashu` response header, or in a stream's final
-  event — see `proxy.Relay`), recorded before it is sent so it can be recovered. The token
+  remaining balance is returned as change (`X-Cashu` response header; for a stream the
+  redeeming swap splits the token, so the change beyond the worst case is in the stream's
+  response header and the rest in its final event — see `proxy.Relay`), recorded before it is
+  sent so it can be recovered. The token
   pays for that one request only: a concurrent request with the same token is refused with
   nothing charged (425 while it is being redeemed, 400 once spent), never joins its account.
 
@@ -38,6 +40,7 @@ class Payer:
     kind: str  # "key" | "token" | "xcashu"
     request_id: str = ""
     token_hash: str = ""  # X-Cashu: sha256 of the payment token (never the token itself)
+    split_token: str = ""  # X-Cashu stream: change split off at redemption, for the head
 
 
 @dataclass(frozen=True)
@@ -54,7 +57,7 @@ class CashuPort(Protocol):
     async def account_for_token(self, token: str) -> Account: ...
 
     async def xcashu_payer(self, token: str, worst_msats: int, model: str,
-                           request_id: str) -> Payer: ...
+                           request_id: str, *, stream: bool = False) -> Payer: ...
 
     async def xcashu_change_header(self, payer: Payer) -> list[tuple[str, str]]: ...
 
@@ -96,11 +99,14 @@ class Payments:
             return account
         return await self._cashu().account_for_token(credential.token)
 
-    async def payer_for(self, request: Request, worst_msats: int, model: str) -> Payer:
+    async def payer_for(self, request: Request, worst_msats: int, model: str, *,
+                        stream: bool = False) -> Payer:
+        """`stream`: the answer is a stream, whose head leaves before the cost is known (an
+        X-Cashu payment then hands the change beyond the worst case back in that head)."""
         xcashu = request.header("x-cashu")
         if xcashu and xcashu.strip():
             return await self._cashu().xcashu_payer(xcashu.strip(), worst_msats, model,
-                                                    request.request_id)
+                                                    request.request_id, stream=stream)
         account = await self.account_for(request)
         self._store_refund_policy(request, account)
         kind = "token" if account.kind == "token" else "key"
@@ -129,6 +135,12 @@ class Payments:
                                  code="child_key_not_allowed")
         self.ledger.set_refund_address(account.id, refund_address=address,
                                        refund_expiry=expiry)
+
+    @staticmethod
+    def stream_headers(payer: Payer) -> list[tuple[str, str]]:
+        """Headers of a stream's head: X-Cashu change split off at redemption (the rest of the
+        change rides in the stream's final event, `after_stream`)."""
+        return [("x-cashu", payer.split_token)] if payer.split_token else []
 
     async def after_success(self, payer: Payer,
                             settlement: Settlement | None) -> Sequence[tuple[str, str]]:

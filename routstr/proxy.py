@@ -659,7 +659,8 @@ class Proxy:
         if not self.config.upstream_base_url:
             raise ServiceUnavailable("No upstream is configured on this node",
                                      code="upstream_not_configured")
-        payer = await self.payments.payer_for(request, worst, model or "")
+        stream = bool(body.get("stream")) and endpoint.streams
+        payer = await self.payments.payer_for(request, worst, model or "", stream=stream)
         try:
             reservation = self.ledger.reserve(payer.account_id, worst,
                                               request_id=request.request_id,
@@ -670,7 +671,6 @@ class Proxy:
         billing = Billing(self.ledger, payer, reservation.id, worst, ceil, price, endpoint,
                           len(request.body), request.request_id, request=request,
                           observer=self.observer)
-        stream = bool(body.get("stream")) and endpoint.streams
         url, headers, payload = self._upstream_request(request, endpoint, body, stream)
         opts = body.get("stream_options")
         wants_usage = isinstance(opts, dict) and opts.get("include_usage") is True
@@ -686,6 +686,7 @@ class Proxy:
                 handed_off = True
                 out_headers = [("content-type", ctype), ("cache-control", "no-cache"),
                                ("x-accel-buffering", "no")]
+                out_headers.extend(self.payments.stream_headers(payer))
                 return Response(upstream.status, out_headers, stream=relay)
             raw = await upstream.read(MAX_UPSTREAM_BODY_BYTES)
             return await self._complete(request, billing, upstream, raw)

@@ -14,6 +14,9 @@ money rule: every change of a user balance goes through the ledger, atomically w
 ``{"action": "create_account", "key_hash": h, "kind": "token"|"xcashu"|"api", "ref"?, ...}``
     (receive, mint) create the account funded with the received amount; extra keys are passed
     to `ledger.create_account` (`hint`, `refund_address`, `refund_mint`, ...).
+
+A receive that split part of its value back into a token (`Wallet.receive(keep=…)`) credits the
+whole value and pays the issued part out as ``change`` in the same transaction (both purposes).
 ``{"action": "debit", "account_id": N, "amount_msats": m, "kind": "refund"|"payout"|"change",
 "ref"?, "rounding_msats"?: r}``
     (send, melt) take `m` msats out when the intent is recorded (and charge `r`, a sub-sat
@@ -90,6 +93,7 @@ class PurposeEvent:
     fee_sat: int
     ref: str | None
     now: int
+    issued_sat: int = 0  # of `amount_sat`, what a receive issued back as a token (`keep=`)
 
 
 #: What a failing finish-time purpose may raise (ledger refusals, malformed purposes).
@@ -114,6 +118,7 @@ def apply_purpose(conn: sqlite3.Connection, purpose: Mapping[str, Any], ev: Purp
         if amount:
             ledger.credit(conn, int(purpose["account_id"]), amount,
                           kind=str(purpose.get("kind", "deposit")), ref=ref, now=ev.now, memo=memo)
+        _pay_out_issued(conn, int(purpose["account_id"]), ev)
         return
     if action == "create_account":
         if ev.action == "reverse":
@@ -121,11 +126,12 @@ def apply_purpose(conn: sqlite3.Connection, purpose: Mapping[str, Any], ev: Purp
         extra = {k: v for k, v in purpose.items()
                  if k not in ("action", "key_hash", "kind", "ref", "memo", "amount_msats",
                               "fallback")}
-        ledger.create_account(
+        acct = ledger.create_account(
             conn, key_hash=str(purpose["key_hash"]), kind=str(purpose.get("kind", "token")),
             deposit_msats=int(purpose.get("amount_msats", sat_to_msat(ev.amount_sat))),
             ref=ref, now=ev.now, **extra,
         )
+        _pay_out_issued(conn, acct.id, ev)
         return
     if action == "debit":
         amount = int(purpose["amount_msats"])
@@ -143,6 +149,16 @@ def apply_purpose(conn: sqlite3.Connection, purpose: Mapping[str, Any], ev: Purp
                                   memo=f"reversal: wallet {ev.op_kind} #{ev.op_id} did not happen")
         return
     raise ValueError(f"unknown wallet purpose action {action!r}")
+
+
+def _pay_out_issued(conn: sqlite3.Connection, account_id: int, ev: PurposeEvent) -> None:
+    """A receive that issued part of its value back (X-Cashu change split off in the swap,
+    `Wallet.receive(keep=…)`): the whole value was credited; the issued part leaves the account
+    as change in the same transaction, as the issued proofs leave the wallet."""
+    if ev.issued_sat and ev.action == "apply":
+        ledger.refund(conn, account_id, sat_to_msat(ev.issued_sat), kind="change",
+                      ref=f"wallet-issued:{ev.op_id}", now=ev.now,
+                      memo=f"change issued by wallet {ev.op_kind} #{ev.op_id}")
 
 
 def _require_creditable(conn: sqlite3.Connection, account_id: int) -> None:
@@ -298,7 +314,10 @@ class SqliteWalletStore:
         return _dumps({**data, _LEASE: {"owner": self.owner, "until": now + self._lease_s}})
 
     def _event(self, op: Operation, action: str, amount: int, fee: int) -> PurposeEvent:
-        return PurposeEvent(action, op.id, op.kind, amount, fee, op.ref, int(self._clock()))
+        issued = sum(o.amount for o in op.outputs if o.role == "send") \
+            if op.kind == "receive" else 0
+        return PurposeEvent(action, op.id, op.kind, amount, fee, op.ref, int(self._clock()),
+                            issued)
 
     def _insert_proofs(
         self, conn: sqlite3.Connection, op: Operation, proofs: Sequence[Proof], state: str

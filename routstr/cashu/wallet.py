@@ -315,6 +315,7 @@ class Received:
     fee: int  # mint input fee paid for the swap
     proofs_count: int
     op_id: int = 0
+    token: str | None = None  # the part issued back (`receive(keep=…)`), if any
 
 
 @dataclass(frozen=True)
@@ -460,9 +461,15 @@ class Wallet:
 
     # -- receive (NUT-03 swap of foreign proofs)
 
-    async def receive(self, token: Token | str, purpose: Purpose | None = None) -> Received:
+    async def receive(self, token: Token | str, purpose: Purpose | None = None, *,
+                      keep: int | None = None, ref: str | None = None) -> Received:
         """Redeem `token` at its mint (swap for fresh proofs); `purpose` is applied by the store
-        with the received amount in the same transaction as the new proofs."""
+        with the received amount in the same transaction as the new proofs.
+
+        `keep` (sats): the same swap keeps only that much and issues the rest as a fresh token
+        (`Received.token`, stored under `ref` like a send's): the received amount is the whole
+        value, and the store's purpose event says how much of it was issued (`issued_sat`), so
+        the purpose pays it out in the transaction that stores the proofs."""
         tok = parse_token(token) if isinstance(token, str) else token
         if tok.unit and tok.unit != self.unit:
             raise UnitMismatch(f"token unit {tok.unit!r}, wallet unit {self.unit!r}")
@@ -484,11 +491,13 @@ class Wallet:
             if value <= 0:
                 raise TokenTooSmall(f"token worth {_sum(inputs)} does not cover the fee {fee}")
             ks = await client.active_keyset(self.unit)
+            kept = value if keep is None else min(max(keep, 0), value)
+            outputs = [(ks.id, a, "keep") for a in keysets.split_amount(kept)]
+            outputs += [(ks.id, a, "send") for a in keysets.split_amount(value - kept)]
             intent = Intent(
                 kind="receive", mint=mint, unit=self.unit, inputs=tuple(inputs),
-                own_inputs=False,
-                outputs=tuple((ks.id, a, "keep") for a in keysets.split_amount(value)),
-                purpose=purpose, purpose_at="finish", amount=value, fee=fee,
+                own_inputs=False, outputs=tuple(sorted(outputs, key=lambda o: o[1])),
+                purpose=purpose, purpose_at="finish", amount=value, fee=fee, ref=ref,
             )
             op = await self._begin_foreign(intent)
             try:
@@ -511,9 +520,20 @@ class Wallet:
                     self._abort_definite(op, exc)
                 raise
             proofs = [await self._unblind(client, d, s) for d, s in zip(derived, sigs, strict=True)]
-            done = self.store.finish(op.id, Outcome(proofs=tuple(proofs), amount=value, fee=fee))
-            return Received(done.amount, fee, len(proofs), op.id)
+            done = self._finish_receive(op, derived, proofs)
+            return Received(done.amount, fee, len(proofs), op.id, done.token)
         raise AssertionError("unreachable")  # pragma: no cover
+
+    def _finish_receive(
+        self, op: Operation, derived: Sequence[_Derived], proofs: Sequence[Proof]
+    ) -> Operation:
+        """Store a receive's proofs: ours (`keep`) and, when it split, the issued token."""
+        pairs = list(zip(derived, proofs, strict=True))
+        keep = tuple(p for d, p in pairs if d.spec.role != "send")
+        issued = tuple(p for d, p in pairs if d.spec.role == "send")
+        token = Token(mint=op.mint, unit=op.unit, proofs=issued).serialize(4) if issued else None
+        return self.store.finish(op.id, Outcome(proofs=keep, amount=_sum(proofs), fee=op.fee,
+                                                issued=issued, token=token))
 
     async def _begin_foreign(self, intent: Intent) -> Operation:
         """Begin an intent on foreign inputs; a stale holder from a crashed run is settled first."""
@@ -888,6 +908,9 @@ class Wallet:
         pairs = [(d, await self._unblind(client, d, s)) for d, s in found]
         if op.kind == "send":
             self._finish_send(op, [d for d, _ in pairs], [p for _, p in pairs])
+            return True
+        if op.kind == "receive":
+            self._finish_receive(op, [d for d, _ in pairs], [p for _, p in pairs])
             return True
         proofs = tuple(p for _, p in pairs)
         self.store.finish(op.id, Outcome(proofs=proofs, amount=_sum(proofs), fee=op.fee))

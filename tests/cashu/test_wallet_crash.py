@@ -130,6 +130,12 @@ async def _child(db_path: str, seed_hex: str, mint: str, cmd: str, args: list[st
                 out[token_key(text)] = got.amount
             except (MintError, OperationPending) as exc:
                 out[token_key(text)] = type(exc).__name__
+    elif cmd == "receive_split":  # keep, ref, token: an X-Cashu stream's split redemption
+        keep, ref, text = int(args[0]), args[1], args[2]
+        got = await wallet.receive(text, {"action": "create_account", "key_hash": token_key(text),
+                                          "kind": "xcashu", "ref": token_key(text)},
+                                   keep=keep, ref=ref)
+        out = {"amount": got.amount, "token": got.token}
     elif cmd == "send":
         acct = db.read(lambda c: ledger.get_account(c, OPERATOR_KEY))
         assert acct is not None
@@ -316,6 +322,35 @@ async def test_receive_crash(point: str, tmp_path: Path, source: Wallet,
     again = child.run("receive", token)  # a second presentation credits nothing
     assert again[token_key(token)] == "ProofsAlreadySpent"
     assert assert_conserved(child.db)["in"] == 37 - fee
+    assert await unspent_at_mint(child.db, mint)
+
+
+@pytest.mark.parametrize("point", ["after_response", "after_finish"])
+async def test_split_receive_crash_issues_the_change_once(point: str, tmp_path: Path,
+                                                         source: Wallet, mint_url_fee: str) -> None:
+    """A receive that splits the client's change off (X-Cashu stream), killed after the mint
+    signed: recovery finishes it from the restore with the same split — the change token under
+    its reference, paid out of the account in the transaction that stores the proofs."""
+    mint = mint_url_fee
+    await fund_source(source, mint, 64)
+    token = (await source.send(40, mint)).serialize()
+    fee = (len(parse_token(token).proofs) * 100 + 999) // 1000
+    child = Child(tmp_path / "node.sqlite3", os.urandom(64), mint)
+    child.crash(point, "receive_split", "13", "split-1", token)
+    child.run("recover")
+    b = assert_conserved(child.db)
+    assert b["in"] == 40 - fee and b["unspent"] == 13 and b["issued"] == 40 - fee - 13, b
+    assert b["refunded_msats"] == (40 - fee - 13) * 1000 and b["balance_msats"] == 13_000, b
+    db = Database(child.db)
+    op = SqliteWalletStore(db).by_ref("split-1")
+    db.close()
+    assert op is not None and op.state == "done" and op.token is not None
+    assert parse_token(op.token).amount == 40 - fee - 13
+    assert await states(mint, op.token) == {"UNSPENT"}
+    assert (await source.receive(op.token)).amount > 0  # the recovered change is good
+    again = child.run("receive", token)  # the payment token credits nothing more
+    assert again[token_key(token)] == "ProofsAlreadySpent"
+    assert assert_conserved(child.db)["refunded_msats"] == (40 - fee - 13) * 1000
     assert await unspent_at_mint(child.db, mint)
 
 
