@@ -82,6 +82,9 @@ class Response:
     headers: list[tuple[str, str]] = field(default_factory=list)
     body: bytes = b""
     stream: BodyStream | None = None
+    # `body` sent chunked, with no Content-Length: for rewritten upstream answers, so a relay
+    # that copies our headers onto a body it rewrites (routstr-core) cannot truncate it
+    chunked: bool = False
 
     def header(self, name: str) -> str | None:
         name = name.lower()

@@ -756,5 +756,5 @@ class Proxy:
         headers = [(k, v) for k, v in upstream.headers if k in _PASS_RESPONSE_HEADERS]
         headers.extend(billing.cost_headers())
         headers.extend(await self.payments.after_success(billing.payer, billing.settlement))
-        return Response(upstream.status, headers, raw)
+        return Response(upstream.status, headers, raw, chunked=True)
 

@@ -601,7 +601,8 @@ class Server:
 
     async def _send_plain(self, conn: _Conn, response: Response, head_only: bool) -> None:
         headers = self._encode_headers(response.headers)
-        if response.status not in (204, 304) and not 100 <= response.status < 200:
+        if response.status not in (204, 304) and not 100 <= response.status < 200 \
+                and not (response.chunked and response.body):  # h11 frames it chunked
             headers.append((b"content-length", str(len(response.body)).encode()))
         events: list[h11.Event] = [h11.Response(status_code=response.status, headers=headers,
                                                 reason=_reason(response.status))]
