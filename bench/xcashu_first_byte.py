@@ -67,6 +67,7 @@ def main() -> None:
     trees = [t.split("=", 1) for t in args.tree]
     work = Path(tempfile.mkdtemp(prefix="xcashu-bench-"))
     mint = MintProcess.fresh(0).start()
+    (work / "minter").mkdir()
     minter = Minter(work / "minter")
     nodes: dict[str, NodeProcess] = {}
     try:

@@ -26,6 +26,7 @@ from routstr.pricing import (
     models_document,
     reservation_msats,
 )
+from tests.interop.relay import usd_max_cost
 
 TABLE = load_price_table(None)
 
@@ -556,25 +557,10 @@ def test_sats_pricing_floats_are_the_rounded_exact_values(price: ModelPrice) -> 
 
 
 def core_max_cost_msats(m: dict[str, Any], btc_usd: int = 100_000) -> float:
-    """routstr-core 0.4.5's max cost of a model it reads from our /v1/models (digest §1a,
-    payment/models.py `_calculate_usd_max_costs`), from the USD `pricing` and the limits, in
-    msats at `btc_usd`. Written here from the digest, independently of routstr/pricing.py."""
-    pr, top = m["pricing"], m.get("top_provider") or {}
-    p, c = pr["prompt"], pr["completion"]
-    cl, mct = top.get("context_length"), top.get("max_completion_tokens")
-    if cl or mct:
-        if cl and mct:
-            usd = cl * max(p, c) if cl <= mct else (cl - mct) * p + mct * c
-        elif cl:
-            usd = cl * max(p, c)
-        else:
-            usd = mct * c
-    elif m["context_length"]:
-        usd = m["context_length"] * max(p, c)
-    else:
-        usd = max(p * 1e6 + c * 32_000 + pr["request"] * 1e5 + pr["image"] * 100
-                  + pr["web_search"] * 1000 + pr["internal_reasoning"] * 100, 1e-6)
-    return usd / (btc_usd / 100_000_000) * 1000
+    """routstr-core 0.4.5's max cost of a model it reads from our /v1/models (digest §1a), in
+    msats at `btc_usd` (tests/interop/relay.py, written from the digest independently of
+    routstr/pricing.py)."""
+    return usd_max_cost(m) / (btc_usd / 100_000_000) * 1000
 
 
 PER_REQUEST_BODIES = {"dall-e-3": ("per_request", {"prompt": "a city", "n": 1}),
