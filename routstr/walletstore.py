@@ -558,7 +558,7 @@ class SqliteWalletStore:
         return ops[0] if ops else None
 
     def by_ref(self, ref: str) -> Operation | None:
-        ops = self._ops("ref = ? ORDER BY id DESC LIMIT 1", (ref,))
+        ops = self._ops("ref = ? ORDER BY state = 'failed', id DESC LIMIT 1", (ref,))
         return ops[0] if ops else None
 
     def unspent(self, mint: str, unit: str) -> list[Proof]:

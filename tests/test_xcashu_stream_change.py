@@ -16,6 +16,7 @@ import http.client
 import json
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -236,3 +237,72 @@ def test_exact_payment_has_no_head_change(node: NodeProcess, minter: Minter,
     assert status == 200 and "x-cashu" not in headers
     assert final_change(raw.decode())["msats"] == (sats(worst) - sats(COST)) * 1000
     books(node)
+
+
+class _LateSwap:
+    """The real mint behind a transport whose first swap times out without reaching it, and
+    that the test delivers later: a mint that executed a queued swap after the wallet had seen
+    its inputs unspent and rolled it back ("not executed", still watched)."""
+
+    def __init__(self) -> None:
+        from tests.support.mint import UrllibTransport
+        self.inner = UrllibTransport()
+        self.held: tuple[str, bytes | None] | None = None
+
+    async def __call__(self, method: str, url: str, body: bytes | None) -> tuple[int, bytes]:
+        if url.endswith("/v1/swap") and self.held is None:
+            self.held = (url, body)
+            raise TimeoutError("timed out")
+        return await self.inner(method, url, body)
+
+    async def deliver(self) -> None:
+        assert self.held is not None
+        status, _ = await self.inner("POST", *self.held)
+        assert status == 200
+
+
+def test_split_of_a_swap_the_mint_executed_late_is_recovered(
+        tmp_path: Path, minter: Minter, mint_url: str) -> None:
+    """The first redemption timed out and was rolled back as not executed; the client retried
+    with the same token after the mint executed the first swap after all: the retry fails
+    (spent), the first is revived with its split, and the refund returns everything — the
+    retry's rolled-back operation under the same reference hides nothing."""
+    import secrets as _secrets
+
+    import anyio
+
+    from routstr.cashu.wallet import Wallet
+    from routstr.cashupay import CashuConfig, CashuPayments
+    from routstr.errors import ApiError
+    from routstr.walletstore import SqliteWalletStore
+
+    db = Database(tmp_path / "node.sqlite3")
+    try:
+        ledger = Ledger(db)
+        transport = _LateSwap()
+        wallet = Wallet(SqliteWalletStore(db), transport, _secrets.token_bytes(64),
+                        inflight_grace_s=0.0)
+        cashu = CashuPayments(CashuConfig((mint_url,), 900), ledger, wallet, db)
+        token = minter.token(mint_url, 21)
+
+        async def pay() -> ApiError | None:
+            try:
+                await cashu.xcashu_payer(token, 5_500, "gpt-4o-mini", "r1", stream=True)
+            except ApiError as exc:
+                return exc
+            return None
+
+        async def run() -> tuple[ApiError | None, ApiError | None, tuple[str, int]]:
+            first = await pay()  # timed out, rolled back: "not executed"
+            await transport.deliver()  # ... but the mint executes it now
+            second = await pay()  # spent: the first is revived, with its split
+            return first, second, await cashu.recover_change(token)
+
+        first, second, (refund, msats) = anyio.run(run)
+        assert first is not None and second is not None
+        assert second.code == "cashu_token_already_spent", second.code
+        assert msats == 21_000 and parse_token(refund).amount == 21  # split + kept
+        ledger.check_invariant()
+    finally:
+        db.close()
+

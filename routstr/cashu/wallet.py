@@ -290,7 +290,11 @@ class WalletStore(Protocol):
         ...
 
     def by_ref(self, ref: str) -> Operation | None:
-        """The latest operation recorded under `ref`."""
+        """The latest operation recorded under `ref` that did not fail, else the latest one.
+
+        A rolled-back operation issued nothing: it must not hide one under the same `ref` that
+        did (an X-Cashu retry that failed as spent after the mint executed the first redemption
+        late, which was then revived with its split-off token)."""
         ...
 
     def unspent(self, mint: str, unit: str) -> list[Proof]: ...
