@@ -308,11 +308,12 @@ class CashuPayments:
                               description="routstr: pay per request").encode()
 
     async def xcashu_payer(self, text: str, worst_msats: int, model: str,
-                           request_id: str, *, stream: bool = False) -> Payer:
-        """The one-request account an X-Cashu token opens. For a stream the redeeming swap also
-        splits off the client's change beyond the worst case (`Payer.split_token`), so that
-        change goes in the response header before the first byte (where the Routstr SDK and
-        routstr-python read it); what the worst case leaves is handed back at the end."""
+                           request_id: str, *, keep_msats: int | None = None) -> Payer:
+        """The one-request account an X-Cashu token opens. For a stream (`keep_msats`: the most
+        it can cost) the redeeming swap also splits off the client's change beyond that
+        (`Payer.split_token`), so that change goes in the response header before the first byte
+        (where the Routstr SDK and routstr-python read it); what is kept and not charged is
+        handed back at the end."""
         token = self.parse(text, echo=True)
         value_msats = token.amount * MSAT_PER_SAT
         if value_msats < worst_msats:
@@ -332,7 +333,7 @@ class CashuPayments:
                    "ref": token_deposit_ref(text),
                    "refund_mint": normalize_mint_url(token.mint), "refund_unit": token.unit,
                    "fallback": self._rescue(text, token)}
-        keep = ceil_div(worst_msats, MSAT_PER_SAT) if stream else None
+        keep = None if keep_msats is None else ceil_div(max(keep_msats, worst_msats), MSAT_PER_SAT)
         account, split = await self._redeem_for_one_request(text, token, purpose, key_hash,
                                                             keep)
         return Payer(account.id, "xcashu", request_id, token_hash=key_hash,

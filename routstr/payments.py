@@ -57,7 +57,7 @@ class CashuPort(Protocol):
     async def account_for_token(self, token: str) -> Account: ...
 
     async def xcashu_payer(self, token: str, worst_msats: int, model: str,
-                           request_id: str, *, stream: bool = False) -> Payer: ...
+                           request_id: str, *, keep_msats: int | None = None) -> Payer: ...
 
     async def xcashu_change_header(self, payer: Payer) -> list[tuple[str, str]]: ...
 
@@ -100,13 +100,15 @@ class Payments:
         return await self._cashu().account_for_token(credential.token)
 
     async def payer_for(self, request: Request, worst_msats: int, model: str, *,
-                        stream: bool = False) -> Payer:
-        """`stream`: the answer is a stream, whose head leaves before the cost is known (an
-        X-Cashu payment then hands the change beyond the worst case back in that head)."""
+                        keep_msats: int | None = None) -> Payer:
+        """`keep_msats`: the answer is a stream, whose head leaves before the cost is known (an
+        X-Cashu payment then keeps this much, the most the request can cost — its ceiling, not
+        its reservation: a prompt beyond its estimate is charged from what the payment has
+        left — and hands the rest back in that head)."""
         xcashu = request.header("x-cashu")
         if xcashu and xcashu.strip():
             return await self._cashu().xcashu_payer(xcashu.strip(), worst_msats, model,
-                                                    request.request_id, stream=stream)
+                                                    request.request_id, keep_msats=keep_msats)
         account = await self.account_for(request)
         self._store_refund_policy(request, account)
         kind = "token" if account.kind == "token" else "key"

@@ -660,7 +660,9 @@ class Proxy:
             raise ServiceUnavailable("No upstream is configured on this node",
                                      code="upstream_not_configured")
         stream = bool(body.get("stream")) and endpoint.streams
-        payer = await self.payments.payer_for(request, worst, model or "", stream=stream)
+        # a stream's X-Cashu split keeps the ceiling: what settlement may charge beyond `worst`
+        payer = await self.payments.payer_for(request, worst, model or "",
+                                              keep_msats=max(worst, ceil.msats) if stream else None)
         try:
             reservation = self.ledger.reserve(payer.account_id, worst,
                                               request_id=request.request_id,

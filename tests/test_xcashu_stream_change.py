@@ -287,7 +287,8 @@ def test_split_of_a_swap_the_mint_executed_late_is_recovered(
 
         async def pay() -> ApiError | None:
             try:
-                await cashu.xcashu_payer(token, 5_500, "gpt-4o-mini", "r1", stream=True)
+                await cashu.xcashu_payer(token, 5_500, "gpt-4o-mini", "r1",
+                                        keep_msats=5_500)
             except ApiError as exc:
                 return exc
             return None
@@ -306,3 +307,26 @@ def test_split_of_a_swap_the_mint_executed_late_is_recovered(
     finally:
         db.close()
 
+
+def test_stream_prompt_beyond_its_estimate_is_charged_in_full(
+        node: NodeProcess, minter: Minter, mint_url: str, upstream: ScriptedUpstream) -> None:
+    """The reservation holds the prompt at its estimate; a longer prompt is charged at
+    settlement up to the ceiling from what the payment has left. The split must leave that
+    on the account: the charge is the priced usage, never an overdraft the head gave away."""
+    body = {**STREAM, "max_tokens": 100,
+            "messages": [{"role": "user", "content": "Hello! " * 3000}]}
+    usage = {"prompt_tokens": 21_000, "completion_tokens": 5, "total_tokens": 21_005}
+    cost = actual_cost(PRICES.get("gpt-4o-mini"), 21_000, 5).total_msats
+    worst = required(node, minter, mint_url, body)
+    assert sats(worst) * 1000 < cost  # the estimate holds less than this prompt costs
+    upstream.enqueue(Behaviour(usage=usage))
+    token = minter.token(mint_url, 100)
+    status, headers, raw = node.request("POST", "/v1/chat/completions", body,
+                                        {"X-Cashu": token})
+    assert status == 200
+    head = parse_token(headers["x-cashu"]).amount * 1000 if "x-cashu" in headers else 0
+    text = raw.decode()
+    rest = final_change(text)["msats"] if "cashu_change" in text else 0
+    assert [a for k, a in txlog(node, token) if k == "settle"] == [cost]
+    assert head + rest == (100 - sats(cost)) * 1000
+    books(node)
