@@ -99,6 +99,7 @@ async def _serve(node: Node, server: Server, config: Config, worker: WorkerRole 
             node.db.move_checkpoints_off_this_connection()
         # every process renews its own requests' holds; one releases the expired ones
         tg.start_soon(functools.partial(node.sweep_forever, release_expired=jobs))
+        tg.start_soon(functools.partial(node.rates_forever, jobs=jobs))
         if jobs:  # background jobs: in exactly one process
             tg.start_soon(node.checkpoint_forever)
             if config.relays:

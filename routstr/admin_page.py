@@ -466,6 +466,13 @@ def _wallet(v: Dashboard) -> str:
     )
 
 
+def _price_cell(x: int | float | None) -> str:
+    """A price field: msats (a USD entry's rates at the current BTC/USD are fractional)."""
+    if x is None:
+        return "—"
+    return f"{x:,}" if isinstance(x, int) else f"{x:,.3f}"
+
+
 def _prices(v: Dashboard) -> str:
     p = v.prices
     fields = p["fields"]
@@ -474,7 +481,7 @@ def _prices(v: Dashboard) -> str:
                     for f in fields)
     rows = []
     for m in p["data"]:
-        cells = "".join(f'<td class="num">{m[f]:,}</td>' for f in fields)
+        cells = "".join(f'<td class="num">{_price_cell(m[f])}</td>' for f in fields)
         if m["overridden"]:
             status = (
                 '<span class="badge warn">override</span> '
@@ -491,7 +498,8 @@ def _prices(v: Dashboard) -> str:
     default = ""
     if p.get("default"):
         default = ('<p class="muted">Models not listed are priced at the default: '
-                   + _e(", ".join(f"{k} {val:,}" for k, val in p["default"].items())) + "</p>")
+                   + _e(", ".join(f"{k} {_price_cell(val)}" for k, val in p["default"].items()
+                                  if k in fields)) + "</p>")
     return (
         '<section id="prices"><h2>Prices</h2>'
         '<p class="muted">msats per 1,000 tokens (in / out), per request, and the limits used'

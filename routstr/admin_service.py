@@ -288,7 +288,7 @@ class AdminService:
         default = self.prices.default
         return {
             "data": self.prices.entries(),
-            "default": {f: getattr(default, f) for f in PRICE_FIELDS} if default else None,
+            "default": self.prices.price_fields(default) if default else None,
             "fields": list(PRICE_FIELDS),
         }
 

@@ -6,6 +6,7 @@ import logging
 import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import Any
 from urllib.parse import urlsplit
 
 import anyio
@@ -30,7 +31,15 @@ from .messages import BodyStream, Request, Response
 from .netguard import Guard, foreign
 from .payments import Payments
 from .pricebook import PriceBook
-from .pricing import load_price_table
+from .pricefeed import (
+    MAX_ANSWER_BYTES,
+    RateFeed,
+    load_rate,
+    parse_feeds,
+    rate_from_text,
+    save_rate,
+)
+from .pricing import load_price_table, usd_amount
 from .proxy import (
     AUDIO,
     CHAT,
@@ -54,6 +63,7 @@ SWEEP_INTERVAL_S = 60.0
 CHECKPOINT_INTERVAL_S = 1.0
 INVOICE_POLL_S = 5.0
 WALLET_RECOVER_S = 60.0
+FOLLOW_RATE_S = 10.0  # a worker that does not poll the price feeds adopts the stored rate
 
 
 def lnurl_guarded(transport: Transport) -> Transport:
@@ -85,14 +95,36 @@ class Node:
     cashu: CashuPayments | None = None
     platform: Platform = field(init=False)  # rate limits, idempotency, webhooks, metrics, …
     nostr: NostrService = field(init=False)  # identity, announcement, discovery
+    rates: RateFeed = field(init=False)  # BTC/USD, for USD-priced models
 
     def __post_init__(self) -> None:
+        self.rates = open_rates(self.config, self.db, self.http)
+        self.prices.rates = self.rates
+        self.prices.markup = usd_amount(self.config.price_markup, "--price-markup")
+        self.rates.needed = any(p.usd is not None for p in self.prices)
         self.nostr = open_nostr(self.config, self.db, self.http)
         self.platform = Platform(self.config, self.db, self.ledger.boot_id,
                                  lambda request: self.payments.account_for(request,
                                                                            create=False),
                                  self.known_owner)
         self.platform.extra_metrics.append(self.nostr.metrics_extra)
+        self.platform.extra_metrics.append(self.rates_metrics)
+
+    def rates_metrics(self) -> dict[str, tuple[str, str, dict[tuple[Any, ...], float]]]:
+        rate, age = self.rates.usd_per_btc(), self.rates.age_s()
+        extra: dict[str, tuple[str, str, dict[tuple[Any, ...], float]]] = {
+            "routstr_price_refreshes_total": ("counter", "BTC/USD refreshes attempted.",
+                                              {(): float(self.rates.refreshes)}),
+            "routstr_price_refresh_failures_total": (
+                "counter", "BTC/USD refreshes that got no rate.", {(): float(self.rates.failures)}),
+        }
+        if rate is not None:
+            extra["routstr_btc_usd"] = ("gauge", "BTC/USD rate USD-priced models are billed at.",
+                                        {(): float(rate)})
+        if age is not None:
+            extra["routstr_btc_usd_age_seconds"] = ("gauge", "Age of the BTC/USD rate.",
+                                                    {(): float(age)})
+        return extra
 
     @classmethod
     def open(cls, config: Config, *, boot_id: str | None = None) -> Node:
@@ -143,7 +175,17 @@ class Node:
             "onion_url": c.onion_url,
             "child_key_cost_msats": c.child_key_cost_msats,
             "models": [p.id for p in self.prices],
+            "btc_usd": self.rates.status(),
         }
+
+    async def rates_forever(self, *, jobs: bool) -> None:
+        """Keep the BTC/USD rate fresh: the jobs process polls the feeds and stores each rate;
+        the other workers adopt the stored one."""
+        if jobs:
+            await self.rates.run()
+        else:
+            await self.rates.follow(lambda: load_rate(self.db),
+                                    min(FOLLOW_RATE_S, self.config.price_refresh))
 
     async def database_probe(self) -> str:
         return database_writable(self.db) if self.db.ping() else "error"
@@ -217,16 +259,34 @@ class Node:
                 log.warning("released %d expired reservations", released)
 
 
+def open_rates(config: Config, db: Database, http: HttpClient) -> RateFeed:
+    """The BTC/USD feed of `config`, starting from the last stored rate."""
+
+    async def fetch(url: str) -> tuple[int, bytes]:
+        status, _, body = await http.fetch(
+            "GET", url, [("accept", "application/json"), ("user-agent", f"routstr/{__version__}")],
+            max_bytes=MAX_ANSWER_BYTES)
+        return status, body
+
+    pinned = rate_from_text(config.btc_usd) if config.btc_usd else None
+    rates = RateFeed(parse_feeds(config.price_feeds), pinned=pinned,
+                     refresh_s=config.price_refresh, max_age_s=config.price_max_age,
+                     fetch=fetch, store=lambda rate: save_rate(db, rate))
+    rates.adopt(load_rate(db))
+    return rates
+
+
 def routes(node: Node) -> list[Route]:
     c = node.config
     status = StatusHandlers(
-        node.info_doc, node.database_probe,
+        node.info_doc, node.database_probe, node.rates,
         CachedProbe(node.upstream_probe if c.upstream_base_url else None),
         CachedProbe(mint_probe(node.http, c.cashu_mints) if c.cashu_mints else None),
     )
     proxy = Proxy(ProxyConfig(c.upstream_base_url, c.upstream_api_key,
                               c.chat_completions_api_version, c.reservation_ttl),
-                  node.ledger, node.prices, node.http, node.payments, observer=node.platform)
+                  node.ledger, node.prices, node.http, node.payments, observer=node.platform,
+                  rates=node.rates, markup=usd_amount(c.price_markup, "--price-markup"))
     balance = BalanceHandlers(node.ledger, node.payments)
     table = [
         Route("GET", "/health", status.health),

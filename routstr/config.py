@@ -20,6 +20,8 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from .nostr import secret_from_text
+from .pricefeed import DEFAULT_FEEDS, parse_feeds, rate_from_text
+from .pricing import usd_amount
 
 MiB = 1024 * 1024
 
@@ -94,6 +96,30 @@ def _host(value: str) -> None:
             raise ConfigError(f"not a host: {value!r}") from None
 
 
+def _btc_usd(value: str) -> None:
+    if value:
+        try:
+            rate_from_text(value)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+
+
+def _feeds(value: str) -> None:
+    try:
+        parse_feeds(value)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+
+
+def _markup(value: str) -> None:
+    try:
+        markup = usd_amount(value, "markup")
+    except ValueError:
+        raise ConfigError(f"not a decimal number: {value!r}") from None
+    if not 0 < markup <= 1000:
+        raise ConfigError(f"must be above 0 and at most 1000: {value}")
+
+
 def _s(help: str, check: Callable[[Any], None] | None = None, secret: bool = False) -> Any:
     return {"help": help, "check": check, "secret": secret}
 
@@ -129,6 +155,26 @@ class Config:
                                 " written to <database>.admin-token, mode 0600)", secret=True)
     )
     pricing: str = field(default="", metadata=_s("TOML file overriding the built-in price table"))
+    btc_usd: str = field(
+        default="", metadata=_s("pin the BTC/USD rate (USD per BTC) USD-priced models are billed"
+                                " at; unset: the price feeds", _btc_usd)
+    )
+    price_feeds: str = field(
+        default=DEFAULT_FEEDS,
+        metadata=_s("BTC/USD sources, comma-separated: NAME (coinbase, kraken, bitstamp) or"
+                    " NAME=URL (that answer format at another URL); none: no feed", _feeds),
+    )
+    price_refresh: int = field(
+        default=300, metadata=_s("seconds between BTC/USD refreshes", _positive)
+    )
+    price_max_age: int = field(
+        default=3600,
+        metadata=_s("a BTC/USD rate older than this marks /health degraded (it is still used)",
+                    _positive),
+    )
+    price_markup: str = field(
+        default="1", metadata=_s("multiplier on USD list prices (1.2 = 20 % above)", _markup)
+    )
     cashu_mints: tuple[str, ...] = field(
         default=(), metadata=_s("trusted Cashu mints, comma-separated; first = primary", _urls)
     )

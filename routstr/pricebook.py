@@ -17,15 +17,17 @@ One process serves the database, so the in-memory copy is the truth; another pro
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import time
 from collections.abc import Mapping
+from fractions import Fraction
 from typing import Any, Final
 
 from . import admin_store
 from .db import Database
-from .pricing import MAX_PRICE_VALUE, ModelPrice, PriceTable
+from .errors import ApiError
+from .pricefeed import RateFeed
+from .pricing import MAX_PRICE_VALUE, ModelPrice, PriceTable, at_rate, override
 
 log = logging.getLogger("routstr.prices")
 
@@ -51,9 +53,8 @@ def apply_override(base: ModelPrice | None, model_id: str, fields: Mapping[str, 
     for name, value in fields.items():
         if type(value) is not int or not 0 <= value <= MAX_PRICE_VALUE:
             raise ValueError(f"{name} must be an integer in 0..{MAX_PRICE_VALUE}")
-    if base is not None:
-        changes: dict[str, Any] = dict(fields)
-        return dataclasses.replace(base, **changes)
+    if base is not None:  # over a USD entry, msat rates stay fixed over the live ones
+        return override(base, fields)
     missing = [f for f in PRICE_FIELDS if f != "request_msats" and f not in fields]
     if missing:
         raise ValueError(f"a model not in the table needs {', '.join(missing)}")
@@ -66,6 +67,8 @@ class PriceBook(PriceTable):
         self.base = base
         self._db = db
         self.overrides: dict[str, tuple[str, dict[str, int]]] = {}
+        self.rates: RateFeed | None = None  # set by the node: entries() shows msats at its rate
+        self.markup = Fraction(1)
         super().__init__(list(base), default=base.default)
         self.reload()
 
@@ -113,6 +116,18 @@ class PriceBook(PriceTable):
             log.info("price override removed for %s", model_id)
         return removed
 
+    def price_fields(self, price: ModelPrice) -> dict[str, Any]:
+        """The price fields in msats at the current rate (None for a USD entry with no rate);
+        `usd`: whether the entry follows BTC/USD."""
+        rate = self.rates.usd_per_btc() if self.rates is not None else None
+        try:
+            now = at_rate(price, rate, self.markup)
+        except ApiError:
+            return {**{f: None for f in PRICE_FIELDS}, "usd": True}
+        values = {f: getattr(now, f) for f in PRICE_FIELDS}
+        return {**{f: v if isinstance(v, int) else float(v) for f, v in values.items()},
+                "usd": price.usd is not None}
+
     def entries(self) -> list[dict[str, Any]]:
         """Every served model with its configured price and whether an override applies."""
         out = []
@@ -122,9 +137,9 @@ class PriceBook(PriceTable):
             out.append({
                 "id": price.id,
                 "name": price.name or price.id,
-                **{f: getattr(price, f) for f in PRICE_FIELDS},
+                **self.price_fields(price),
                 "overridden": override is not None,
                 "override": dict(override[1]) if override else None,
-                "base": {f: getattr(base, f) for f in PRICE_FIELDS} if base else None,
+                "base": self.price_fields(base) if base else None,
             })
         return out

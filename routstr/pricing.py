@@ -67,10 +67,10 @@ import tomllib
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from fractions import Fraction
+from importlib import resources
 from typing import Any, Final
 
 from . import errors
-from .money import ceil_div
 
 BTC_USD: Final = 100_000  # assumed exchange rate behind the built-in table
 PRICES_AS_OF: Final = "2025-06-15"
@@ -92,12 +92,32 @@ _TOL: Final = Fraction(100 - TOLERANCE_PERCENT, 100)
 _DATE_SUFFIX: Final = re.compile(r"-\d{8}$")
 
 
+#: A rate in msats (per 1,000 tokens, or per request): an int for an msat entry; for a USD entry
+#: resolved at a BTC/USD rate, the exact rational (a charge rounds it once, to whole msats).
+Msats = int | Fraction
+
+
+@dataclass(frozen=True, slots=True)
+class UsdPrices:
+    """An entry priced the way providers publish: USD per 1M tokens, USD per request."""
+
+    input: Fraction
+    output: Fraction
+    cached_input: Fraction | None = None
+    cache_write: Fraction | None = None
+    request: Fraction = Fraction(0)
+
+
 @dataclass(frozen=True, slots=True)
 class ModelPrice:
+    """A table entry. An msat entry has its rates in the `*_msats*` fields (fixed in sats); a
+    USD entry has them in `usd` (its msat fields are 0 until `at_rate` resolves it at a
+    BTC/USD rate). Cache rates None: those tokens are billed as input."""
+
     id: str
-    input_msats_per_1k: int
-    output_msats_per_1k: int
-    request_msats: int
+    input_msats_per_1k: Msats
+    output_msats_per_1k: Msats
+    request_msats: Msats
     max_output_tokens: int
     context_length: int
     name: str = ""
@@ -107,6 +127,12 @@ class ModelPrice:
     input_modalities: tuple[str, ...] = ("text",)
     output_modalities: tuple[str, ...] = ("text",)
     tokenizer: str = "Other"
+    cached_input_msats_per_1k: Msats | None = None
+    cache_write_msats_per_1k: Msats | None = None
+    usd: UsdPrices | None = None
+    # msat rate fields fixed over a USD entry (an operator's override of one field, e.g. its
+    # request fee): applied after the USD rates are resolved
+    fixed: tuple[tuple[str, int], ...] = ()
 
     def __post_init__(self) -> None:
         if not self.id or self.id != self.id.strip():
@@ -115,6 +141,12 @@ class ModelPrice:
             value = getattr(self, f)
             if type(value) is not int or not 0 <= value <= MAX_PRICE_VALUE:
                 raise ValueError(f"{self.id}: {f} must be an integer in 0..{MAX_PRICE_VALUE}")
+        for f in _RATE_FIELDS:
+            value = getattr(self, f)
+            if value is None and f in _CACHE_FIELDS:
+                continue
+            if type(value) not in (int, Fraction) or not 0 <= value <= MAX_PRICE_VALUE:
+                raise ValueError(f"{self.id}: {f} must be a number in 0..{MAX_PRICE_VALUE}")
         for f in ("name", "description", "owned_by", "tokenizer"):
             if not isinstance(getattr(self, f), str):
                 raise ValueError(f"{self.id}: {f} must be a string")
@@ -122,6 +154,16 @@ class ModelPrice:
             value = getattr(self, f)
             if not isinstance(value, tuple) or not all(isinstance(v, str) for v in value):
                 raise ValueError(f"{self.id}: {f} must be a list of strings")
+
+    @property
+    def cached_rate(self) -> Msats:
+        rate = self.cached_input_msats_per_1k
+        return self.input_msats_per_1k if rate is None else rate
+
+    @property
+    def write_rate(self) -> Msats:
+        rate = self.cache_write_msats_per_1k
+        return self.input_msats_per_1k if rate is None else rate
 
 
 _PRICE_FIELDS: Final = (
@@ -131,8 +173,20 @@ _PRICE_FIELDS: Final = (
     "max_output_tokens",
     "context_length",
 )
-_INT_FIELDS: Final = _PRICE_FIELDS + ("created",)
-_TOML_FIELDS: Final = tuple(f.name for f in dataclasses.fields(ModelPrice) if f.name != "id")
+_CACHE_FIELDS: Final = ("cached_input_msats_per_1k", "cache_write_msats_per_1k")
+_RATE_FIELDS: Final = ("input_msats_per_1k", "output_msats_per_1k", "request_msats",
+                       *_CACHE_FIELDS)
+_INT_FIELDS: Final = ("max_output_tokens", "context_length", "created")
+_USD_FIELDS: Final = {  # TOML key → UsdPrices field
+    "input_usd_per_1m": "input",
+    "output_usd_per_1m": "output",
+    "cached_input_usd_per_1m": "cached_input",
+    "cache_write_usd_per_1m": "cache_write",
+    "request_usd": "request",
+}
+_TOML_FIELDS: Final = tuple(f.name for f in dataclasses.fields(ModelPrice)
+                            if f.name not in ("id", "usd", "fixed")) + tuple(_USD_FIELDS)
+MAX_USD_VALUE: Final = 10**9  # USD per 1M tokens or per request, in a table entry
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,145 +195,43 @@ class Cost:
     input_msats: int
     output_msats: int
     total_msats: int
+    cache_read_msats: int = 0
+    cache_creation_msats: int = 0
 
 
-# --------------------------------------------------------------------------------------------
-# The built-in table (USD list prices per 1M tokens as of PRICES_AS_OF, at BTC_USD)
-# --------------------------------------------------------------------------------------------
+def _exact(x: Fraction) -> Msats:
+    return x.numerator if x.denominator == 1 else x
 
 
-def _usd_per_m(usd: str) -> int:
-    """$ per 1M tokens → msats per 1k tokens at BTC_USD (exact; refuses sub-msat results)."""
-    value = Fraction(usd) * 100_000_000 * 1000 / BTC_USD / 1000
-    if value.denominator != 1:
-        raise ValueError(f"${usd}/1M is not a whole number of msats per 1k tokens")
-    return int(value)
+@functools.lru_cache(maxsize=4096)
+def _resolved(price: ModelPrice, btc_usd: Fraction, markup: Fraction) -> ModelPrice:
+    u = price.usd
+    assert u is not None
+    k = markup * 100_000_000 / btc_usd  # msats per 1k tokens for $1 per 1M tokens
+    rates: dict[str, Any] = {
+        "input_msats_per_1k": _exact(u.input * k),
+        "output_msats_per_1k": _exact(u.output * k),
+        "request_msats": _exact(u.request * k * 1000),
+        "cached_input_msats_per_1k":
+            None if u.cached_input is None else _exact(u.cached_input * k),
+        "cache_write_msats_per_1k": None if u.cache_write is None else _exact(u.cache_write * k),
+    }
+    # resolved: no `usd` left, so nothing can resolve (or mistake) it twice
+    return dataclasses.replace(price, **{**rates, **dict(price.fixed)}, usd=None, fixed=())
 
 
-def _usd_flat(usd: str) -> int:
-    """$ per request → msats at BTC_USD."""
-    value = Fraction(usd) * 100_000_000 * 1000 / BTC_USD
-    if value.denominator != 1:
-        raise ValueError(f"${usd} is not a whole number of msats")
-    return int(value)
-
-
-_FAMILIES: Final = {  # family → (display prefix, owned_by, tokenizer)
-    "openai": ("OpenAI", "openai", "GPT"),
-    "anthropic": ("Anthropic", "anthropic", "Claude"),
-    "meta": ("Meta", "meta-llama", "Llama3"),  # at Groq's list prices
-    "deepseek": ("DeepSeek", "deepseek", "DeepSeek"),  # standard-hours list prices
-}
-
-# Token-priced chat models. $ per 1M tokens (input, output), max output tokens, context length,
-# release date (unix), family, inputs (text or vision = text+image), display name.
-_CHAT_TABLE: Final = """
-gpt-4o                   2.50  10.00  16384  128000 1715558400 openai    vision GPT-4o
-gpt-4o-mini              0.15   0.60  16384  128000 1721260800 openai    vision GPT-4o mini
-gpt-4.1                  2.00   8.00  32768 1047576 1744588800 openai    vision GPT-4.1
-gpt-4.1-mini             0.40   1.60  32768 1047576 1744588800 openai    vision GPT-4.1 mini
-gpt-4.1-nano             0.10   0.40  32768 1047576 1744588800 openai    vision GPT-4.1 nano
-o3                       2.00   8.00 100000  200000 1744761600 openai    vision o3
-o3-mini                  1.10   4.40 100000  200000 1738281600 openai    text   o3-mini
-o4-mini                  1.10   4.40 100000  200000 1744761600 openai    vision o4-mini
-gpt-4-turbo             10.00  30.00   4096  128000 1712620800 openai    vision GPT-4 Turbo
-gpt-4                   30.00  60.00   8192    8192 1678838400 openai    text   GPT-4
-gpt-3.5-turbo            0.50   1.50   4096   16385 1677628800 openai    text   GPT-3.5 Turbo
-claude-3-5-sonnet        3.00  15.00   8192  200000 1729555200 anthropic vision Claude 3.5 Sonnet
-claude-3-5-haiku         0.80   4.00   8192  200000 1730678400 anthropic text   Claude 3.5 Haiku
-claude-3-7-sonnet        3.00  15.00  64000  200000 1740355200 anthropic vision Claude 3.7 Sonnet
-claude-sonnet-4          3.00  15.00  64000  200000 1747872000 anthropic vision Claude Sonnet 4
-claude-opus-4           15.00  75.00  32000  200000 1747872000 anthropic vision Claude Opus 4
-llama-3.1-8b-instruct    0.05   0.08  32768  131072 1721692800 meta      text   Llama 3.1 8B
-llama-3.3-70b-instruct   0.59   0.79  32768  131072 1733443200 meta      text   Llama 3.3 70B
-deepseek-chat            0.27   1.10   8192   64000 1735084800 deepseek  text   DeepSeek V3
-deepseek-reasoner        0.55   2.19  32768   64000 1737331200 deepseek  text   DeepSeek R1
-"""
-
-_EMBEDDINGS: Final = (
-    # id, $ in / 1M, context length, created
-    ("text-embedding-3-small", "0.02", 8191, 1705968000),
-    ("text-embedding-3-large", "0.13", 8191, 1705968000),
-    ("text-embedding-ada-002", "0.10", 8191, 1671148800),
-)
-
-
-def _builtin() -> tuple[ModelPrice, ...]:
-    prices = []
-    for line in _CHAT_TABLE.strip().splitlines():
-        id_, usd_in, usd_out, max_out, ctx, created, family, inputs, name = line.split(None, 8)
-        prefix, owner, tokenizer = _FAMILIES[family]
-        prices.append(
-            ModelPrice(
-                id=id_,
-                input_msats_per_1k=_usd_per_m(usd_in),
-                output_msats_per_1k=_usd_per_m(usd_out),
-                request_msats=0,
-                max_output_tokens=int(max_out),
-                context_length=int(ctx),
-                name=f"{prefix}: {name}",
-                description=f"{prefix}: {name}; list price ${usd_in} in / ${usd_out} out per 1M"
-                f" tokens ({PRICES_AS_OF}) at {BTC_USD} USD/BTC",
-                created=int(created),
-                owned_by=owner,
-                input_modalities=("text", "image") if inputs == "vision" else ("text",),
-                tokenizer=tokenizer,
-            )
-        )
-    prices += [
-        ModelPrice(
-            id=id_,
-            input_msats_per_1k=_usd_per_m(usd_in),
-            output_msats_per_1k=0,
-            request_msats=0,
-            max_output_tokens=0,
-            context_length=ctx,
-            name=f"OpenAI: {id_}",
-            description=f"OpenAI: {id_}; list price ${usd_in} per 1M input tokens"
-            f" ({PRICES_AS_OF}) at {BTC_USD} USD/BTC",
-            created=created,
-            owned_by="openai",
-            output_modalities=("embeddings",),
-            tokenizer="GPT",
-        )
-        for id_, usd_in, ctx, created in _EMBEDDINGS
-    ]
-    prices.append(
-        ModelPrice(
-            id="dall-e-3",
-            input_msats_per_1k=0,
-            output_msats_per_1k=0,
-            request_msats=_usd_flat("0.12"),
-            max_output_tokens=0,
-            context_length=0,
-            name="OpenAI: DALL-E 3",
-            description="OpenAI: DALL-E 3; flat $0.12 per request (its dearest list price, HD"
-            f" 1024x1792, {PRICES_AS_OF}) at {BTC_USD} USD/BTC",
-            created=1698796800,
-            owned_by="openai",
-            output_modalities=("image",),
-        )
-    )
-    prices.append(
-        ModelPrice(
-            id="whisper-1",
-            input_msats_per_1k=0,
-            output_msats_per_1k=0,
-            request_msats=_usd_flat("0.03"),
-            max_output_tokens=0,
-            context_length=0,
-            name="OpenAI: Whisper",
-            description="OpenAI: Whisper; flat $0.03 per request (five minutes at $0.006/min,"
-            f" {PRICES_AS_OF}) at {BTC_USD} USD/BTC",
-            created=1677628800,
-            owned_by="openai",
-            input_modalities=("audio",),
-        )
-    )
-    return tuple(sorted(prices, key=lambda p: p.id))
-
-
-BUILTIN_PRICES: Final[tuple[ModelPrice, ...]] = _builtin()
+def at_rate(price: ModelPrice, btc_usd: Fraction | None,
+            markup: Fraction = Fraction(1)) -> ModelPrice:
+    """`price` in msats: a USD entry × `markup` at `btc_usd` (USD per BTC), exactly; an msat
+    entry as it is. A USD entry with no rate known cannot be priced: 503 ``price_unavailable``
+    (and ``/health`` says why)."""
+    if price.usd is None:
+        return price
+    if btc_usd is None:
+        raise errors.ServiceUnavailable(
+            f"Model '{price.id}' is priced in USD and this node has no BTC/USD rate yet",
+            code="price_unavailable", details={"model": price.id})
+    return _resolved(price, btc_usd, markup)
 
 
 # --------------------------------------------------------------------------------------------
@@ -335,8 +287,57 @@ class PriceTable:
     def __len__(self) -> int:
         return len(self._by_id)
 
+    def at(self, btc_usd: int | Fraction, markup: Fraction = Fraction(1)) -> PriceTable:
+        """Every entry resolved in msats at `btc_usd` (what a node pinned there bills)."""
+        rate = Fraction(btc_usd)
+        default = None if self.default is None else at_rate(self.default, rate, markup)
+        return PriceTable([at_rate(p, rate, markup) for p in self], default=default)
+
+
+def usd_amount(value: object, what: str) -> Fraction:
+    """A USD price from a TOML or JSON value: a number or a decimal string, exactly (a float is
+    taken as the decimal it was written as: 0.15 is 15/100, not its binary neighbour)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise ValueError(f"{what} must be a number of USD, got {value!r}")
+    text = repr(value) if isinstance(value, float) else str(value).strip()
+    if not re.fullmatch(r"\d{1,12}(\.\d{1,12})?|\d{1,12}(\.\d{1,12})?e-\d{1,2}", text):
+        raise ValueError(f"{what} must be a non-negative decimal number of USD, got {value!r}")
+    amount = Fraction(text)
+    if amount > MAX_USD_VALUE:
+        raise ValueError(f"{what} is too large ({value})")
+    return amount
+
+
+def _kind(keys: set[str]) -> str | None:
+    """"usd" / "msat" by the rate keys an entry gives; None when it gives none."""
+    usd = keys & set(_USD_FIELDS)
+    msat = keys & set(_RATE_FIELDS)
+    if usd and msat:
+        raise ValueError(f"mixes USD ({', '.join(sorted(usd))}) and msat"
+                         f" ({', '.join(sorted(msat))}) prices; an entry has one kind")
+    return "usd" if usd else "msat" if msat else None
+
+
+def override(base: ModelPrice, values: Mapping[str, Any],
+             usd: Mapping[str, Fraction] | None = None) -> ModelPrice:
+    """`base` with some fields changed (a `--pricing` file's or the admin's override): USD
+    rates of a USD entry change its list prices; msat rates given for a USD entry stay fixed
+    in sats over the live ones (`fixed`); other fields replace the base's."""
+    changes = dict(values)
+    if usd:
+        assert base.usd is not None
+        changes["usd"] = dataclasses.replace(base.usd, **usd)
+    if base.usd is not None:
+        fixed = {k: changes.pop(k) for k in list(changes) if k in _RATE_FIELDS}
+        if fixed:
+            changes["fixed"] = tuple(sorted({**dict(base.fixed), **fixed}.items()))
+    return dataclasses.replace(base, **changes)
+
 
 def _toml_entry(where: str, table: object, base: ModelPrice | None, model_id: str) -> ModelPrice:
+    """One `[models."id"]` (or `[default]`) table. An entry is of one kind: USD (`*_usd*`
+    keys, resolved at the live rate) or msats (`*_msats*` keys, fixed in sats). Overriding a
+    built-in entry changes only the keys given; switching its kind needs input and output."""
     if not isinstance(table, dict):
         raise ValueError(f"{where} must be a table")
     unknown = sorted(set(table) - set(_TOML_FIELDS))
@@ -344,31 +345,62 @@ def _toml_entry(where: str, table: object, base: ModelPrice | None, model_id: st
         raise ValueError(
             f"{where}: unknown key(s) {', '.join(unknown)}; allowed: {', '.join(_TOML_FIELDS)}"
         )
+    try:
+        kind = _kind(set(table))
+    except ValueError as exc:
+        raise ValueError(f"{where}: {exc}") from None
     values: dict[str, Any] = {}
+    usd: dict[str, Fraction] = {}
     for key, value in table.items():
-        if key in _INT_FIELDS:
+        if key in _USD_FIELDS:
+            usd[_USD_FIELDS[key]] = usd_amount(value, f"{where}.{key}")
+        elif key in _INT_FIELDS or key in _RATE_FIELDS:
             if type(value) is not int:
                 raise ValueError(f"{where}.{key} must be an integer, got {value!r}")
             if value < 0:
                 raise ValueError(f"{where}.{key} must not be negative, got {value}")
             if value > MAX_PRICE_VALUE:
                 raise ValueError(f"{where}.{key} is too large ({value})")
+            values[key] = value
         elif key in ("input_modalities", "output_modalities"):
             if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
                 raise ValueError(f"{where}.{key} must be a list of strings")
-            value = tuple(value)
+            values[key] = tuple(value)
         elif not isinstance(value, str):
             raise ValueError(f"{where}.{key} must be a string")
-        values[key] = value
-    if base is not None:
-        return dataclasses.replace(base, **values)
-    missing = [f for f in _PRICE_FIELDS if f != "request_msats" and f not in values]
+        else:
+            values[key] = value
+    if base is not None and (kind != "usd" or base.usd is not None):
+        return override(base, values, usd)
+    needed = ["max_output_tokens", "context_length"] if base is None else []
+    needed += ["input_usd_per_1m", "output_usd_per_1m"] if kind == "usd" \
+        else ["input_msats_per_1k", "output_msats_per_1k"]
+    missing = [f for f in needed if f not in table]
     if missing:
-        raise ValueError(f"{where}: a model not in the built-in table needs {', '.join(missing)}")
+        what = "a model not in the built-in table" if base is None \
+            else f"switching {model_id} to {kind} prices"
+        raise ValueError(f"{where}: {what} needs {', '.join(missing)}")
     values.setdefault("request_msats", 0)
+    if kind == "usd":
+        values.update(input_msats_per_1k=0, output_msats_per_1k=0, usd=UsdPrices(**usd))
+    if base is not None:  # an msat entry switched to USD: its msat rates go
+        values.update(cached_input_msats_per_1k=None, cache_write_msats_per_1k=None, fixed=())
+        return dataclasses.replace(base, **values)
     values.setdefault("name", model_id)
     values.setdefault("owned_by", "operator")
     return ModelPrice(id=model_id, **values)
+
+
+def _builtin() -> tuple[ModelPrice, ...]:
+    """The built-in table: routstr/prices.toml (USD list prices as of PRICES_AS_OF), read as an
+    operator's ``--pricing`` file is read."""
+    text = resources.files(__package__).joinpath("prices.toml").read_text("utf-8")
+    models = tomllib.loads(text)["models"]
+    return tuple(sorted((_toml_entry(f"routstr/prices.toml: models.{k}", v, None, k)
+                         for k, v in models.items()), key=lambda p: p.id))
+
+
+BUILTIN_PRICES: Final[tuple[ModelPrice, ...]] = _builtin()
 
 
 def load_price_table(path: str | None, *, default_price: ModelPrice | None = None) -> PriceTable:
@@ -422,15 +454,39 @@ def _count(value: int, what: str) -> int:
     return value
 
 
-def actual_cost(price: ModelPrice, prompt_tokens: int, completion_tokens: int) -> Cost:
-    """request_msats + ceil((prompt × in + completion × out) / 1000), split base/input/output."""
-    prompt_part = _count(prompt_tokens, "prompt_tokens") * price.input_msats_per_1k
+def actual_cost(price: ModelPrice, prompt_tokens: int, completion_tokens: int,
+                cached_tokens: int = 0, cache_write_tokens: int = 0) -> Cost:
+    """ceil(request) + ceil(Σ tokens × rate / 1000), split base / input / cache / output.
+
+    `prompt_tokens` counts every input token; of them `cached_tokens` are billed at the cached
+    rate and `cache_write_tokens` at the cache-write rate (each input token at one rate; counts
+    beyond the prompt are clamped to it). The cache and output parts are floor(part / 1000);
+    input takes the rest of the token total, so the sub-msat rounding lands in input."""
+    if price.usd is not None:  # its msat fields are placeholders: never bill them (free)
+        raise ValueError(f"{price.id}: a USD entry is billed only once resolved (at_rate)")
+    prompt = _count(prompt_tokens, "prompt_tokens")
+    cached = min(_count(cached_tokens, "cached_tokens"), prompt)
+    written = min(_count(cache_write_tokens, "cache_write_tokens"), prompt - cached)
+    input_part = (prompt - cached - written) * price.input_msats_per_1k
+    read_part = cached * price.cached_rate if cached else 0
+    write_part = written * price.write_rate if written else 0
     completion_part = _count(completion_tokens, "completion_tokens") * price.output_msats_per_1k
-    tokens_msats = ceil_div(prompt_part + completion_part, 1000)
-    output_msats = completion_part // 1000
-    input_msats = tokens_msats - output_msats
-    total = price.request_msats + tokens_msats
-    return Cost(price.request_msats, input_msats, output_msats, total)
+    tokens_msats = int(-(-(input_part + read_part + write_part + completion_part) // 1000))
+    output_msats = int(completion_part // 1000)
+    read_msats, write_msats = int(read_part // 1000), int(write_part // 1000)
+    input_msats = tokens_msats - output_msats - read_msats - write_msats
+    base = int(-(-price.request_msats // 1))
+    return Cost(base, input_msats, output_msats, base + tokens_msats, read_msats, write_msats)
+
+
+def dearest_prompt(price: ModelPrice) -> ModelPrice:
+    """`price` with every input token at its dearest input rate: what bounds a prompt whose
+    split into cached / written / plain tokens is known only afterwards."""
+    dearest = max(price.input_msats_per_1k, price.cached_rate, price.write_rate)
+    if dearest == price.input_msats_per_1k:
+        return price
+    return dataclasses.replace(price, input_msats_per_1k=dearest,
+                               cached_input_msats_per_1k=None, cache_write_msats_per_1k=None)
 
 
 @dataclass(frozen=True, slots=True)
@@ -443,6 +499,8 @@ class SatsPricing:
     max_prompt_cost: Fraction
     max_completion_cost: Fraction
     max_cost: Fraction
+    cache_read: Fraction = Fraction(0)
+    cache_write: Fraction = Fraction(0)
 
     def as_json(self) -> dict[str, float]:
         return {
@@ -452,8 +510,8 @@ class SatsPricing:
             "image": 0.0,
             "web_search": 0.0,
             "internal_reasoning": 0.0,
-            "input_cache_read": float(self.prompt),
-            "input_cache_write": float(self.prompt),
+            "input_cache_read": float(self.cache_read),
+            "input_cache_write": float(self.cache_write),
             "max_prompt_cost": float(self.max_prompt_cost),
             "max_completion_cost": float(self.max_completion_cost),
             "max_cost": float(self.max_cost),
@@ -468,6 +526,9 @@ class SatsPricing:
 
 def per_request_model(price: ModelPrice) -> bool:
     """Priced by the request alone (images, audio): no token prices, a request fee."""
+    u = price.usd
+    if u is not None:
+        return u.request > 0 and not u.input and not u.output
     return price.request_msats > 0 and not price.input_msats_per_1k \
         and not price.output_msats_per_1k
 
@@ -490,6 +551,8 @@ def sats_pricing(price: ModelPrice) -> SatsPricing:
     node as upstream, derives a model's max cost from the token prices and limits and counts
     `request` only when no limit is given — then × 100 000 — so this is the one encoding under
     which it reserves what the request costs (issue 17 §3), not 0 nor 10⁵ times too much."""
+    if price.usd is not None:
+        raise ValueError(f"{price.id}: a USD entry is published only once resolved (at_rate)")
     p = Fraction(price.input_msats_per_1k, 1_000_000)
     c = Fraction(price.output_msats_per_1k, 1_000_000)
     r = Fraction(price.request_msats, 1000)
@@ -514,6 +577,8 @@ def sats_pricing(price: ModelPrice) -> SatsPricing:
         max_prompt_cost=mp,
         max_completion_cost=mc,
         max_cost=max(tokens + r, floor),
+        cache_read=Fraction(price.cached_rate, 1_000_000),
+        cache_write=Fraction(price.write_rate, 1_000_000),
     )
 
 
@@ -750,14 +815,22 @@ class Ceiling:
         """Does a usage report exceed what an honest upstream can report?"""
         return prompt > self.prompt_tokens or completion > self.output_tokens
 
-    def charge(self, price: ModelPrice, prompt: int, completion: int) -> Cost:
-        """The priced usage, clamped to the bounds, capped at `msats`."""
-        cost = actual_cost(price, *self.clamp(prompt, completion))
+    def charge(self, price: ModelPrice, prompt: int, completion: int, cached: int = 0,
+               written: int = 0) -> Cost:
+        """The priced usage, clamped to the bounds, capped at `msats` (`cached` / `written`:
+        of the prompt, the tokens read from / written to the provider's cache)."""
+        prompt, completion = self.clamp(prompt, completion)
+        cost = actual_cost(price, prompt, completion, cached, written)
         if cost.total_msats <= self.msats:
             return cost
-        base = min(cost.base_msats, self.msats)
-        input_msats = min(cost.input_msats, self.msats - base)
-        return Cost(base, input_msats, self.msats - base - input_msats, self.msats)
+        left = self.msats
+        parts = []
+        for part in (cost.base_msats, cost.input_msats, cost.cache_read_msats,
+                     cost.cache_creation_msats):
+            parts.append(min(part, left))
+            left -= parts[-1]
+        base, input_msats, read, write = parts
+        return Cost(base, input_msats, left, self.msats, read, write)
 
 
 def ceiling(price: ModelPrice, body: Mapping[str, Any], body_len: int, billing: str = "tokens",
@@ -772,10 +845,10 @@ def ceiling(price: ModelPrice, body: Mapping[str, Any], body_len: int, billing: 
         units = 1
         prompt = _prompt_bound(price, body, body_len)
         output = 0 if billing == "prompt" else _choices(body) * _max_output_tokens(price, body)
-        msats = actual_cost(price, prompt, output).total_msats
+        msats = actual_cost(dearest_prompt(price), prompt, output).total_msats
     if cap_msats is not None:
         msats = min(msats, cap_msats)
-    return Ceiling(prompt, output, units, msats)
+    return Ceiling(prompt, output, units, int(msats))
 
 
 def reservation_msats(price: ModelPrice, body: Mapping[str, Any], ceil: Ceiling,
@@ -789,7 +862,8 @@ def reservation_msats(price: ModelPrice, body: Mapping[str, Any], ceil: Ceiling,
     if billing == "per_request":
         return max(MIN_REQUEST_MSATS, ceil.msats)
     estimate = _estimate_prompt_tokens(body.get("messages"))  # walked once per request
-    own = actual_cost(price, min(estimate, ceil.prompt_tokens), ceil.output_tokens).total_msats
+    own = actual_cost(dearest_prompt(price), min(estimate, ceil.prompt_tokens),
+                      ceil.output_tokens).total_msats
     client_body = {**body, "max_tokens": 0} if billing == "prompt" else body
     client = client_reservation_msats(price, client_body, estimate) - CLIENT_ROUNDING_MARGIN_MSATS
     return max(MIN_REQUEST_MSATS, min(ceil.msats, max(own, client)))
@@ -800,14 +874,34 @@ def reservation_msats(price: ModelPrice, body: Mapping[str, Any], ceil: Ceiling,
 # --------------------------------------------------------------------------------------------
 
 
-def model_object(price: ModelPrice) -> dict[str, Any]:
-    cl, mct = _limits(price)
-    sats = sats_pricing(price)
-    # routstr-core's USD `pricing` (per token; max_* in USD) at the same fixed BTC_USD the
-    # table was built with, so a routstr-core node using us as upstream prices us correctly.
-    usd_per_sat = Fraction(BTC_USD, 100_000_000)
-    usd = SatsPricing(*(getattr(sats, f.name) * usd_per_sat
-                        for f in dataclasses.fields(SatsPricing))).as_json()
+def _number(x: Msats | None) -> int | float | None:
+    return None if x is None else (x if isinstance(x, int) else float(x))
+
+
+def model_object(price: ModelPrice, btc_usd: Fraction | None = None,
+                 markup: Fraction = Fraction(1)) -> dict[str, Any]:
+    """One ``/v1/models`` entry at the current BTC/USD rate (`btc_usd`; None: none known).
+
+    `sats_pricing` is what is billed; `pricing` is the same in USD at that rate — for msat
+    entries too, so a client pricing in USD at its own rate (routstr-core) agrees with our sats
+    when its rate is ours. A USD entry with no rate known has no `sats_pricing` (clients skip
+    it; requests get 503) and its USD list prices × markup; an msat entry with no rate, USD
+    zeros."""
+    try:
+        resolved: ModelPrice | None = at_rate(price, btc_usd, markup)
+    except errors.ServiceUnavailable:
+        resolved = None
+    cl, mct = _limits(resolved or price)
+    sats = sats_pricing(resolved) if resolved is not None else None
+    if sats is not None and btc_usd is not None:
+        usd_per_sat = btc_usd / 100_000_000
+        usd = SatsPricing(*(getattr(sats, f.name) * usd_per_sat
+                            for f in dataclasses.fields(SatsPricing))).as_json()
+    elif sats is not None:
+        usd = SatsPricing(*(Fraction(0) for _ in dataclasses.fields(SatsPricing))).as_json()
+    else:
+        assert price.usd is not None
+        usd = _usd_list_pricing(price, markup)
     return {
         "id": price.id,
         "object": "model",
@@ -824,11 +918,13 @@ def model_object(price: ModelPrice) -> dict[str, Any]:
             "instruct_type": None,
         },
         "pricing": usd,
-        "sats_pricing": sats.as_json(),
-        "pricing_msats": {
-            "input_msats_per_1k": price.input_msats_per_1k,
-            "output_msats_per_1k": price.output_msats_per_1k,
-            "request_msats": price.request_msats,
+        "sats_pricing": sats.as_json() if sats is not None else None,
+        "pricing_msats": None if resolved is None else {
+            "input_msats_per_1k": _number(resolved.input_msats_per_1k),
+            "output_msats_per_1k": _number(resolved.output_msats_per_1k),
+            "cached_input_msats_per_1k": _number(resolved.cached_input_msats_per_1k),
+            "cache_write_msats_per_1k": _number(resolved.cache_write_msats_per_1k),
+            "request_msats": _number(resolved.request_msats),
             "max_output_tokens": price.max_output_tokens,
         },
         "per_request_limits": None,
@@ -845,9 +941,28 @@ def model_object(price: ModelPrice) -> dict[str, Any]:
     }
 
 
-def models_document(table: PriceTable, *, fields: Sequence[str] | None = None) -> dict[str, Any]:
-    """The ``/v1/models`` body; `fields` (from ``?fields=id,pricing``) keeps only those keys."""
-    data = [model_object(p) for p in table]
+def _usd_list_pricing(price: ModelPrice, markup: Fraction) -> dict[str, float]:
+    """routstr-core's USD `pricing` (per token) straight from a USD entry's list prices."""
+    u = price.usd
+    assert u is not None
+    per_token = markup / 1_000_000
+    inp = u.input * per_token
+    return {
+        "prompt": float(inp), "completion": float(u.output * per_token),
+        "request": float(u.request * markup), "image": 0.0, "web_search": 0.0,
+        "internal_reasoning": 0.0,
+        "input_cache_read": float(inp if u.cached_input is None else u.cached_input * per_token),
+        "input_cache_write": float(inp if u.cache_write is None else u.cache_write * per_token),
+        "max_prompt_cost": 0.0, "max_completion_cost": 0.0, "max_cost": 0.0,
+    }
+
+
+def models_document(table: PriceTable, *, fields: Sequence[str] | None = None,
+                    btc_usd: Fraction | None = None,
+                    markup: Fraction = Fraction(1)) -> dict[str, Any]:
+    """The ``/v1/models`` body at `btc_usd`; `fields` (from ``?fields=id,pricing``) keeps only
+    those keys."""
+    data = [model_object(p, btc_usd, markup) for p in table]
     if fields is not None:
         keep = {f.strip() for f in fields if f.strip()}
         data = [{k: v for k, v in m.items() if k in keep} for m in data]

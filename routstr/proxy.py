@@ -27,6 +27,7 @@ import logging
 import math
 from collections.abc import AsyncGenerator, AsyncIterator, Mapping
 from dataclasses import dataclass, field
+from fractions import Fraction
 from typing import Any, Protocol
 
 import anyio
@@ -45,6 +46,7 @@ from .ledger import MAX_MSATS, Ledger, ReservationGone, Settlement
 from .messages import Request, Response
 from .money import format_sats
 from .payments import Change, Payer, Payments
+from .pricefeed import RateFeed
 from .sse import SSEDecoder, SSEError, SSEEvent, encode_event
 
 log = logging.getLogger("routstr.proxy")
@@ -129,21 +131,39 @@ def _bound_billing_fields(body: dict[str, Any]) -> None:
             wire.wire_int(body[name], name, high=wire.MAX_USAGE_TOKENS)
 
 
-def usage_tokens(usage: object) -> tuple[int, int] | None:
-    """(prompt, completion) tokens from an OpenAI-, Responses- or Anthropic-style `usage` object.
+def usage_counts(usage: object) -> tuple[int, int, int, int] | None:
+    """(prompt, completion, cached, cache-written) tokens from an OpenAI-, Responses- or
+    Anthropic-style `usage` object; `prompt` counts every input token, of which `cached` were
+    read from the provider's cache and `written` written to it (each billed at its own rate).
 
-    Anthropic reports cache reads and writes beside `input_tokens`, not inside it: they count
-    as prompt tokens too."""
+    OpenAI counts cached tokens inside `prompt_tokens` (`prompt_tokens_details.cached_tokens`;
+    OpenRouter adds `cache_write_tokens` there; DeepSeek reports `prompt_cache_hit_tokens`),
+    the Responses API inside `input_tokens` (`input_tokens_details.cached_tokens`). Anthropic
+    reports cache reads and writes beside `input_tokens`, not inside it: they are added.
+    Reasoning tokens are inside `completion_tokens`: counted once, as output."""
     if not isinstance(usage, dict):
         return None
     prompt = _count(usage.get("prompt_tokens", usage.get("input_tokens")))
     if prompt is None:
         return None
-    if "prompt_tokens" not in usage:
-        for name in ("cache_read_input_tokens", "cache_creation_input_tokens"):
-            prompt += _count(usage.get(name)) or 0
     completion = _count(usage.get("completion_tokens", usage.get("output_tokens", 0))) or 0
-    return prompt, completion
+    if "prompt_tokens" not in usage and ("cache_read_input_tokens" in usage
+                                         or "cache_creation_input_tokens" in usage):
+        cached = _count(usage.get("cache_read_input_tokens")) or 0
+        written = _count(usage.get("cache_creation_input_tokens")) or 0
+        return prompt + cached + written, completion, cached, written
+    details = usage.get("prompt_tokens_details", usage.get("input_tokens_details"))
+    details = details if isinstance(details, dict) else {}
+    cached = _count(details.get("cached_tokens", usage.get("prompt_cache_hit_tokens"))) or 0
+    written = _count(details.get("cache_write_tokens",
+                                 details.get("cache_creation_tokens"))) or 0
+    return prompt, completion, cached, written
+
+
+def usage_tokens(usage: object) -> tuple[int, int] | None:
+    """(prompt, completion) tokens of `usage` (see `usage_counts`)."""
+    counts = usage_counts(usage)
+    return None if counts is None else counts[:2]
 
 
 def cost_object(cost: pricing.Cost) -> dict[str, int]:
@@ -151,6 +171,8 @@ def cost_object(cost: pricing.Cost) -> dict[str, int]:
         "base_msats": cost.base_msats,
         "input_msats": cost.input_msats,
         "output_msats": cost.output_msats,
+        "cache_read_msats": cost.cache_read_msats,
+        "cache_creation_msats": cost.cache_creation_msats,
         "total_msats": cost.total_msats,
     }
 
@@ -196,7 +218,8 @@ class Billing:
     request: Request | None = None
     observer: ProxyObserver | None = None
 
-    def _tokens(self, prompt: int, completion: int) -> pricing.Cost:
+    def _tokens(self, prompt: int, completion: int, cached: int = 0,
+                written: int = 0) -> pricing.Cost:
         assert self.price is not None
         if self.ceiling.over(prompt, completion):
             log.warning("request %s: upstream reported %d prompt / %d completion tokens, above"
@@ -207,7 +230,7 @@ class Billing:
                 self.observer.overreported()
         self.counts = self.ceiling.clamp(prompt, completion)
         self.tokens = sum(self.counts)
-        return self.ceiling.charge(self.price, prompt, completion)
+        return self.ceiling.charge(self.price, prompt, completion, cached, written)
 
     def cost_for_usage(self, usage: object, units: int | None = None) -> pricing.Cost:
         """The cost from upstream usage; `units`: items served (images), when known."""
@@ -220,13 +243,13 @@ class Billing:
             served = self.ceiling.units if units is None else min(units, self.ceiling.units)
             cost = pricing.actual_cost(self.price, 0, 0)
             return pricing.Cost(cost.base_msats * served, 0, 0, cost.total_msats * served)
-        tokens = usage_tokens(usage)
-        if tokens is None:
+        counts = usage_counts(usage)
+        if counts is None:
             return zero
-        prompt, completion = tokens
+        prompt, completion, cached, written = counts
         if self.endpoint.billing == "prompt":
             completion = 0
-        return self._tokens(prompt, completion)
+        return self._tokens(prompt, completion, cached, written)
 
     def estimate(self, relayed_chars: int) -> pricing.Cost:
         """No usage from upstream: estimate from sizes, never above the reservation."""
@@ -555,13 +578,21 @@ class Relay:
 class Proxy:
     def __init__(self, config: ProxyConfig, ledger: Ledger, prices: pricing.PriceTable,
                  http: HttpClient, payments: Payments,
-                 observer: ProxyObserver | None = None) -> None:
+                 observer: ProxyObserver | None = None, *, rates: RateFeed,
+                 markup: Fraction = Fraction(1)) -> None:
         self.config = config
         self.ledger = ledger
         self.prices = prices
         self.http = http
         self.payments = payments
         self.observer = observer
+        self.rates = rates
+        self.markup = markup
+
+    def price_of(self, model: str) -> pricing.ModelPrice:
+        """The model's price in msats at the current BTC/USD snapshot: resolved once per
+        request, so its reservation and its settlement use the same rate."""
+        return pricing.at_rate(self.prices.get(model), self.rates.usd_per_btc(), self.markup)
 
     def handler(self, endpoint: Endpoint) -> Any:
         async def handle(request: Request, params: dict[str, str]) -> Response:
@@ -571,7 +602,8 @@ class Proxy:
     async def models(self, request: Request, params: dict[str, str]) -> Response:
         fields_param = request.query("fields")
         fields = [f.strip() for f in fields_param.split(",") if f.strip()] if fields_param else None
-        doc = pricing.models_document(self.prices, fields=fields)
+        doc = pricing.models_document(self.prices, fields=fields,
+                                      btc_usd=self.rates.usd_per_btc(), markup=self.markup)
         body = json.dumps(doc, separators=(",", ":")).encode()
         return Response(200, [("content-type", "application/json")], body)
 
@@ -643,7 +675,7 @@ class Proxy:
 
     async def forward(self, request: Request, endpoint: Endpoint) -> Response:
         body, model = self._parse(request, endpoint)
-        price = self.prices.get(model) if model and endpoint.billing != "free" else None
+        price = self.price_of(model) if model and endpoint.billing != "free" else None
         ceil, worst = self._ceiling(endpoint, price, body, len(request.body))
         cap = self._max_cost_msats(request)
         if cap is not None and worst > cap:

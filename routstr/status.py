@@ -26,6 +26,7 @@ from .client import HttpClient
 from .db import Database, DatabaseError
 from .errors import UpstreamError
 from .messages import Request, Response, json_response
+from .pricefeed import RateFeed
 
 Probe = Callable[[], Awaitable[str]]
 PROBE_CACHE_SECONDS = 10.0
@@ -94,22 +95,30 @@ class CachedProbe:
 class StatusHandlers:
     info_doc: Callable[[], dict[str, object]]
     database: Probe
+    rates: RateFeed
     upstream: CachedProbe
     mint: CachedProbe
 
     async def health(self, request: Request, params: dict[str, str]) -> Response:
+        """healthy (200); degraded (200: served, but something needs the operator — a stale or
+        missing BTC/USD rate, with the reason); unhealthy (503: a check failed)."""
         checks = {
             "database": await self.database(),
             "upstream": await self.upstream(),
             "mint": await self.mint(),
         }
         healthy = all(v in ("ok", "not_configured") for v in checks.values())
-        doc = {
-            "status": "healthy" if healthy else "unhealthy",
+        problem = self.rates.problem()
+        checks["btc_usd"] = "ok" if problem is None else "degraded"
+        doc: dict[str, object] = {
+            "status": "unhealthy" if not healthy else "degraded" if problem else "healthy",
             "version": __version__,
             "timestamp": dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
             "checks": checks,
+            "btc_usd": self.rates.status(),
         }
+        if problem:
+            doc["reasons"] = [problem]
         return json_response(doc, 200 if healthy else 503)
 
     async def info(self, request: Request, params: dict[str, str]) -> Response:

@@ -37,7 +37,7 @@ from tests.support.upstream import ScriptedUpstream
 
 ADMIN = "admin-test-token-0123456789"
 AUTH = {"Authorization": f"Bearer {ADMIN}"}
-PRICES = load_price_table(None)
+PRICES = load_price_table(None).at(100_000)
 
 
 # --------------------------------------------------------------------------------------------
@@ -510,6 +510,8 @@ def test_price_overrides_apply_at_once_and_persist(node_factory: Any,
     assert doc["base"]["input_msats_per_1k"] == base.input_msats_per_1k
     assert model_msats(n, "gpt-4o-mini") == {
         "input_msats_per_1k": 1000, "output_msats_per_1k": base.output_msats_per_1k,
+        "cached_input_msats_per_1k": base.cached_input_msats_per_1k,
+        "cache_write_msats_per_1k": None,
         "request_msats": 2000, "max_output_tokens": base.max_output_tokens}
     # The next request is charged the new price, exactly.
     key = new_key(n, 1_000_000)
@@ -530,6 +532,8 @@ def test_price_overrides_apply_at_once_and_persist(node_factory: Any,
                        "max_output_tokens": 100, "context_length": 1000})
     assert status == 200 and doc["id"] == "acme/local-1"
     assert model_msats(n, "acme/local-1") == {"input_msats_per_1k": 5, "output_msats_per_1k": 6,
+                                             "cached_input_msats_per_1k": None,
+                                             "cache_write_msats_per_1k": None,
                                              "request_msats": 0, "max_output_tokens": 100}
     for model, body in (("brand-new", {"input_msats_per_1k": 5}),
                         ("gpt-4o-mini", {"input_msats_per_1k": -1}),
@@ -549,6 +553,8 @@ def test_price_overrides_apply_at_once_and_persist(node_factory: Any,
     assert model_msats(n2, "gpt-4o-mini") == {
         "input_msats_per_1k": base.input_msats_per_1k,
         "output_msats_per_1k": base.output_msats_per_1k,
+        "cached_input_msats_per_1k": base.cached_input_msats_per_1k,
+        "cache_write_msats_per_1k": None,
         "request_msats": 0, "max_output_tokens": base.max_output_tokens}
     assert api(n2, "DELETE", "/admin/api/prices/gpt-4o-mini")[0] == 404
     assert api(n2, "DELETE", "/admin/api/prices/acme%2Flocal-1")[0] == 200

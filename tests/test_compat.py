@@ -26,7 +26,7 @@ from tests.support.node import NodeProcess
 from tests.support.upstream import Behaviour, ScriptedUpstream
 
 ADMIN = "compat-admin"
-PRICES = load_price_table(None)
+PRICES = load_price_table(None).at(100_000)
 MSG = [{"role": "user", "content": "Tell me about ecash, briefly."}]
 
 
@@ -278,8 +278,9 @@ def test_anthropic_messages_with_the_anthropic_sdk(node: NodeProcess,
     assert info["balance"] == 5_000_000 - 3 * cost and info["reserved"] == 0  # counting is free
 
 
-def test_anthropic_cache_tokens_are_prompt_tokens(node: NodeProcess,
-                                                  upstream: ScriptedUpstream) -> None:
+def test_anthropic_cache_tokens_are_billed_at_their_rates(node: NodeProcess,
+                                                          upstream: ScriptedUpstream) -> None:
+    """Anthropic reports cache reads and writes beside input_tokens: each at its own rate."""
     key = new_key(node)
     usage = {"input_tokens": 10, "output_tokens": 5, "cache_read_input_tokens": 100,
              "cache_creation_input_tokens": 20}
@@ -289,8 +290,14 @@ def test_anthropic_cache_tokens_are_prompt_tokens(node: NodeProcess,
                                  "system": "You are terse. " * 12},  # room for 130 tokens
         {"x-api-key": key, "anthropic-version": "2023-06-01"})
     assert status == 200, raw
-    cost = actual_cost(PRICES.get(CLAUDE), 130, 5).total_msats
-    assert int(headers["x-routstr-cost-msats"]) == cost
+    price = PRICES.get(CLAUDE)
+    by_hand = -(-(10 * price.input_msats_per_1k + 100 * price.cached_input_msats_per_1k
+                  + 20 * price.cache_write_msats_per_1k + 5 * price.output_msats_per_1k) // 1000)
+    assert int(headers["x-routstr-cost-msats"]) == by_hand
+    assert actual_cost(price, 130, 5, 100, 20).total_msats == by_hand
+    cost = json.loads(raw)["usage"]["cost"]
+    assert cost["cache_read_msats"] == 100 * price.cached_input_msats_per_1k // 1000
+    assert cost["cache_creation_msats"] == 20 * price.cache_write_msats_per_1k // 1000
     assert json.loads(raw)["usage"]["cache_read_input_tokens"] == 100  # passed on as sent
 
 

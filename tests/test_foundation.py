@@ -77,7 +77,8 @@ def test_curl_health_and_info(node_factory: Any) -> None:
     head, _, body = out.partition("\n\n")
     assert head.startswith("HTTP/1.1 200")
     doc = json.loads(body)
-    assert doc["status"] == "healthy" and set(doc["checks"]) == {"database", "upstream", "mint"}
+    assert doc["status"] == "healthy" and set(doc["checks"]) == {"database", "upstream", "mint",
+                                                                 "btc_usd"}
     assert {"version", "timestamp"} <= set(doc)
     status, info = node.json("GET", "/v1/info")
     assert status == 200

@@ -77,7 +77,7 @@ def test_healthy_node_checks_everything(node_factory: Any, upstream: ScriptedUps
     before = time.time()
     status, doc = node.json("GET", "/health")
     assert status == 200 and doc["status"] == "healthy", doc
-    assert doc["checks"] == {"database": "ok", "upstream": "ok", "mint": "ok"}
+    assert doc["checks"] == {"database": "ok", "upstream": "ok", "mint": "ok", "btc_usd": "ok"}
     assert mint.info_requests >= 1
     assert any(r.path == "/v1/models" for r in upstream.requests)
     conn = sqlite3.connect(node.database)

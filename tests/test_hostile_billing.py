@@ -27,7 +27,7 @@ from tests.support.node import NodeProcess
 from tests.support.upstream import Behaviour, ScriptedUpstream
 
 ADMIN = "hostile-billing-admin"
-PRICES = load_price_table(None)
+PRICES = load_price_table(None).at(100_000)
 MINI = PRICES.get("gpt-4o-mini")  # 150 / 600 msats per 1k tokens, 16 384 max output, 128k context
 OVERHEAD = 16  # chat-template tokens a prompt may have beyond its body's bytes
 

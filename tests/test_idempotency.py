@@ -21,7 +21,7 @@ from tests.support.upstream import Behaviour, ScriptedUpstream
 
 ADMIN = "adm-idempotency-test"
 DEPOSIT = 10_000_000
-CHAT_COST = actual_cost(load_price_table(None).get("gpt-4o-mini"), 12, 5).total_msats
+CHAT_COST = actual_cost(load_price_table(None).at(100_000).get("gpt-4o-mini"), 12, 5).total_msats
 CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
 COST_HEADERS = ("x-routstr-cost", "x-routstr-cost-msats", "x-routstr-balance-msats",
                 "content-type")

@@ -17,7 +17,7 @@ from tests.support.node import NodeProcess
 from tests.support.upstream import Behaviour, ScriptedUpstream
 
 ADMIN = "adm-metrics-test"
-CHAT_COST = actual_cost(load_price_table(None).get("gpt-4o-mini"), 12, 5).total_msats
+CHAT_COST = actual_cost(load_price_table(None).at(100_000).get("gpt-4o-mini"), 12, 5).total_msats
 CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
 
 _NAME = r"[a-zA-Z_:][a-zA-Z0-9_:]*"

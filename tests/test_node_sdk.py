@@ -52,5 +52,5 @@ def test_seed_javascript_example(node_sdk: Path, node_factory: Any) -> None:
         assert json.loads(lines[2]) == {"status": 400, "type": "invalid_request",
                                         "code": "model_not_found"}
         status, bal = node.json("GET", "/v1/balance", headers={"Authorization": f"Bearer {doc['api_key']}"})
-        per = actual_cost(load_price_table(None).get("gpt-3.5-turbo"), 12, 5).total_msats
+        per = actual_cost(load_price_table(None).at(100_000).get("gpt-3.5-turbo"), 12, 5).total_msats
         assert bal["balance"] == 1_000_000 - 2 * per and bal["reserved"] == 0

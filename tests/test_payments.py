@@ -28,7 +28,7 @@ from tests.support.upstream import Behaviour, ScriptedUpstream
 pytestmark = pytest.mark.mint
 
 ADMIN = "pay-admin"
-PRICES = load_price_table(None)
+PRICES = load_price_table(None).at(100_000)
 CHAT_COST = actual_cost(PRICES.get("gpt-4o-mini"), 12, 5).total_msats
 MSG = [{"role": "user", "content": "Hello!"}]
 

@@ -28,7 +28,8 @@ from routstr.pricing import (
 )
 from tests.interop.relay import usd_max_cost
 
-TABLE = load_price_table(None)
+RATE = Fraction(100_000)  # USD per BTC: the built-in list prices are whole msats here
+TABLE = load_price_table(None).at(RATE)
 
 
 # --------------------------------------------------------------------------------------------
@@ -108,7 +109,7 @@ prices = st.builds(
     max_output_tokens=token_limit,
     context_length=token_limit,
 )
-builtin_prices = st.sampled_from(BUILTIN_PRICES)
+builtin_prices = st.sampled_from(tuple(TABLE))
 text = st.text(max_size=400)
 part = st.one_of(
     st.fixed_dictionaries({"type": st.just("text"), "text": text}),
@@ -164,7 +165,7 @@ def test_builtin_table_is_sane() -> None:
     assert (mini.input_msats_per_1k, mini.output_msats_per_1k) == (150, 600)  # issue 3's example
     assert TABLE.get("gpt-4o").input_msats_per_1k == 2_500  # $2.50 / 1M at 100k USD/BTC
     assert TABLE.get("dall-e-3").request_msats == 120_000
-    for p in BUILTIN_PRICES:
+    for p in TABLE:  # at 100 000 USD/BTC
         assert p.input_msats_per_1k + p.output_msats_per_1k + p.request_msats > 0, p.id
         assert p.name and p.description and p.created > 1_600_000_000
         if p.output_msats_per_1k:
@@ -220,7 +221,7 @@ def test_toml_override_and_new_model(tmp_path: Path) -> None:
         context_length = 1000
         """,
     )
-    table = load_price_table(path)
+    table = load_price_table(path).at(RATE)
     mini = table.get("gpt-4o-mini")
     assert (mini.input_msats_per_1k, mini.output_msats_per_1k, mini.request_msats) == (200, 600, 7)
     mine = table.get("my-model")
@@ -316,7 +317,7 @@ def test_reservation_covers_the_output_in_full_and_stays_under_the_ceiling(
     # the output part in full (plus the request fee), whatever the client formula says
     assert reserved >= actual_cost(price, 0, ceil.output_tokens).total_msats
     # never below what a routstr-core client reserves (less the float rounding margin)
-    client = core_reservation(wire(model_object(price)), wire(body))
+    client = core_reservation(wire(model_object(price, RATE)), wire(body))
     assert reserved >= min(ceil.msats, client - 2 * pricing.CLIENT_ROUNDING_MARGIN_MSATS)
 
 
@@ -339,7 +340,7 @@ def test_a_plain_request_with_max_tokens_passes_on_a_client_sized_payment(
     body = {"model": "m", "messages": messages, "max_tokens": min(max_tokens, limit * 99 // 100)}
     body_len = len(json.dumps(body).encode())
     reserved = reservation_msats(price, body, ceiling(price, body, body_len))
-    client = core_reservation(wire(model_object(price)), wire(body))
+    client = core_reservation(wire(model_object(price, RATE)), wire(body))
     # the formula floors three times, so it can land a few msats under the true output cost;
     # wallets pay whole sats, which absorbs that unless the formula ends on a sat boundary
     assert reserved <= max(ceil_div(client, 1000) * 1000, client + 10)
@@ -385,7 +386,7 @@ def test_a_charge_is_the_clamped_usage_never_above_the_ceiling(
 @given(st.one_of(prices, builtin_prices), bodies)
 def test_exact_client_formula_matches_the_float_transcription(price: ModelPrice, body: dict):
     exact = client_reservation_msats(price, body)
-    floats = core_reservation(wire(model_object(price)), wire(body))
+    floats = core_reservation(wire(model_object(price, RATE)), wire(body))
     assert abs(exact - floats) <= pricing.CLIENT_ROUNDING_MARGIN_MSATS
 
 
@@ -472,7 +473,7 @@ def test_worst_case_example_matches_client_discount() -> None:
     # client: int(26.5728 sats * 990) = 26307, less prompt allowance (111616*0.00015*0.99 - 100
     # tokens*0.00015 = 16.55 sats → 16559), less completion (9.8304*0.99 - 100*0.0006 sats
     # → 9672): 26307 - 16559 - 9672 = 76 msats; the truth (100 + 100 tokens) is 75 msats.
-    assert core_reservation(wire(model_object(mini)), body) == 76
+    assert core_reservation(wire(model_object(mini, RATE)), body) == 76
     assert worst_case_msats(mini, body, len(json.dumps(body))) == 75
 
 
@@ -492,7 +493,7 @@ PRICING_FIELDS = {
 
 
 def test_models_document_shape() -> None:
-    doc = wire(models_document(TABLE))
+    doc = wire(models_document(TABLE, btc_usd=RATE))
     assert doc["object"] == "list" and len(doc["data"]) == len(BUILTIN_PRICES)
     for m in doc["data"]:
         assert ROUTSTR_MODEL_FIELDS <= set(m)
@@ -501,9 +502,8 @@ def test_models_document_shape() -> None:
         assert all(isinstance(v, float) for v in m["pricing"].values())  # parses as floats
         assert all(isinstance(v, float) for v in m["sats_pricing"].values())
         # USD per token = sats per token × USD per sat (a routstr-core upstream reads `pricing`)
-        from routstr.pricing import BTC_USD
         for k, sats in m["sats_pricing"].items():
-            assert m["pricing"][k] == pytest.approx(sats * BTC_USD / 100_000_000, rel=1e-12)
+            assert m["pricing"][k] == pytest.approx(sats * 100_000 / 100_000_000, rel=1e-12)
         assert m["pricing"]["max_cost"] > 0
         assert set(m["architecture"]) == {
             "modality", "input_modalities", "output_modalities", "tokenizer", "instruct_type"
@@ -511,7 +511,8 @@ def test_models_document_shape() -> None:
         assert set(m["top_provider"]) == {"context_length", "max_completion_tokens", "is_moderated"}
         assert isinstance(m["context_length"], int) and isinstance(m["created"], int)
         assert set(m["pricing_msats"]) == {
-            "input_msats_per_1k", "output_msats_per_1k", "request_msats", "max_output_tokens"
+            "input_msats_per_1k", "output_msats_per_1k", "request_msats", "max_output_tokens",
+            "cached_input_msats_per_1k", "cache_write_msats_per_1k",
         }  # fmt: skip
         assert m["sats_pricing"]["max_cost"] >= 0.001
         # only what is billed is advertised: no request fee where none is charged
@@ -522,22 +523,23 @@ def test_models_document_shape() -> None:
 
 
 def test_sats_pricing_is_exact() -> None:
-    m = model_object(TABLE.get("gpt-4o-mini"))
+    m = model_object(TABLE.get("gpt-4o-mini"), RATE)
     sp = m["sats_pricing"]
     assert sp["prompt"] == 0.00015 and sp["completion"] == 0.0006
-    assert sp["input_cache_read"] == sp["prompt"]
+    assert sp["input_cache_read"] == 0.000075  # $0.075 / 1M cached input
+    assert sp["input_cache_write"] == sp["prompt"]  # no write premium: billed as input
     # cl 128000 > mct 16384: prompt cl*p, completion mct*c, total (cl-mct)*p + mct*c
     assert sp["max_prompt_cost"] == float(Fraction(128_000 * 150, 10**6)) == 19.2
     assert sp["max_completion_cost"] == float(Fraction(16_384 * 600, 10**6))
     assert sp["max_cost"] == float(Fraction((128_000 - 16_384) * 150 + 16_384 * 600, 10**6))
-    gpt4 = model_object(TABLE.get("gpt-4"))["sats_pricing"]  # cl <= mct: cl * max(p, c)
+    gpt4 = model_object(TABLE.get("gpt-4"), RATE)["sats_pricing"]  # cl <= mct: cl * max(p, c)
     assert gpt4["max_cost"] == 8192 * 0.06
-    dalle = model_object(TABLE.get("dall-e-3"))  # per request: one output unit of 120 sats
+    dalle = model_object(TABLE.get("dall-e-3"), RATE)  # per request: one output unit of 120 sats
     assert dalle["sats_pricing"]["completion"] == dalle["sats_pricing"]["max_cost"] == 120.0
     assert dalle["sats_pricing"]["request"] == dalle["sats_pricing"]["prompt"] == 0.0
     assert dalle["top_provider"]["max_completion_tokens"] == 1
-    assert model_object(TABLE.get("gpt-4o-mini"))["sats_pricing"]["request"] == 0.0  # not billed
-    emb = model_object(TABLE.get("text-embedding-3-small"))
+    assert model_object(TABLE.get("gpt-4o-mini"), RATE)["sats_pricing"]["request"] == 0.0  # not billed
+    emb = model_object(TABLE.get("text-embedding-3-small"), RATE)
     assert emb["top_provider"]["max_completion_tokens"] is None
     assert emb["sats_pricing"]["max_cost"] == float(Fraction(8191 * 20, 10**6))
 
@@ -545,7 +547,7 @@ def test_sats_pricing_is_exact() -> None:
 @given(prices)
 def test_sats_pricing_floats_are_the_rounded_exact_values(price: ModelPrice) -> None:
     sp = pricing.sats_pricing(price)
-    served = wire(model_object(price))["sats_pricing"]
+    served = wire(model_object(price, RATE))["sats_pricing"]
     assert served["max_cost"] == float(sp.max_cost)
     if pricing.per_request_model(price):  # one output unit per request
         assert served["prompt"] == served["request"] == 0.0
@@ -574,7 +576,7 @@ def test_routstr_core_derives_our_max_cost(model: str) -> None:
     holds too little. Ours: the reservation of a default request for per-request models
     (images, audio); the advertised max cost (context-filling prompt) for token models."""
     price = TABLE.get(model)
-    m = wire(model_object(price))
+    m = wire(model_object(price, RATE))
     if model in PER_REQUEST_BODIES:
         billing, body = PER_REQUEST_BODIES[model]
         ceil = pricing.ceiling(price, {"model": model, **body}, 100, billing)
@@ -588,7 +590,7 @@ def test_routstr_core_derives_our_max_cost(model: str) -> None:
 @given(prices)
 def test_routstr_core_derives_our_max_cost_for_any_price(price: ModelPrice) -> None:
     assume(price.request_msats == 0 or pricing.per_request_model(price))
-    m = wire(model_object(price))
+    m = wire(model_object(price, RATE))
     ours = max(float(pricing.sats_pricing(price).max_cost) * 1000, 1)
     assert core_max_cost_msats(m) == pytest.approx(ours, rel=0.02, abs=1)
 
@@ -597,3 +599,105 @@ def test_fields_filter() -> None:
     doc = models_document(TABLE, fields=["id", " pricing ", "", "nope"])
     assert all(set(m) == {"id", "pricing"} for m in doc["data"])
     assert models_document(TABLE, fields=[])["data"][0] == {}
+
+
+# ---- USD entries (issue 18) -------------------------------------------------------------------
+def test_usd_entry_is_billed_only_once_resolved() -> None:
+    """A USD entry's msat fields are placeholders (0): billing or publishing it unresolved
+    would serve for free. Both refuse; resolving leaves nothing to resolve again."""
+    raw = load_price_table(None).get("gpt-4o-mini")
+    assert raw.usd is not None and raw.input_msats_per_1k == 0
+    with pytest.raises(ValueError, match="resolved"):
+        actual_cost(raw, 12, 5)
+    with pytest.raises(ValueError, match="resolved"):
+        pricing.sats_pricing(raw)
+    with pytest.raises(errors.ServiceUnavailable):
+        pricing.at_rate(raw, None)
+    at = pricing.at_rate(raw, Fraction(123_456))
+    assert at.usd is None and pricing.at_rate(at, Fraction(1)) is at
+    assert at.input_msats_per_1k == Fraction("0.15") * 10**8 / 123_456  # exact, not a float
+
+
+def test_toml_usd_entries_are_exact_and_of_one_kind(tmp_path: Path) -> None:
+    path = write(tmp_path, """
+        [models."my-usd"]
+        input_usd_per_1m = 0.15          # a float, taken as the decimal written
+        output_usd_per_1m = "0.6"
+        cached_input_usd_per_1m = 0.075
+        request_usd = 0.001
+        max_output_tokens = 100
+        context_length = 1000
+
+        [models."gpt-4o"]                # a USD built-in: one msat field stays fixed in sats
+        request_msats = 7
+
+        [models."claude-3-5-haiku"]      # a USD built-in, one USD field changed
+        output_usd_per_1m = 5
+        """)
+    table = load_price_table(path)
+    mine = table.get("my-usd")
+    assert mine.usd == pricing.UsdPrices(Fraction(15, 100), Fraction(6, 10), Fraction(75, 1000),
+                                         None, Fraction(1, 1000))
+    at = pricing.at_rate(mine, Fraction(100_000))
+    assert (at.input_msats_per_1k, at.output_msats_per_1k, at.cached_input_msats_per_1k,
+            at.request_msats) == (150, 600, 75, 1000)
+    gpt4o = pricing.at_rate(table.get("gpt-4o"), Fraction(200_000))
+    assert gpt4o.request_msats == 7 and gpt4o.input_msats_per_1k == 1250
+    haiku = pricing.at_rate(table.get("claude-3-5-haiku"), Fraction(100_000))
+    assert (haiku.input_msats_per_1k, haiku.output_msats_per_1k) == (800, 5000)
+    bad = {
+        "input_usd_per_1m = 1\ninput_msats_per_1k = 1\noutput_usd_per_1m = 1\n"
+        "max_output_tokens = 1\ncontext_length = 1": "mixes USD",
+        "input_usd_per_1m = -1\noutput_usd_per_1m = 1\nmax_output_tokens = 1\n"
+        "context_length = 1": "non-negative decimal",
+        "input_usd_per_1m = 1e400\noutput_usd_per_1m = 1\nmax_output_tokens = 1\n"
+        "context_length = 1": "decimal",
+        "input_usd_per_1m = nan\noutput_usd_per_1m = 1\nmax_output_tokens = 1\n"
+        "context_length = 1": "decimal",
+        "input_usd_per_1m = true\noutput_usd_per_1m = 1\nmax_output_tokens = 1\n"
+        "context_length = 1": "number of USD",
+        "input_usd_per_1m = 1\nmax_output_tokens = 1\ncontext_length = 1": "output_usd_per_1m",
+    }
+    for body, message in bad.items():
+        with pytest.raises(ValueError, match=message):
+            load_price_table(write(tmp_path, '[models."x"]\n' + body))
+
+
+def test_switching_an_msat_entry_to_usd_needs_input_and_output(tmp_path: Path) -> None:
+    base = write(tmp_path, """
+        include_builtin = false
+        [models."m"]
+        input_msats_per_1k = 1
+        output_msats_per_1k = 2
+        cached_input_msats_per_1k = 1
+        max_output_tokens = 10
+        context_length = 100
+        """)
+    assert load_price_table(base).get("m").usd is None
+    with pytest.raises(ValueError, match="a model not in the built-in table needs"):
+        load_price_table(write(tmp_path, 'include_builtin = false\n[models."m"]\n'
+                                         "input_usd_per_1m = 1\n"))
+
+
+@given(st.integers(0, 10**6), st.integers(0, 10**6), st.integers(0, 10**6),
+       st.integers(0, 10**6), builtin_prices, st.integers(1, 5000))
+@settings(max_examples=300, deadline=None)
+def test_cache_counts_never_charge_above_the_ceiling(prompt: int, completion: int, cached: int,
+                                                     written: int, price: ModelPrice,
+                                                     body_len: int) -> None:
+    """Whatever cache split an upstream reports, the charge stays within the ceiling, and each
+    input token is billed at exactly one rate (no more than at the dearest, no less than at the
+    cheapest)."""
+    body = {"model": price.id, "messages": [{"role": "user", "content": "x"}]}
+    ceil = ceiling(price, body, body_len)
+    cost = ceil.charge(price, prompt, completion, cached, written)
+    assert cost.total_msats <= ceil.msats
+    assert cost.base_msats + cost.input_msats + cost.output_msats + cost.cache_read_msats \
+        + cost.cache_creation_msats == cost.total_msats
+    p, c = ceil.clamp(prompt, completion)
+    dearest = actual_cost(pricing.dearest_prompt(price), p, c).total_msats
+    rates = (price.input_msats_per_1k, price.cached_rate, price.write_rate)
+    cheapest = dataclasses.replace(price, input_msats_per_1k=min(rates),
+                                   cached_input_msats_per_1k=None, cache_write_msats_per_1k=None)
+    assert actual_cost(cheapest, p, c).total_msats <= actual_cost(price, p, c, cached, written) \
+        .total_msats <= dearest

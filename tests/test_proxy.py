@@ -27,7 +27,7 @@ from tests.support.socks5 import Socks5Server
 from tests.support.upstream import Behaviour, ScriptedUpstream
 
 ADMIN = "test-admin-token"
-PRICES = load_price_table(None)
+PRICES = load_price_table(None).at(100_000)
 
 
 def cost(model: str, prompt: int, completion: int) -> int:

@@ -32,7 +32,7 @@ from tests.support.upstream import Behaviour, ScriptedUpstream
 
 pytestmark = pytest.mark.mint
 
-PRICES = load_price_table(None)
+PRICES = load_price_table(None).at(100_000)
 COST = actual_cost(PRICES.get("gpt-4o-mini"), 12, 5).total_msats
 MSG = [{"role": "user", "content": "Hello!"}]
 STREAM = {"model": "gpt-4o-mini", "messages": MSG, "stream": True, "max_tokens": 2000}

@@ -27,14 +27,15 @@ from tests.support.upstream import Behaviour, ScriptedUpstream
 
 pytestmark = pytest.mark.mint
 
-PRICES = load_price_table(None)
+TABLE = load_price_table(None)
 MSG = [{"role": "user", "content": "Hello!"}]
 FEE = 1.01
 DEPOSIT_SATS = 3000
 USER_MSATS = 2_000_000
-#: BTC/USD rates the relay prices at, with the node arguments that publish prices for that rate
-#: (the node's USD `pricing` follows its own rate once prices follow BTC/USD, issue 18).
-NODE_ARGS_FOR_RATE: dict[int, list[str]] = {100_000: []}
+#: BTC/USD rates the relay prices at, with the node pinned at the same rate (its USD `pricing`
+#: follows its own rate, issue 18): the relay must then bill exactly our sats × its fee.
+NODE_ARGS_FOR_RATE: dict[int, list[str]] = {100_000: ["--btc-usd", "100000"],
+                                            150_000: ["--btc-usd", "150000"]}
 
 
 @pytest.fixture(scope="module")
@@ -101,10 +102,12 @@ def charged_by_node(node: NodeProcess, key: str) -> list[int]:
         db.close()
 
 
-def relay_price(node_msats: int, btc_usd: int) -> float:
+def relay_price(node_msats: int | float, btc_usd: int) -> float:
     """What the relay should bill for a request we charged `node_msats`: our USD price is our
-    msats at our rate (100 000 USD/BTC until issue 18) → × fee ÷ its own rate."""
-    return node_msats * FEE * 100_000 / btc_usd
+    msats at our rate (the node is pinned at `btc_usd` too) → × fee ÷ its own rate (the same):
+    our sats × its fee, at every rate."""
+    del btc_usd
+    return float(node_msats) * FEE
 
 
 def test_chat_billed_from_usage_on_both_sides(relay: CoreLikeRelay, node: NodeProcess,
@@ -115,7 +118,7 @@ def test_chat_billed_from_usage_on_both_sides(relay: CoreLikeRelay, node: NodePr
     r = client.chat.completions.create(model="gpt-4o-mini", messages=MSG)  # type: ignore[arg-type]
     assert r.choices[0].message.content == "Hello from upstream!"
     ours = charged_by_node(node, deposit["key"])[before:]
-    assert ours == [actual_cost(PRICES.get("gpt-4o-mini"), 12, 5).total_msats]
+    assert ours == [actual_cost(TABLE.at(btc_usd).get("gpt-4o-mini"), 12, 5).total_msats]
     billed = relay.users[key].charges
     assert billed[0] == pytest.approx(relay_price(ours[0], btc_usd), abs=1)
 
@@ -190,9 +193,9 @@ def test_images_and_audio_pass_the_relays_max_cost(model: str, relay: CoreLikeRe
     else:
         tr = client.audio.transcriptions.create(model=model, file=("a.wav", b"RIFF" + b"\0" * 60))
         assert tr.text.startswith("transcribed")
-    price = PRICES.get(model)
+    price = TABLE.at(btc_usd).get(model)
     ours = charged_by_node(node, deposit["key"])[before:]
-    assert ours == [price.request_msats]
+    assert ours == [-(-price.request_msats // 1)]
     reserved = [r for m, r in relay.reservations if m == model][-1]
     assert reserved == pytest.approx(relay_price(price.request_msats, btc_usd) * 0.99, rel=0.02)
 
@@ -204,7 +207,7 @@ def test_prices_agree_with_ours_for_every_token_model(relay: CoreLikeRelay, node
     status, doc = node.json("GET", "/v1/models")
     assert status == 200
     for m in doc["data"]:
-        price = PRICES.get(m["id"])
+        price = TABLE.at(btc_usd).get(m["id"])
         if per_request_model(price):  # images, audio: one output unit per request (above)
             continue
         core = relay.models[m["id"]]

@@ -30,7 +30,7 @@ from tests.support.upstream import Behaviour, RecordedRequest, ScriptedUpstream
 
 ADMIN = "reliability-admin-token-0123456789"
 UPSTREAM_KEY = "upstream-secret-reliability-9876543210"
-PRICES = load_price_table(None)
+PRICES = load_price_table(None).at(100_000)
 MODELS = ("gpt-4o-mini", "gpt-4o")
 #: what one default upstream answer (usage 12 prompt / 5 completion tokens) costs, per model
 CHAT_COST = {m: actual_cost(PRICES.get(m), 12, 5).total_msats for m in MODELS}

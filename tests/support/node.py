@@ -23,6 +23,9 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 START_TIMEOUT_S = 30.0
+#: The BTC/USD rate a test node is pinned at unless told otherwise: the built-in USD list prices
+#: are then whole msats (gpt-4o-mini: $0.15 / $0.60 per 1M → 150 / 600 msats per 1k tokens).
+TEST_BTC_USD = 100_000
 _LISTEN = re.compile(r"listening on (http://[\d.]+:\d+)")
 
 
@@ -62,6 +65,9 @@ class NodeProcess:
             self.database,
             *self.args,
         ]
+        if not {"--btc-usd", "--price-feeds"} & set(self.args) \
+                and not {"BTC_USD", "PRICE_FEEDS"} & set(self.env):
+            cmd += ["--btc-usd", str(TEST_BTC_USD)]  # no exchange is reachable from tests
         self.log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
         self.started_at = time.monotonic()
         self.proc = subprocess.Popen(
