@@ -217,7 +217,7 @@ def start_node(db: str, up_port: int, workers: int, tmp: Path) -> tuple[subproce
     node = subprocess.Popen([sys.executable, "-m", "routstr", "--port", str(port),
                              "--database", db, "--workers", str(workers), "--log-level",
                              "WARNING", "--rate-limit-requests", "0", "--rate-limit-tokens",
-                             "0", "--rate-limit-concurrent", "0",
+                             "0", "--rate-limit-concurrent", "0", "--btc-usd", "100000",
                              "--upstream-base-url", f"http://127.0.0.1:{up_port}/v1"],
                             stderr=log, env=env)
     deadline = time.monotonic() + 30

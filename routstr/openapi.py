@@ -176,7 +176,15 @@ SCHEMAS: dict[str, Any] = {
     }, ["status", "version", "timestamp", "checks"]),
     "Info": _object({"name": _STR, "description": _STR, "version": _STR, "npub": _STR,
                      "mints": {"type": "array", "items": _STR}, "http_url": _STR,
-                     "onion_url": _STR, "models": {"type": "array", "items": _STR}}),
+                     "onion_url": _STR, "models": {"type": "array", "items": _STR},
+                     "btc_usd": _object({
+                         "usd_per_btc": {"type": ["string", "null"],
+                                         "description": "USD per BTC that USD-priced models"
+                                                        " are billed at (a decimal); null:"
+                                                        " none known yet"},
+                         "age_s": {"type": ["integer", "null"]},
+                         "sources": {"type": "array", "items": _STR},
+                         "pinned": {"type": "boolean"}})}),
     "Root": _object({"name": _STR, "version": _STR, "status": _STR, "endpoints": _OBJ}),
     "Providers": _object({"providers": {"type": "array", "items": _object({
         "id": _STR, "pubkey": _STR, "created_at": _INT, "kind": _INT, "endpoint_url": _STR,

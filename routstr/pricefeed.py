@@ -31,6 +31,7 @@ import anyio
 
 from . import wire
 from .db import Database
+from .errors import UpstreamError
 
 log = logging.getLogger("routstr.prices")
 
@@ -222,7 +223,7 @@ class RateFeed:
         async def ask(source: Source) -> None:
             try:
                 quotes.append((source.name, await self._quote(source)))
-            except Exception as exc:  # noqa: BLE001 - any failure of one source is reported
+            except (ValueError, TimeoutError, OSError, UpstreamError) as exc:
                 errors.append(f"{source.name}: {type(exc).__name__}: {str(exc)[:80]}")
 
         async with anyio.create_task_group() as tg:

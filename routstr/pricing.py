@@ -4,38 +4,39 @@ Pure: no I/O except reading the operator's TOML file in `load_price_table`. Mone
 msats; exact rationals (`Fraction`) are used where routstr-core's wire format has fractional
 sats; floats appear only in the JSON `models_document` returns.
 
-The built-in table
-    List prices in USD per 1M tokens as published by each provider (OpenAI, Anthropic, Groq for
-    the Llama models, DeepSeek) as of 2025-06-15, converted at an assumed, fixed
-    ``BTC_USD = 100_000``: $1 = 1,000 sats = 1,000,000 msats, so "$X per 1M tokens" is exactly
-    X × 1000 msats per 1,000 tokens (gpt-4o-mini: $0.15 / $0.60 → 150 / 600 msats per 1k).
-    The rate is not refreshed: the node prices in sats. Operators adjust with ``--pricing
-    FILE`` (TOML)::
+Two kinds of entries (the built-in table, routstr/prices.toml, and ``--pricing FILE`` alike)
+    USD, the way providers publish (``input_usd_per_1m``, ``output_usd_per_1m``,
+    ``cached_input_usd_per_1m``, ``cache_write_usd_per_1m``, ``request_usd``): billed at the
+    live BTC/USD rate × ``--price-markup`` (`at_rate`: msats per 1,000 tokens = USD per 1M ×
+    markup × 10⁸ / rate, an exact rational); or msats (``*_msats_per_1k``, ``request_msats``),
+    fixed in sats. A USD entry's msat fields are placeholders until resolved: billing or
+    publishing one unresolved raises (it would be free). The built-in table is USD list prices
+    (dated in prices.toml), read by the same `_toml_entry` as an operator's file::
 
         [models."gpt-4o-mini"]           # a built-in model: only the fields given change
-        input_msats_per_1k = 150         # per 1,000 prompt tokens
-        output_msats_per_1k = 600        # per 1,000 completion tokens
-        request_msats = 0                # flat fee per request
-        max_output_tokens = 16384        # worst case when the request sets no max_tokens
-        context_length = 128000
-
-        [models."my-local-model"]        # a new model: the five fields above are required
+        output_usd_per_1m = 0.70         # (an msat field here stays fixed over the live rates)
+        [models."my-local-model"]        # a new model: input, output, max_output_tokens and
+        input_msats_per_1k = 150         # context_length are required
         ...
         [default]                        # optional: the price of any model not in the table
-        ...
         include_builtin = false          # optional, top level: serve only the file's models
 
-    Image and audio endpoints report no token usage; their models are priced by `request_msats`
+    Image and audio endpoints report no token usage; their models are priced by the request
     alone (dall-e-3: its dearest list price, $0.12 per HD 1024×1792 image, so no request costs
     the node more than it charges; whisper-1: five minutes at $0.006/min).
 
-Cost of a request (issue 3)::
+Cost of a request (issues 3, 18)::
 
-    total = request_msats + ceil((prompt_tokens × input_msats_per_1k
-                                  + completion_tokens × output_msats_per_1k) / 1000)
+    total = ceil(request_msats) + ceil((plain prompt tokens × input rate
+                                        + cached tokens × cached-input rate
+                                        + cache-written tokens × cache-write rate
+                                        + completion tokens × output rate) / 1000)
 
-reported as base (= request_msats) + input + output, where output = floor(completion part /
-1000) and input takes the rest of the token total (so the sub-msat rounding lands in input).
+each prompt token at exactly one rate (an entry without cache rates bills them as input),
+reported as base + input + cache_read + cache_creation + output, where the cache and output
+parts are floor(part / 1000) and input takes the rest of the token total (so the sub-msat
+rounding lands in input). The ceiling prices the whole prompt bound at the dearest input rate,
+so it stays an upper bound whatever split the upstream reports.
 
 Reservation (worst case) of a request: a safe upper bound — request fee + prompt tokens bounded
 by the body size (a token is at least one byte of the JSON body; content the body only refers to —
@@ -46,15 +47,15 @@ the ``sats_pricing`` this node advertises, so a client that sizes an X-Cashu pay
 by that formula is never refused (compatibility issue §1). A cost above the reservation is
 charged at settlement from the remaining balance (see `ledger.settle`).
 
-`sats_pricing` (routstr-core's field, sats per token) is derived exactly from the msat table:
+`sats_pricing` (routstr-core's field, sats per token) is derived exactly from the resolved entry:
 prompt = input_msats_per_1k / 10⁶, completion = output_msats_per_1k / 10⁶, request =
 request_msats / 1000 (0 when none is charged; a per-request model is advertised as one output
-unit per request, see `sats_pricing`), input cache read/write = prompt
-(cached tokens are billed at the input price); max_prompt_cost / max_completion_cost / max_cost
-in sats follow routstr-core's derivation from context_length and max_output_tokens, and
-max_cost also includes the request fee (we charge it; routstr-core does not). ``pricing`` (USD)
-carries zeros: we price in sats, and a USD figure would need a live exchange rate. The JSON
-floats are the correctly rounded values of those exact rationals.
+unit per request, see `sats_pricing`), input cache read/write = the cache rates (the input rate
+where none); max_prompt_cost / max_completion_cost / max_cost in sats follow routstr-core's
+derivation from context_length and max_output_tokens, and max_cost also includes the request
+fee (we charge it; routstr-core does not). ``pricing`` (USD per token) is the same at the
+current BTC/USD rate, for msat entries too (`model_object`). The JSON floats are the correctly
+rounded values of those exact rationals.
 """
 
 from __future__ import annotations
@@ -72,7 +73,6 @@ from typing import Any, Final
 
 from . import errors
 
-BTC_USD: Final = 100_000  # assumed exchange rate behind the built-in table
 PRICES_AS_OF: Final = "2025-06-15"
 TOLERANCE_PERCENT: Final = 1  # routstr-core's TOLERANCE_PERCENTAGE, assumed by clients
 MIN_REQUEST_MSATS: Final = 1  # routstr-core's MIN_REQUEST_MSAT
