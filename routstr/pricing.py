@@ -231,7 +231,12 @@ def at_rate(price: ModelPrice, btc_usd: Fraction | None,
         raise errors.ServiceUnavailable(
             f"Model '{price.id}' is priced in USD and this node has no BTC/USD rate yet",
             code="price_unavailable", details={"model": price.id})
-    return _resolved(price, btc_usd, markup)
+    try:
+        return _resolved(price, btc_usd, markup)
+    except ValueError:  # a rate (or markup) that puts a price beyond MAX_PRICE_VALUE msats
+        raise errors.ServiceUnavailable(
+            f"Model '{price.id}' is priced beyond what can be billed at this BTC/USD rate",
+            code="price_unavailable", details={"model": price.id}) from None
 
 
 # --------------------------------------------------------------------------------------------

@@ -701,3 +701,12 @@ def test_cache_counts_never_charge_above_the_ceiling(prompt: int, completion: in
                                    cached_input_msats_per_1k=None, cache_write_msats_per_1k=None)
     assert actual_cost(cheapest, p, c).total_msats <= actual_cost(price, p, c, cached, written) \
         .total_msats <= dearest
+
+
+def test_a_rate_that_prices_beyond_every_bitcoin_is_refused_not_a_500(tmp_path: Path) -> None:
+    table = load_price_table(write(tmp_path, '[models."dear"]\ninput_usd_per_1m = 1000000000\n'
+                                             "output_usd_per_1m = 1\nmax_output_tokens = 1\n"
+                                             "context_length = 1\n"))
+    with pytest.raises(errors.ServiceUnavailable) as got:
+        pricing.at_rate(table.get("dear"), Fraction(1), Fraction(1000))
+    assert got.value.code == "price_unavailable"
