@@ -863,12 +863,14 @@ def reservation_msats(price: ModelPrice, body: Mapping[str, Any], ceil: Ceiling,
     formula when that is larger — never above the ceiling, at least MIN_REQUEST_MSATS.
 
     A prompt longer than its estimate is charged at settlement, up to the ceiling, from what is
-    left of the balance or the payment (the ledger's settle)."""
+    left of the balance or the payment (the ledger's settle). So is a prompt split dearer than
+    plain input (cache writes): the estimate is priced at the input rate, the one
+    `sats_pricing.prompt` advertises — at the dearest rate, a hold above every payment sized
+    from it (402); the ceiling prices the dearest split."""
     if billing == "per_request":
         return max(MIN_REQUEST_MSATS, ceil.msats)
     estimate = _estimate_prompt_tokens(body.get("messages"))  # walked once per request
-    own = actual_cost(dearest_prompt(price), min(estimate, ceil.prompt_tokens),
-                      ceil.output_tokens).total_msats
+    own = actual_cost(price, min(estimate, ceil.prompt_tokens), ceil.output_tokens).total_msats
     client_body = {**body, "max_tokens": 0} if billing == "prompt" else body
     client = client_reservation_msats(price, client_body, estimate) - CLIENT_ROUNDING_MARGIN_MSATS
     return max(MIN_REQUEST_MSATS, min(ceil.msats, max(own, client)))

@@ -343,3 +343,20 @@ def test_anthropic_cache_reads_and_writes_streamed(node_factory: Any,
              if line.startswith("data: ") and '"usage"' in line][-1]["usage"]
     assert usage["cost"]["total_msats"] == 3150
     assert usage["cost"]["cache_creation_msats"] == 2250
+
+
+def test_a_payment_sized_from_sats_pricing_covers_a_long_prompt_to_a_cache_write_model(
+        node_factory: Any, upstream: ScriptedUpstream) -> None:
+    """routstr-core sizes what it pays from `sats_pricing` (the prompt at the input rate); a
+    Claude model's dearer cache-write rate bounds the ceiling, not the hold: a client capping
+    the request at that size (X-Max-Cost, as an X-Cashu payment would be) is served."""
+    from tests.test_pricing import core_reservation
+    node = start(node_factory, upstream, "--btc-usd", "63123")
+    k = key(node)
+    body = {"model": "claude-sonnet-4", "max_tokens": 100,
+            "messages": [{"role": "user", "content": "word " * 6000}]}
+    sats = -(-core_reservation(model(node, "claude-sonnet-4"), body) // 1000)
+    status, doc = node.json("POST", "/v1/chat/completions", body,
+                            {"Authorization": f"Bearer {k}", "X-Max-Cost": str(sats)})
+    assert status == 200, doc
+    assert len(charged(node, k)) == 1

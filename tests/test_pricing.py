@@ -710,3 +710,21 @@ def test_a_rate_that_prices_beyond_every_bitcoin_is_refused_not_a_500(tmp_path: 
     with pytest.raises(errors.ServiceUnavailable) as got:
         pricing.at_rate(table.get("dear"), Fraction(1), Fraction(1000))
     assert got.value.code == "price_unavailable"
+
+
+@pytest.mark.parametrize("rate", [Fraction(100_000), Fraction(63_123), Fraction(1),
+                                  Fraction("104234.123456789012")])
+@pytest.mark.parametrize("model", ["claude-sonnet-4", "claude-3-5-haiku", "claude-opus-4"])
+def test_a_cache_write_rate_does_not_raise_the_hold_above_a_client_sized_payment(
+        model: str, rate: Fraction) -> None:
+    """A model whose cache writes cost more than input (Anthropic: 1.25×) advertises its input
+    rate as `sats_pricing.prompt`; routstr-core sizes the payment from it. The hold must not
+    price the estimated prompt at the cache-write rate (that is the ceiling's job: a dearer
+    split is charged at settlement, up to it), or every long prompt gets 402."""
+    price = pricing.at_rate(load_price_table(None).get(model), rate)
+    body = {"model": model, "messages": [{"role": "user", "content": "x" * 30_000}],
+            "max_tokens": 100}
+    body_len = len(json.dumps(body).encode())
+    reserved = reservation_msats(price, body, ceiling(price, body, body_len))
+    client = core_reservation(wire(model_object(price, rate)), wire(body))
+    assert reserved <= max(ceil_div(client, 1000) * 1000, client + 10)
