@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import re
 import time
 from collections.abc import Callable, Sequence
@@ -296,7 +297,11 @@ def save_rate(db: Database, rate: Rate) -> None:
         " updated_at = excluded.updated_at", (SETTING, value, int(rate.at))))
 
 
-def load_rate(db: Database) -> Rate | None:
+def load_rate(db: Database, now: Callable[[], float] = time.time) -> Rate | None:
+    """The stored rate; None when there is none or it is malformed. Its time is read from the
+    database too: one not finite is malformed, one ahead of the clock (set back since) is taken
+    as now — else that rate would be newer than every later one (`RateFeed.adopt`: a worker
+    would keep it for good) and never stale in /health."""
     row = db.read(lambda c: c.execute("SELECT value FROM node_settings WHERE name = ?",
                                       (SETTING,)).fetchone())
     if row is None:
@@ -306,6 +311,9 @@ def load_rate(db: Database) -> Rate | None:
         rate = Fraction(str(doc["usd_per_btc"]))
         if not MIN_RATE <= rate <= MAX_RATE:
             return None
-        return Rate(rate, float(doc["at"]), tuple(str(x) for x in doc["sources"]))
+        at = float(doc["at"])
+        if not math.isfinite(at):
+            return None
+        return Rate(rate, min(at, now()), tuple(str(x) for x in doc["sources"]))
     except (ValueError, KeyError, TypeError, ZeroDivisionError):
         return None

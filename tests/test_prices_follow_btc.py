@@ -360,3 +360,31 @@ def test_a_payment_sized_from_sats_pricing_covers_a_long_prompt_to_a_cache_write
                             {"Authorization": f"Bearer {k}", "X-Max-Cost": str(sats)})
     assert status == 200, doc
     assert len(charged(node, k)) == 1
+
+
+@pytest.mark.parametrize("at", ["Infinity", "NaN", "1e400", str(time.time() + 86_400)])
+def test_a_stored_rate_with_a_bad_or_future_time_does_not_freeze_the_rate(
+        node_factory: Any, upstream: ScriptedUpstream, exchange: Exchange, at: str) -> None:
+    """The stored rate's `at` is read from the database: one not finite (or ahead of the
+    clock, after it was set back) made that rate newer than every later one — never replaced
+    in a worker that adopts the stored rate, never stale in /health — while the exchanges are
+    down: billed at a rate nobody checks, reported healthy."""
+    exchange.set("coinbase", rate="50000")
+    node = start(node_factory, upstream, "--price-feeds", exchange.feeds("coinbase"))
+    assert wait_for(lambda: rate_of(node)) == "50000"
+    node.stop()
+    db = Database(node.database)
+    try:
+        db.transaction(lambda c: c.execute(
+            "UPDATE node_settings SET value = ? WHERE name = 'btc_usd_rate'",
+            ('{"usd_per_btc": "50000", "at": ' + at + ', "sources": ["coinbase"]}',)))
+    finally:
+        db.close()
+    exchange.set("coinbase", status=500)
+    again = start(node_factory, upstream, "--price-feeds", exchange.feeds("coinbase"),
+                  "--price-refresh", "1", "--price-max-age", "2", workdir=node.workdir)
+    health = wait_for(lambda: (lambda d: d if d["status"] == "degraded" else None)(
+        again.json("GET", "/health")[1]), timeout=8)
+    assert health["checks"]["btc_usd"] == "degraded"
+    exchange.set("coinbase", status=200, rate="60000")
+    assert wait_for(lambda: rate_of(again) == "60000")
