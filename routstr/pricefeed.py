@@ -54,7 +54,10 @@ def _kraken(doc: Any) -> object:
     if doc.get("error"):
         raise ValueError(f"kraken error {doc['error']!r}")
     (pair,) = doc["result"].values()  # one pair asked for, one answered
-    return pair["c"][0]
+    last = pair["c"]  # [price, lot volume]; a string's first character is no price
+    if not isinstance(last, list):
+        raise ValueError("kraken: the last trade is not a list")
+    return last[0]
 
 
 def _bitstamp(doc: Any) -> object:

@@ -388,3 +388,16 @@ def test_a_stored_rate_with_a_bad_or_future_time_does_not_freeze_the_rate(
     assert health["checks"]["btc_usd"] == "degraded"
     exchange.set("coinbase", status=200, rate="60000")
     assert wait_for(lambda: rate_of(again) == "60000")
+
+
+def test_a_kraken_answer_with_a_string_for_its_trade_is_no_rate(
+        node_factory: Any, upstream: ScriptedUpstream, exchange: Exchange) -> None:
+    """Kraken's last trade is `c: [price, volume]`; a `c` that is a string was read by its
+    first character — "104321.5" as a rate of 1 USD/BTC, every USD price 10⁵ times too high."""
+    exchange.set("kraken", body=b'{"error": [], "result": {"XXBTZUSD": {"c": "104321.5"}}}')
+    node = start(node_factory, upstream, "--price-refresh", "1", "--price-feeds",
+                 exchange.feeds("kraken"))
+    wait_for(lambda: exchange.hits["kraken"] >= 1)
+    health = wait_for(lambda: (lambda d: d if "kraken" in str(d.get("reasons")) else None)(
+        node.json("GET", "/health")[1]))
+    assert health["btc_usd"]["usd_per_btc"] is None and rate_of(node) is None
