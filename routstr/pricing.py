@@ -841,11 +841,13 @@ class Ceiling:
 def ceiling(price: ModelPrice, body: Mapping[str, Any], body_len: int, billing: str = "tokens",
             cap_msats: int | None = None) -> Ceiling:
     """The request's ceiling. `billing`: "tokens" (prompt + output), "prompt" (embeddings: no
-    output), "per_request" (`n` items at request_msats each; images, audio)."""
+    output), "per_request" (`n` items at request_msats each; images, audio: each item charged
+    whole msats, so the bound is ceil(request_msats) × n, not the floor of the exact product —
+    below what `n` items are charged at a rate where a USD request fee is fractional msats)."""
     if billing == "per_request":
         units = _choices(body)
         prompt = output = 0
-        msats = price.request_msats * units
+        msats = actual_cost(price, 0, 0).total_msats * units
     else:
         units = 1
         prompt = _prompt_bound(price, body, body_len)

@@ -401,3 +401,25 @@ def test_a_kraken_answer_with_a_string_for_its_trade_is_no_rate(
     health = wait_for(lambda: (lambda d: d if "kraken" in str(d.get("reasons")) else None)(
         node.json("GET", "/health")[1]))
     assert health["btc_usd"]["usd_per_btc"] is None and rate_of(node) is None
+
+
+def test_a_per_request_price_in_fractional_msats_is_charged_within_the_ceiling(
+        node_factory: Any, upstream: ScriptedUpstream) -> None:
+    """dall-e-3 is $0.12 a request: 190 105.03… msats at 63 123 USD/BTC. Each image is charged
+    ceil(that); the ceiling (what X-Max-Cost is checked against, and the hold) had floored the
+    total — three images charged 3 msats above an X-Max-Cost the node had accepted."""
+    node = start(node_factory, upstream, "--btc-usd", "63123")
+    k = key(node)
+    each = -(-Fraction("0.12") * 10**11 // 63123)
+    assert each == 190106
+    body = {"model": "dall-e-3", "prompt": "a city", "n": 3}
+    auth = {"Authorization": f"Bearer {k}"}
+    floored = Fraction("0.36") * 10**11 // 63123  # 570 315 msats
+    status, doc = node.json("POST", "/v1/images/generations", body,
+                            {**auth, "X-Max-Cost": f"{floored / 1000:.3f}"})
+    assert status == 402 and doc["error"]["code"] == "max_cost_exceeded", doc
+    assert charged(node, k) == []
+    status, doc = node.json("POST", "/v1/images/generations", body,
+                            {**auth, "X-Max-Cost": f"{3 * each / 1000:.3f}"})
+    assert status == 200, doc
+    assert charged(node, k) == [3 * each]
