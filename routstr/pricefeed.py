@@ -123,11 +123,14 @@ def parse_feeds(spec: str) -> tuple[Source, ...]:
 
 def combine(quotes: Sequence[tuple[str, Fraction]]) -> tuple[Fraction, tuple[str, ...]] | None:
     """The median of the quotes, recomputed without those more than OUTLIER from it; and the
-    sources it is made of. None without quotes."""
+    sources it is made of. None without quotes, or when none is within OUTLIER of the median
+    (two sources more than twice OUTLIER apart: which one lies, nobody can tell)."""
     if not quotes:
         return None
     first = median(q for _, q in quotes)
     kept = [(n, q) for n, q in quotes if abs(q - first) <= first * OUTLIER]
+    if not kept:
+        return None
     return Fraction(median(q for _, q in kept)), tuple(n for n, _ in kept)
 
 
@@ -234,8 +237,11 @@ class RateFeed:
             for source in self.sources:
                 tg.start_soon(ask, source)
         self.refreshes += 1
-        self.last_error = "; ".join(sorted(errors))
         combined = combine(sorted(quotes))
+        if combined is None and quotes:
+            errors.append(f"the sources disagree by more than {int(200 * OUTLIER)} %: "
+                          + ", ".join(f"{n} {_decimal(q)}" for n, q in sorted(quotes)))
+        self.last_error = "; ".join(sorted(errors))
         if combined is None:
             self.failures += 1
             log.warning("BTC/USD refresh got no rate (%s); keeping %s", self.last_error,

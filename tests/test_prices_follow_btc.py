@@ -423,3 +423,23 @@ def test_a_per_request_price_in_fractional_msats_is_charged_within_the_ceiling(
                             {**auth, "X-Max-Cost": f"{3 * each / 1000:.3f}"})
     assert status == 200, doc
     assert charged(node, k) == [3 * each]
+
+
+def test_two_sources_that_disagree_give_no_rate_and_the_node_keeps_serving(
+        node_factory: Any, upstream: ScriptedUpstream, exchange: Exchange) -> None:
+    """Two answers more than 10 % apart are each more than 5 % from their median: no quote is
+    left to take the median of. That raised out of the feed's task and stopped the node; it is
+    a refresh that got no rate (the last one is kept), the reason in /health."""
+    exchange.set("coinbase", rate="100000")
+    exchange.set("kraken", rate="130000")  # one of them lies; which, nobody can tell
+    exchange.set("bitstamp", status=503)
+    node = start(node_factory, upstream, "--price-refresh", "1", "--price-feeds",
+                 exchange.feeds("coinbase", "kraken", "bitstamp"))
+    wait_for(lambda: exchange.hits["kraken"] >= 2, timeout=8)
+    status, health = node.json("GET", "/health")
+    assert status == 200 and health["btc_usd"]["usd_per_btc"] is None
+    assert "disagree" in health["reasons"][0], health
+    k = key(node)
+    assert chat(node, k, "gpt-4")[0] == 503 and charged(node, k) == []
+    exchange.set("kraken", rate="100100")
+    assert wait_for(lambda: rate_of(node)) == "100050"
