@@ -101,7 +101,9 @@ class Node:
         self.rates = open_rates(self.config, self.db, self.http)
         self.prices.rates = self.rates
         self.prices.markup = usd_amount(self.config.price_markup, "--price-markup")
-        self.rates.needed = any(p.usd is not None for p in self.prices)
+        # the `[default]` too: a USD default bills every model not in the table at the rate
+        self.rates.needed = any(p is not None and p.usd is not None
+                                for p in (*self.prices, self.prices.default))
         self.nostr = open_nostr(self.config, self.db, self.http)
         self.platform = Platform(self.config, self.db, self.ledger.boot_id,
                                  lambda request: self.payments.account_for(request,

@@ -443,3 +443,25 @@ def test_two_sources_that_disagree_give_no_rate_and_the_node_keeps_serving(
     assert chat(node, k, "gpt-4")[0] == 503 and charged(node, k) == []
     exchange.set("kraken", rate="100100")
     assert wait_for(lambda: rate_of(node)) == "100050"
+
+
+def test_a_usd_default_price_needs_the_rate_in_health(
+        node_factory: Any, upstream: ScriptedUpstream, exchange: Exchange,
+        tmp_path: Path) -> None:
+    """A `[default]` priced in USD bills every model not in the table at the live rate: with no
+    rate those requests get 503, and /health must say why (it looked only at the table)."""
+    exchange.set("coinbase", status=503)
+    pricing = tmp_path / "prices.toml"
+    pricing.write_text('include_builtin = false\n[models."local-fixed"]\n'
+                       'input_msats_per_1k = 1000\noutput_msats_per_1k = 2000\n'
+                       'max_output_tokens = 100\ncontext_length = 4000\n'
+                       '[default]\ninput_usd_per_1m = 1\noutput_usd_per_1m = 2\n'
+                       'max_output_tokens = 100\ncontext_length = 4000\n')
+    node = start(node_factory, upstream, "--pricing", str(pricing), "--price-feeds",
+                 exchange.feeds("coinbase"))
+    wait_for(lambda: exchange.hits["coinbase"] >= 1)
+    k = key(node)
+    status, doc = chat(node, k, "anything-else")
+    assert status == 503 and doc["error"]["code"] == "price_unavailable", doc
+    status, health = node.json("GET", "/health")
+    assert health["status"] == "degraded" and "no BTC/USD rate" in health["reasons"][0], health
