@@ -27,7 +27,7 @@ from . import admin_store
 from .db import Database
 from .errors import ApiError
 from .pricefeed import RateFeed
-from .pricing import MAX_PRICE_VALUE, ModelPrice, PriceTable, at_rate, override
+from .pricing import MAX_MODEL_ID_CHARS, MAX_PRICE_VALUE, ModelPrice, PriceTable, at_rate, override
 
 log = logging.getLogger("routstr.prices")
 
@@ -38,7 +38,6 @@ PRICE_FIELDS: Final = (
     "max_output_tokens",
     "context_length",
 )
-MAX_MODEL_ID_CHARS: Final = 200
 
 
 def apply_override(base: ModelPrice | None, model_id: str, fields: Mapping[str, int]) -> ModelPrice:

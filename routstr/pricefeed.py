@@ -31,7 +31,7 @@ from urllib.parse import urlsplit
 import anyio
 
 from . import wire
-from .db import Database
+from .db import Database, DatabaseError
 from .errors import UpstreamError
 
 log = logging.getLogger("routstr.prices")
@@ -43,7 +43,8 @@ FETCH_TIMEOUT_S: Final = 10.0
 MAX_ANSWER_BYTES: Final = 64 * 1024
 RETRY_S: Final = 30.0  # after a refresh that got no rate, try again this soon
 DEFAULT_FEEDS: Final = "coinbase,kraken,bitstamp"
-_DECIMAL: Final = re.compile(r"\d{1,12}(\.\d{1,12})?")
+_DECIMAL: Final = re.compile(r"[0-9]{1,12}(\.[0-9]{1,12})?")  # ASCII digits only
+_STORED: Final = re.compile(r"[0-9]{1,40}(/[0-9]{1,40})?")  # str(Fraction) as save_rate writes
 
 
 def _coinbase(doc: Any) -> object:
@@ -253,7 +254,10 @@ class RateFeed:
             log.warning("BTC/USD: ignored %s, too far from the median", ", ".join(ignored))
         self._rate = Rate(rate, self._clock(), used)
         if self._store is not None:
-            self._store(self._rate)
+            try:
+                self._store(self._rate)
+            except DatabaseError as exc:  # the rate is still used here; kept next time
+                log.warning("BTC/USD rate not stored: %s", exc)
         return self._rate
 
     async def follow(self, load: Callable[[], Rate | None], every_s: float) -> None:
@@ -317,7 +321,10 @@ def load_rate(db: Database, now: Callable[[], float] = time.time) -> Rate | None
         return None
     try:
         doc = json.loads(row[0])
-        rate = Fraction(str(doc["usd_per_btc"]))
+        text = str(doc["usd_per_btc"])
+        if not _STORED.fullmatch(text):  # never build a huge number from a tampered row
+            return None
+        rate = Fraction(text)
         if not MIN_RATE <= rate <= MAX_RATE:
             return None
         at = float(doc["at"])

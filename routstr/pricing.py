@@ -87,6 +87,7 @@ DEFAULT_MAX_OUTPUT_TOKENS: Final = 32_000  # a model with no limits: routstr-cor
 DEFAULT_CONTEXT_TOKENS: Final = 1_000_000  # likewise, for a prompt the body only points at
 MAX_TOKENS_BOUND: Final = 10**9  # any token limit above this is taken as this
 MAX_PRICE_VALUE: Final = 10**15
+MAX_MODEL_ID_CHARS: Final = 200  # a model id priced by the default, or an admin override
 
 _TOL: Final = Fraction(100 - TOLERANCE_PERCENT, 100)
 _DATE_SUFFIX: Final = re.compile(r"-\d{8}$")
@@ -278,6 +279,10 @@ class PriceTable:
             if found is not None:
                 return found
         if self.default is not None:
+            if len(model_id) > MAX_MODEL_ID_CHARS:  # each id is a priced entry, cached
+                raise errors.InvalidRequest(
+                    f"Model id longer than {MAX_MODEL_ID_CHARS} characters",
+                    code="model_not_found", details={"model": model_id[:MAX_MODEL_ID_CHARS]})
             return dataclasses.replace(self.default, id=model_id.strip() or self.default.id)
         raise errors.InvalidRequest(
             f"Model '{model_id}' not found", code="model_not_found", details={"model": model_id}
@@ -305,7 +310,7 @@ def usd_amount(value: object, what: str) -> Fraction:
     if isinstance(value, bool) or not isinstance(value, (int, float, str)):
         raise ValueError(f"{what} must be a number of USD, got {value!r}")
     text = repr(value) if isinstance(value, float) else str(value).strip()
-    if not re.fullmatch(r"\d{1,12}(\.\d{1,12})?|\d{1,12}(\.\d{1,12})?e-\d{1,2}", text):
+    if not re.fullmatch(r"[0-9]{1,12}(\.[0-9]{1,12})?(e-[0-9]{1,2})?", text):  # ASCII only
         raise ValueError(f"{what} must be a non-negative decimal number of USD, got {value!r}")
     amount = Fraction(text)
     if amount > MAX_USD_VALUE:

@@ -728,3 +728,38 @@ def test_a_cache_write_rate_does_not_raise_the_hold_above_a_client_sized_payment
     reserved = reservation_msats(price, body, ceiling(price, body, body_len))
     client = core_reservation(wire(model_object(price, rate)), wire(body))
     assert reserved <= max(ceil_div(client, 1000) * 1000, client + 10)
+
+
+def test_prices_and_rates_take_ascii_digits_only() -> None:
+    from routstr.pricefeed import parse_rate
+    for text in ("\u0661\u0660\u0660\u0660\u0660\u0660", "１００", "1\u0660"):
+        with pytest.raises(ValueError):
+            pricing.usd_amount(text, "x")
+        with pytest.raises(ValueError):
+            parse_rate(text)
+
+
+def test_a_model_id_priced_by_the_default_is_bounded() -> None:
+    fallback = dataclasses.replace(TABLE.get("gpt-4o-mini"), id="default")
+    table = pricing.PriceTable(list(TABLE), default=fallback)
+    assert table.get("x" * 200).id == "x" * 200
+    with pytest.raises(errors.InvalidRequest):
+        table.get("x" * 201)
+
+
+def test_a_tampered_stored_rate_is_no_rate(tmp_path: Path) -> None:
+    import json as json_
+
+    from routstr.db import Database
+    from routstr.pricefeed import SETTING, Rate, load_rate, save_rate
+    db = Database(str(tmp_path / "r.sqlite3"))
+    try:
+        save_rate(db, Rate(Fraction(200201, 2), 1000.0, ("a", "b")))
+        assert load_rate(db, now=lambda: 2000.0) == Rate(Fraction(200201, 2), 1000.0, ("a", "b"))
+        for bad in ("1e999999999", "1" * 41, "-5", "1/0"):
+            value = json_.dumps({"usd_per_btc": bad, "at": 1000.0, "sources": []})
+            db.transaction(lambda c: c.execute("UPDATE node_settings SET value = ? WHERE name = ?",
+                                               (value, SETTING)))
+            assert load_rate(db) is None, bad
+    finally:
+        db.close()
