@@ -104,7 +104,7 @@ class Node:
         # the `[default]` too: a USD default bills every model not in the table at the rate
         self.rates.needed = any(p is not None and p.usd is not None
                                 for p in (*self.prices, self.prices.default))
-        self.nostr = open_nostr(self.config, self.db, self.http)
+        self.nostr = open_nostr(self.config, self.db, self.http, self.p2pk_pubkey)
         self.platform = Platform(self.config, self.db, self.ledger.boot_id,
                                  lambda request: self.payments.account_for(request,
                                                                            create=False),
@@ -147,6 +147,11 @@ class Node:
                                   ledger, wallet, db)
         return cls(config, db, ledger, prices, http, Payments(ledger, cashu), wallet, cashu)
 
+    @property
+    def p2pk_pubkey(self) -> str:
+        """NUT-11: the key to lock payments to ("" when the node takes no Cashu)."""
+        return self.wallet.p2pk_pubkey if self.wallet is not None else ""
+
     async def known_owner(self, request: Request) -> bool:
         """Does the ledger know the paying credential (an existing key, an accepted X-Cashu
         payment or redeemed Cashu-token key)? Idempotent answers are stored only for those."""
@@ -176,6 +181,7 @@ class Node:
             "http_url": c.http_url,
             "onion_url": c.onion_url,
             "child_key_cost_msats": c.child_key_cost_msats,
+            "cashu_p2pk_pubkey": self.p2pk_pubkey or None,
             "models": [p.id for p in self.prices],
             "btc_usd": self.rates.status(),
         }

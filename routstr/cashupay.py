@@ -36,9 +36,10 @@ import anyio
 
 from .cashu.lnurl import LnurlError
 from .cashu.mint import MintError, MintUnreachable, ProofsAlreadySpent, ProofsPending
-from .cashu.tokens import PaymentRequest, Token, TokenError, parse_token
+from .cashu.tokens import NUT10Option, PaymentRequest, Token, TokenError, parse_token
 from .cashu.wallet import (
     InsufficientFunds,
+    LockRefused,
     OperationPending,
     PurposeRefused,
     TokenTooSmall,
@@ -163,6 +164,13 @@ class CashuPayments:
         if token.amount * MSAT_PER_SAT > MAX_MSATS:  # refused before any mint call
             raise InvalidRequest("Invalid Cashu token: worth more than every bitcoin",
                                  code="invalid_cashu_token")
+        try:  # a lock (NUT-10/11) this node cannot redeem: refused, the token untouched
+            self.wallet.check_lock(token.proofs)
+        except LockRefused as exc:
+            raise InvalidRequest(f"Locked Cashu token not accepted: {exc}",
+                                 code="cashu_token_locked",
+                                 details={"cashu_p2pk_pubkey": self.wallet.p2pk_pubkey},
+                                 headers=[("x-cashu", text)] if echo else []) from None
         return token
 
     def _recoverable(self, existing: Account, window: bool) -> Account:
@@ -304,8 +312,9 @@ class CashuPayments:
     # ---- X-Cashu per request ----------------------------------------------------------------
     def payment_request(self, required_msats: int) -> str:
         amount = max(1, ceil_div(required_msats, MSAT_PER_SAT))
+        lock = NUT10Option("P2PK", self.wallet.p2pk_pubkey, (("sigflag", "SIG_INPUTS"),))
         return PaymentRequest(amount=amount, unit="sat", mints=self.mints,
-                              description="routstr: pay per request").encode()
+                              description="routstr: pay per request", nut10=lock).encode()
 
     async def xcashu_payer(self, text: str, worst_msats: int, model: str,
                            request_id: str, *, keep_msats: int | None = None) -> Payer:

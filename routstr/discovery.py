@@ -127,7 +127,8 @@ def clip(text: object) -> str:
     return shown if len(shown) <= LOG_CLIP_CHARS else shown[: LOG_CLIP_CHARS - 3] + "..."
 
 
-def announcement_facts(config: Config, key: SecretKey) -> AnnouncementFacts | None:
+def announcement_facts(config: Config, key: SecretKey,
+                       p2pk_pubkey: str = "") -> AnnouncementFacts | None:
     """What this node announces (None: no public endpoint, nothing to announce)."""
     urls = announced_endpoints(config.http_url, config.onion_url)
     if not urls:
@@ -139,15 +140,17 @@ def announcement_facts(config: Config, key: SecretKey) -> AnnouncementFacts | No
         version=__version__,
         name=config.name or "Routstr Proxy",
         about=config.description or "Privacy-preserving AI proxy via Nostr",
+        p2pk_pubkey=p2pk_pubkey,
     )
 
 
-def open_nostr(config: Config, db: Database, http: HttpClient) -> NostrService:
+def open_nostr(config: Config, db: Database, http: HttpClient,
+               p2pk_pubkey: str = "") -> NostrService:
     """The node's identity and its Nostr service (started by `__main__` when relays are set)."""
     key = load_identity(db, config.nsec)
     options = NostrOptions(config.relays, float(config.announce_interval),
                            float(config.providers_refresh), config.providers_allow_private)
-    return NostrService(key, options, lambda: announcement_facts(config, key), http)
+    return NostrService(key, options, lambda: announcement_facts(config, key, p2pk_pubkey), http)
 
 
 def load_identity(db: Database, configured: str) -> SecretKey:

@@ -492,6 +492,7 @@ class AnnouncementFacts:
     version: str
     name: str
     about: str
+    p2pk_pubkey: str = ""  # NUT-11: tokens locked to it are redeemed by this node
 
     def tags(self) -> list[list[str]]:
         tags = [["d", self.d]]
@@ -502,8 +503,12 @@ class AnnouncementFacts:
         return tags
 
     def content(self) -> str:
-        # routstr-core: json.dumps({"name", "about"}, separators=(",", ":")), ASCII-escaped
-        return json.dumps({"name": self.name, "about": self.about}, separators=(",", ":"))
+        # routstr-core: json.dumps({"name", "about"}, separators=(",", ":")), ASCII-escaped;
+        # plus the key to lock payments to, when the node takes Cashu
+        doc = {"name": self.name, "about": self.about}
+        if self.p2pk_pubkey:
+            doc["cashu_p2pk_pubkey"] = self.p2pk_pubkey
+        return json.dumps(doc, separators=(",", ":"))
 
 
 def build_announcement(key: SecretKey, facts: AnnouncementFacts, created_at: int) -> Event:

@@ -177,6 +177,10 @@ SCHEMAS: dict[str, Any] = {
     "Info": _object({"name": _STR, "description": _STR, "version": _STR, "npub": _STR,
                      "mints": {"type": "array", "items": _STR}, "http_url": _STR,
                      "onion_url": _STR, "models": {"type": "array", "items": _STR},
+                     "cashu_p2pk_pubkey": {
+                         "type": ["string", "null"],
+                         "description": "NUT-11: lock a token to this key (P2PK, SIG_INPUTS) and"
+                                        " only this node can redeem it; null without mints"},
                      "btc_usd": _object({
                          "usd_per_btc": {"type": ["string", "null"],
                                          "description": "USD per BTC that USD-priced models"

@@ -56,13 +56,14 @@ Operations (all async; `purpose` is the caller's opaque JSON-able mapping, see `
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol, TypeVar
 
-from routstr.cashu import bdhke, keysets, lnurl, nut13
+from routstr.cashu import bdhke, keysets, lnurl, nut11, nut13
 from routstr.cashu.mint import (
     BlindedMessage,
     BlindSignature,
@@ -148,6 +149,10 @@ class PurposeRefused(WalletError):
     def __init__(self, cause: Exception) -> None:
         super().__init__(f"{type(cause).__name__}: {cause}")
         self.cause = cause
+
+
+class LockRefused(WalletError):
+    """A token locked (NUT-10/11) in a way this wallet cannot or must not redeem."""
 
 
 class QuoteBusy(WalletError):
@@ -387,6 +392,35 @@ class Wallet:
         self.recheck_window_s = recheck_window_s
         self._clock = clock
 
+    @functools.cached_property
+    def _p2pk_seckey(self) -> bytes:
+        return nut11.seckey_from_seed(self._seed)
+
+    @functools.cached_property
+    def p2pk_pubkey(self) -> str:
+        """The node's NUT-11 key (compressed hex): tokens locked to it are redeemed here."""
+        return nut11.pubkey_hex(self._p2pk_seckey)
+
+    def check_lock(self, proofs: Sequence[Proof]) -> bool:
+        """Can this wallet redeem `proofs` (True: some need its signature)? `LockRefused`
+        before any mint call otherwise (see routstr.cashu.nut11)."""
+        try:
+            return nut11.check_redeemable([p.secret for p in proofs], self.p2pk_pubkey,
+                                          self._clock())
+        except nut11.LockError as exc:
+            raise LockRefused(str(exc)) from None
+
+    def _witnessed(self, proofs: Sequence[Proof]) -> list[Proof]:
+        """The inputs with a NUT-11 witness where their lock names this wallet's key."""
+        out = []
+        for p in proofs:
+            lock = nut11.parse_p2pk(p.secret)
+            if lock is not None and self.p2pk_pubkey[2:] in {
+                    k[2:] for k in (lock.data, *lock.pubkeys)}:
+                p = replace(p, witness=nut11.witness(self._p2pk_seckey, p.secret))
+            out.append(p)
+        return out
+
     def client(self, mint: str) -> MintClient:
         url = normalize_mint_url(mint)
         c = self._clients.get(url)
@@ -481,6 +515,7 @@ class Wallet:
             raise WalletError("token has no proofs")
         if len({p.secret for p in tok.proofs}) != len(tok.proofs):
             raise WalletError("token repeats a proof")
+        locked = self.check_lock(tok.proofs)
         mint = normalize_mint_url(tok.mint)
         client = self.client(mint)
         for attempt in range(2):
@@ -505,7 +540,9 @@ class Wallet:
             )
             op = await self._begin_foreign(intent)
             try:
-                derived, sigs = await self._run(op, lambda o, msgs: client.swap(o.inputs, msgs))
+                derived, sigs = await self._run(
+                    op, lambda o, msgs: client.swap(
+                        self._witnessed(o.inputs) if locked else o.inputs, msgs))
             except KeysetInactive as exc:
                 self._abort_definite(op, exc)
                 await client.keysets(refresh=True)

@@ -12,6 +12,7 @@ repository): `cashu` pins h11<0.15 and must never share the node's venv.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -21,6 +22,7 @@ import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -163,6 +165,17 @@ class WalletTool:
 
     def state(self, mint_url: str, token: str) -> list[str]:
         return self.run(mint_url, "state", token).split()
+
+    def lock(self, mint_url: str, sats: int, pubkey: str, **spec: Any) -> str:
+        """A token worth `sats` locked (NUT-11 P2PK) by Nutshell's wallet: to `pubkey`, with
+        `sig_all`, `n_sigs`, `pubkeys`, `locktime`, `refund` as given."""
+        return self.run(mint_url, "lock",
+                        json.dumps({"amount": sats, "pubkey": pubkey, **spec})).strip()
+
+    def receive_locked(self, mint_url: str, token: str) -> int:
+        """Nutshell's wallet (its own fresh key) redeeming a locked token: raises unless the
+        lock lets that key (or anyone) spend it."""
+        return int(self.run(mint_url, "receive-locked", token).split()[-1])
 
 
 def _session_mint(fee_ppk: int) -> Iterator[MintProcess]:
