@@ -311,10 +311,14 @@ class CashuPayments:
 
     # ---- X-Cashu per request ----------------------------------------------------------------
     def payment_request(self, required_msats: int) -> str:
+        return self._payment_request(required_msats).encode()
+
+    def _payment_request(self, required_msats: int) -> PaymentRequest:
+        """NUT-18/24: the amount, the mints, and the lock to the node's key (NUT-11)."""
         amount = max(1, ceil_div(required_msats, MSAT_PER_SAT))
         lock = NUT10Option("P2PK", self.wallet.p2pk_pubkey, (("sigflag", "SIG_INPUTS"),))
         return PaymentRequest(amount=amount, unit="sat", mints=self.mints,
-                              description="routstr: pay per request", nut10=lock).encode()
+                              description="routstr: pay per request", nut10=lock)
 
     async def xcashu_payer(self, text: str, worst_msats: int, model: str,
                            request_id: str, *, keep_msats: int | None = None) -> Payer:
@@ -326,14 +330,16 @@ class CashuPayments:
         token = self.parse(text, echo=True)
         value_msats = token.amount * MSAT_PER_SAT
         if value_msats < worst_msats:
-            creq = self.payment_request(worst_msats)
+            request = self._payment_request(worst_msats)
+            creq = request.encode()
             raise InsufficientBalance(
                 f"Token worth {format_sats(value_msats)} sats cannot cover this request: "
                 f"{format_sats(worst_msats)} sats required",
                 code="insufficient_balance",
                 details={"required": worst_msats, "available": value_msats,
                          "amount_required_msat": worst_msats, "model": model,
-                         "payment_request": creq, "accepted_mints": list(self.mints)},
+                         "payment_request": creq, "payment_request_creqb": request.encode_b(),
+                         "accepted_mints": list(self.mints)},
                 headers=[("x-cashu", creq)])
         key_hash = xcashu_key_hash(text)
         if self.ledger.get_account(key_hash) is not None:

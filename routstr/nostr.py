@@ -117,7 +117,7 @@ class Bech32Error(ValueError):
 _CHARSET = "qpzry9x8gf2tvdw0s3jn54khce6mua7l"
 _CHARSET_REV = {c: i for i, c in enumerate(_CHARSET)}
 _GEN = (0x3B6A57B2, 0x26508E6D, 0x1EA119FA, 0x3D4233DD, 0x2A1462B3)
-_BECH32_CONST = 1  # bech32; bech32m would be 0x2BC830A3
+_BECH32_CONST = 1  # bech32
 
 
 def _polymod(values: Iterable[int]) -> int:
@@ -153,19 +153,26 @@ def _convert_bits(data: Iterable[int], frm: int, to: int, pad: bool) -> list[int
     return out
 
 
-def bech32_encode(hrp: str, data: bytes) -> str:
-    """bech32 (BIP-173) of `data` (bytes, regrouped into 5-bit words) under `hrp`."""
+_BECH32M_CONST = 0x2BC830A3  # BIP-350
+
+
+def bech32_encode(hrp: str, data: bytes, *, m: bool = False) -> str:
+    """bech32 (BIP-173) of `data` (bytes, regrouped into 5-bit words) under `hrp`; `m`:
+    bech32m (BIP-350, e.g. NUT-26 payment requests), with no length limit."""
     if not hrp or hrp != hrp.lower() or any(not 33 <= ord(c) <= 126 for c in hrp):
         raise Bech32Error("invalid human-readable part")
     words = _convert_bits(data, 8, 5, pad=True)
-    poly = _polymod([*_hrp_expand(hrp), *words, 0, 0, 0, 0, 0, 0]) ^ _BECH32_CONST
+    const = _BECH32M_CONST if m else _BECH32_CONST
+    poly = _polymod([*_hrp_expand(hrp), *words, 0, 0, 0, 0, 0, 0]) ^ const
     checksum = [(poly >> 5 * (5 - i)) & 31 for i in range(6)]
     return hrp + "1" + "".join(_CHARSET[w] for w in words + checksum)
 
 
-def bech32_decode(text: str) -> tuple[str, bytes]:
-    """(hrp, data bytes) of a bech32 string; raises `Bech32Error` on any defect."""
-    if not isinstance(text, str) or not 8 <= len(text) <= MAX_BECH32_CHARS:
+def bech32_decode(text: str, *, m: bool = False,
+                  max_chars: int = MAX_BECH32_CHARS) -> tuple[str, bytes]:
+    """(hrp, data bytes) of a bech32 (`m`: bech32m) string; raises `Bech32Error` on any
+    defect."""
+    if not isinstance(text, str) or not 8 <= len(text) <= max_chars:
         raise Bech32Error("bech32 string of invalid length")
     if any(not 33 <= ord(c) <= 126 for c in text):
         raise Bech32Error("invalid character in bech32 string")
@@ -180,7 +187,7 @@ def bech32_decode(text: str) -> tuple[str, bytes]:
         words = [_CHARSET_REV[c] for c in rest]
     except KeyError:
         raise Bech32Error("invalid character in bech32 data") from None
-    if _polymod([*_hrp_expand(hrp), *words]) != _BECH32_CONST:
+    if _polymod([*_hrp_expand(hrp), *words]) != (_BECH32M_CONST if m else _BECH32_CONST):
         raise Bech32Error("bech32 checksum mismatch")
     return hrp, bytes(_convert_bits(words[:-6], 5, 8, pad=False))
 

@@ -16,6 +16,7 @@ import pytest
 from routstr.cashu.tokens import PaymentRequest, parse_token
 from routstr.db import Database
 from routstr.ledger import Ledger
+from routstr.nostr import bech32_decode
 from tests.support.node import NodeProcess
 from tests.support.upstream import ScriptedUpstream
 
@@ -153,4 +154,11 @@ def test_the_402_asks_for_a_payment_locked_to_the_node(node: NodeProcess, node_k
     req = PaymentRequest.decode(headers["x-cashu"])
     assert req.nut10 is not None and req.nut10.kind == "P2PK" and req.nut10.data == node_key
     assert ("sigflag", "SIG_INPUTS") in req.nut10.tags
-    assert json.loads(raw)["error"]["details"]["payment_request"] == headers["x-cashu"]
+    details = json.loads(raw)["error"]["details"]
+    assert details["payment_request"] == headers["x-cashu"]
+    # the NUT-26 form of the same request: bech32m, the lock's key inside its TLV
+    creqb = details["payment_request_creqb"]
+    assert creqb.startswith("CREQB1")
+    hrp, tlv = bech32_decode(creqb, m=True, max_chars=10_000)
+    assert hrp == "creqb" and node_key.encode() in tlv and mint_url.encode() in tlv
+    assert int.from_bytes(tlv[tlv.index(b"\x02\x00\x08") + 3:][:8], "big") == req.amount

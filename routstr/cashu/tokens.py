@@ -580,6 +580,22 @@ class NUT10Option:
         _text(self.data, "nut10 data")
         object.__setattr__(self, "tags", _tags(self.tags, "nut10 tags"))
 
+    def _tlv(self) -> bytes:
+        """NUT-26 sub-TLV: kind (0 = P2PK, 1 = HTLC), data, tag tuples."""
+        kinds = {"P2PK": 0, "HTLC": 1}
+        if self.kind not in kinds:
+            raise TokenError(f"nut10 kind {self.kind!r} has no creqB code")
+        out = bytearray(b"\x01\x00\x01" + bytes([kinds[self.kind]]))
+        data = self.data.encode()
+        out += b"\x02" + len(data).to_bytes(2, "big") + data
+        for tag in self.tags:
+            parts = [t.encode() for t in tag]
+            if any(len(p) > 255 for p in parts):
+                raise TokenError("a creqB tag value is longer than 255 bytes")
+            body = b"".join(bytes([len(p)]) + p for p in parts)
+            out += b"\x03" + len(body).to_bytes(2, "big") + body
+        return bytes(out)
+
     def _cbor(self) -> dict[str, Any]:
         d: dict[str, Any] = {"k": self.kind, "d": self.data}
         if self.tags:
@@ -646,6 +662,36 @@ class PaymentRequest:
         if self.nut10 is not None:
             d["nut10"] = self.nut10._cbor()
         return PAYMENT_REQUEST_PREFIX + _b64encode(cbor.dumps(d), pad=True)
+
+    def encode_b(self) -> str:
+        """NUT-26 `CREQB1…`: bech32m of the TLV form, upper case (QR alphanumeric mode).
+        Transports are not encoded (an in-band NUT-24 request has none)."""
+        from ..nostr import bech32_encode  # the one bech32 implementation
+
+        if self.transports:
+            raise TokenError("creqB transports are not supported here")
+        out = bytearray()
+
+        def tlv(tag: int, value: bytes) -> None:
+            if len(value) > 0xFFFF:
+                raise TokenError("a creqB field is longer than 65535 bytes")
+            out.extend(bytes([tag]) + len(value).to_bytes(2, "big") + value)
+
+        if self.id is not None:
+            tlv(0x01, self.id.encode())
+        if self.amount is not None:
+            tlv(0x02, self.amount.to_bytes(8, "big"))
+        if self.unit is not None:
+            tlv(0x03, b"\x00" if self.unit == "sat" else self.unit.encode())
+        if self.single_use is not None:
+            tlv(0x04, b"\x01" if self.single_use else b"\x00")
+        for mint in self.mints:
+            tlv(0x05, mint.encode())
+        if self.description is not None:
+            tlv(0x06, self.description.encode())
+        if self.nut10 is not None:
+            tlv(0x08, self.nut10._tlv())
+        return bech32_encode("creqb", bytes(out), m=True).upper()
 
     @classmethod
     def decode(cls, text: str) -> PaymentRequest:

@@ -215,3 +215,27 @@ def test_constructor_validates() -> None:
     with pytest.raises(TokenError):
         Transport("", "x")
     assert PaymentRequest(mints=["https://a"]).mints == ("https://a",)  # type: ignore[arg-type]
+
+
+# ---- NUT-26 creqB (vectors: cashubtc/nuts tests/26-test.md) ---------------------------------
+CREQB_VECTORS = [
+    (dict(id="7f4a2b39", unit="sat", mints=("https://mint.example.com",)),
+     "CREQB1QYQQSDMXX3SNYC3N8YPSQQGQQ5QPS6R5W3C8XW309AKKJMN59EJHSCTDWPKX2TNRDAKSYP0LHG"),
+    (dict(id="demo123", amount=1000, unit="sat", single_use=True,
+          mints=("https://mint.example.com",), description="Coffee payment"),
+     "CREQB1QYQQWER9D4HNZV3NQGQQSQQQQQQQQQQRAQPSQQGQQSQQZQG9QQVXSAR5WPEN5TE0D45KUAPWV4UXZMTSD3JJ"
+     "UCM0D5RQQRJRDANXVET9YPCXZ7TDV4H8GXHR3TQ"),
+    (dict(id="c9e45d2a", amount=500, unit="sat", mints=("https://mint.example.com",),
+          nut10=("P2PK", "02c3b5bb27e361457c92d93d78dd73d3d53732110b2cfe8b50fbc0abc615e9c331",
+                 (("timeout", "3600"),))),
+     "CREQB1QYQQSCEEV56R2EPJVYPQQZQQQQQQQQQQQ86QXQQPQQZSQXRGW368QUE69UHK66TWWSHX27RPD4CXCEFWVDHK6"
+     "ZQQTYQSQQGQQGQYYVPJVVEKYDTZVGERWEFNXCCNGDFHVVUNYEPEXDJRWWRYVSMNXEPNVS6NXDENXGCNZVRZXF3KVE"
+     "FCVG6NQENZVVCXZCNRXCCN2EFEVVENXVGRQQXSWARFD4JK7AT5QSENVVPS2N5FAS"),
+]
+
+
+@pytest.mark.parametrize(("fields", "encoded"), CREQB_VECTORS)
+def test_creqb_encoding_matches_the_nut26_vectors(fields: dict[str, Any], encoded: str) -> None:
+    if "nut10" in fields:
+        fields = {**fields, "nut10": NUT10Option(*fields["nut10"])}
+    assert PaymentRequest(**fields).encode_b() == encoded
