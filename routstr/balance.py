@@ -20,7 +20,7 @@ from .keys import (
 )
 from .ledger import MAX_MSATS, Account, Ledger
 from .messages import Request, Response, bounded_int, json_response
-from .payments import Payments
+from .payments import Payments, client_lock
 from .walletstore import invoice_get
 from .wire import MAX_UNIX_S, wire_int
 
@@ -150,11 +150,11 @@ class CashuBalanceHandlers:
         cashu = self._need_cashu()
         xcashu = request.header("x-cashu")
         if xcashu and xcashu.strip():
-            token, msats = await cashu.recover_change(xcashu)
+            token, msats = await cashu.recover_change(xcashu, client_lock(request))
             return json_response({"token": token, "msats": msats, "sats": str(msats // 1000)},
                                  headers=[("x-cashu", token)])
         account = await self.payments.account_for(request, create=False)
-        return json_response(await cashu.refund(account))
+        return json_response(await cashu.refund(account, client_lock(request)))
 
     async def child_keys(self, request: Request, params: dict[str, str]) -> Response:
         parent = await self.payments.account_for(request)

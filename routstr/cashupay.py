@@ -321,12 +321,13 @@ class CashuPayments:
                               description="routstr: pay per request", nut10=lock)
 
     async def xcashu_payer(self, text: str, worst_msats: int, model: str,
-                           request_id: str, *, keep_msats: int | None = None) -> Payer:
+                           request_id: str, *, keep_msats: int | None = None,
+                           lock: str | None = None) -> Payer:
         """The one-request account an X-Cashu token opens. For a stream (`keep_msats`: the most
         it can cost) the redeeming swap also splits off the client's change beyond that
         (`Payer.split_token`), so that change goes in the response header before the first byte
         (where the Routstr SDK and routstr-python read it); what is kept and not charged is
-        handed back at the end."""
+        handed back at the end. `lock` (X-Cashu-Lock): all change is locked to that key."""
         token = self.parse(text, echo=True)
         value_msats = token.amount * MSAT_PER_SAT
         if value_msats < worst_msats:
@@ -350,17 +351,17 @@ class CashuPayments:
                    "fallback": self._rescue(text, token)}
         keep = None if keep_msats is None else ceil_div(max(keep_msats, worst_msats), MSAT_PER_SAT)
         account, split = await self._redeem_for_one_request(text, token, purpose, key_hash,
-                                                            keep)
+                                                            keep, lock)
         return Payer(account.id, "xcashu", request_id, token_hash=key_hash,
-                     split_token=split or "")
+                     split_token=split or "", lock=lock)
 
     @staticmethod
     def _split_ref(key_hash: str) -> str:
         return f"xcashu-split:{key_hash}"
 
     async def _redeem_for_one_request(self, text: str, token: Token, purpose: dict[str, Any],
-                                      key_hash: str,
-                                      keep: int | None = None) -> tuple[Account, str | None]:
+                                      key_hash: str, keep: int | None = None,
+                                      lock: str | None = None) -> tuple[Account, str | None]:
         """An X-Cashu token pays for exactly one request: the one whose own swap opened the
         account. Unlike a Bearer token (a key that many requests share), a concurrent request
         with the same token never joins that account — it would reserve from the first
@@ -369,7 +370,7 @@ class CashuPayments:
         charged: 425 while the first is redeeming, 400 once the token is spent."""
         try:
             received = await self.wallet.receive(token, purpose, keep=keep,
-                                                 ref=self._split_ref(key_hash))
+                                                 ref=self._split_ref(key_hash), lock=lock)
         except OperationPending:
             raise TooEarly("This token is paying for another request",
                            code="cashu_token_pending", headers=[("retry-after", "2")]) from None
@@ -390,7 +391,8 @@ class CashuPayments:
     def _change_ref(self, account_id: int) -> str:
         return f"xcashu-change:{account_id}"
 
-    async def make_change(self, account_id: int) -> tuple[str | None, int]:
+    async def make_change(self, account_id: int,
+                          lock: str | None = None) -> tuple[str | None, int]:
         """Return the whole spendable balance of a one-request account as a token (once).
 
         Never raises for a request that was served: a change not made now (mint down, another
@@ -398,7 +400,8 @@ class CashuPayments:
         charged as rounding in the same transaction as the change's debit (the send's
         write-ahead intent), never before it: a send that is refused gives the whole sats back
         to the account (the rest, which no token can carry, stays charged).
-        Returns (token or None, msats)."""
+        `lock`: the change is locked to that key (X-Cashu-Lock). Returns (token or None,
+        msats)."""
         ref = self._change_ref(account_id)
         op = self.wallet.issued_token(ref)
         if op is not None and op.state == "done" and op.token:
@@ -419,7 +422,7 @@ class CashuPayments:
                    "rounding_msats": remainder}
         try:
             with anyio.fail_after(CHANGE_TIMEOUT_S):
-                token = await self.wallet.send(sats, mint, purpose, ref=ref)
+                token = await self.wallet.send(sats, mint, purpose, ref=ref, lock=lock)
         except (MintError, WalletError, TimeoutError, ApiError) as exc:
             log.warning("change for account %d not made yet: %s", account_id,
                         type(exc).__name__)
@@ -430,7 +433,7 @@ class CashuPayments:
         """The change of a request whose answer carries it whole (not a stream whose head
         carried the split-off part): the split-off part, if any, and the rest, as one token."""
         with anyio.CancelScope(shield=True):
-            token, msats = await self.make_change(payer.account_id)
+            token, msats = await self.make_change(payer.account_id, payer.lock)
         if not payer.split_token:
             return token, msats
         split = parse_token(payer.split_token)
@@ -446,7 +449,7 @@ class CashuPayments:
         """A stream's change at its end: what the worst case left (the split-off part went in
         the response head, `Payments.stream_headers`)."""
         with anyio.CancelScope(shield=True):
-            token, msats = await self.make_change(payer.account_id)
+            token, msats = await self.make_change(payer.account_id, payer.lock)
         return Change(token, msats) if token else None
 
     async def xcashu_refund_on_failure(self, payer: Payer, exc: ApiError) -> None:
@@ -456,7 +459,7 @@ class CashuPayments:
             exc.details["refund_token"] = token
             exc.details["refund_msats"] = msats
 
-    async def recover_change(self, text: str) -> tuple[str, int]:
+    async def recover_change(self, text: str, lock: str | None = None) -> tuple[str, int]:
         """`POST /v1/balance/refund` with `X-Cashu: <payment token>`: the change, again.
 
         Change already handed out is returned again only within the recovery window of its
@@ -471,7 +474,7 @@ class CashuPayments:
                            headers=[("retry-after", "2")])
         split = await self._unspent_split(key_hash)
         try:
-            token, msats = await self._recover_rest(account)
+            token, msats = await self._recover_rest(account, lock)
         except InvalidRequest:  # nothing more than the split-off part, or that too old
             if split is None:
                 raise
@@ -498,7 +501,7 @@ class CashuPayments:
                      if st.state == "UNSPENT")
         return Token(mint=split.mint, unit=split.unit, proofs=left) if left else None
 
-    async def _recover_rest(self, account: Account) -> tuple[str, int]:
+    async def _recover_rest(self, account: Account, lock: str | None) -> tuple[str, int]:
         made = self.wallet.issued_token(self._change_ref(account.id))
         if made is not None and made.state == "done" \
                 and time.time() - made.updated_at > self.config.recovery_window_s:
@@ -506,7 +509,7 @@ class CashuPayments:
                 "The change of this payment was handed out more than"
                 f" {self.config.recovery_window_s} s ago; it is not returned again",
                 code="recovery_window_expired")
-        token, msats = await self.make_change(account.id)
+        token, msats = await self.make_change(account.id, lock)
         if token is None:
             op = self.wallet.issued_token(self._change_ref(account.id))
             if op is not None and op.state == "pending":
@@ -516,9 +519,10 @@ class CashuPayments:
         return token, msats
 
     # ---- refunds ----------------------------------------------------------------------------
-    async def refund(self, account: Account) -> dict[str, Any]:
-        """The whole spendable balance out: a token, or a Lightning payment when the key
-        carries a refund address. Whole sats; the sub-sat remainder stays on the key."""
+    async def refund(self, account: Account, lock: str | None = None) -> dict[str, Any]:
+        """The whole spendable balance out: a token (`lock`: locked to that key, NUT-11), or a
+        Lightning payment when the key carries a refund address. Whole sats; the sub-sat
+        remainder stays on the key."""
         if account.is_child:
             raise InvalidRequest("Child keys cannot be refunded", code="child_key_not_allowed")
         if self.ledger.reserved_by(account):
@@ -540,7 +544,7 @@ class CashuPayments:
                         "msats": sats * MSAT_PER_SAT, "remaining_msats": remainder}
             mint = account.refund_mint if account.refund_mint in self.mints \
                 else self.config.primary
-            token = await self.wallet.send(sats, mint, purpose, ref=ref)
+            token = await self.wallet.send(sats, mint, purpose, ref=ref, lock=lock)
         except InsufficientFunds:
             raise ServiceUnavailable("The node's wallet cannot make this refund right now",
                                      code="refund_unavailable") from None

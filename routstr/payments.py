@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from . import netguard
+from .cashu import nut11
 from .cashu.lnurl import LnurlError, resolve_url
 from .errors import ApiError, AuthenticationFailed, InvalidRequest
 from .keys import ApiKeyCredential, CashuCredential, hash_key, parse_bearer
@@ -41,6 +42,7 @@ class Payer:
     request_id: str = ""
     token_hash: str = ""  # X-Cashu: sha256 of the payment token (never the token itself)
     split_token: str = ""  # X-Cashu stream: change split off at redemption, for the head
+    lock: str | None = None  # X-Cashu-Lock: change handed back is locked to this key (NUT-11)
 
 
 @dataclass(frozen=True)
@@ -57,7 +59,8 @@ class CashuPort(Protocol):
     async def account_for_token(self, token: str) -> Account: ...
 
     async def xcashu_payer(self, token: str, worst_msats: int, model: str,
-                           request_id: str, *, keep_msats: int | None = None) -> Payer: ...
+                           request_id: str, *, keep_msats: int | None = None,
+                           lock: str | None = None) -> Payer: ...
 
     async def xcashu_change_header(self, payer: Payer) -> list[tuple[str, str]]: ...
 
@@ -108,7 +111,8 @@ class Payments:
         xcashu = request.header("x-cashu")
         if xcashu and xcashu.strip():
             return await self._cashu().xcashu_payer(xcashu.strip(), worst_msats, model,
-                                                    request.request_id, keep_msats=keep_msats)
+                                                    request.request_id, keep_msats=keep_msats,
+                                                    lock=client_lock(request))
         account = await self.account_for(request)
         self._store_refund_policy(request, account)
         kind = "token" if account.kind == "token" else "key"
@@ -158,3 +162,17 @@ class Payments:
     async def after_failure(self, payer: Payer, exc: ApiError) -> None:
         if payer.kind == "xcashu" and self.cashu is not None:
             await self.cashu.xcashu_refund_on_failure(payer, exc)
+
+
+def client_lock(request: Request) -> str | None:
+    """`X-Cashu-Lock: <compressed public key>`: Cashu the node hands back for this request
+    (X-Cashu change, a refund) is locked to that key (NUT-11 P2PK), so a copy of it in a header
+    or a log is worthless to anyone without the client's key. Not a key: 400."""
+    raw = request.header("x-cashu-lock")
+    if raw is None or not raw.strip():
+        return None
+    try:
+        return nut11.client_key(raw)
+    except nut11.LockError as exc:
+        raise InvalidRequest(f"X-Cashu-Lock must be a compressed secp256k1 public key: {exc}",
+                             code="invalid_header") from None

@@ -60,6 +60,7 @@ SETTLE_TIMEOUT_S = 30.0
 _DROP_REQUEST_HEADERS = frozenset({
     "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer",
     "transfer-encoding", "upgrade", "host", "content-length", "authorization", "x-cashu",
+    "x-cashu-lock",
     "x-max-cost", "refund-lnurl", "key-expiry-time", "idempotency-key", "x-routstr-version",
     "cookie", "accept-encoding", "api-key", "x-api-key", "expect",
 })

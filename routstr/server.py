@@ -576,7 +576,7 @@ class Server:
             ("access-control-allow-methods", "GET, POST, PUT, PATCH, DELETE, OPTIONS"),
             ("access-control-allow-headers",
              "Authorization, Content-Type, X-Cashu, X-Max-Cost, X-Request-ID, "
-             "X-Routstr-Version, Idempotency-Key, Refund-LNURL, Key-Expiry-Time"),
+             "X-Routstr-Version, Idempotency-Key, Refund-LNURL, Key-Expiry-Time, X-Cashu-Lock"),
             ("access-control-max-age", "86400"),
         ]
 

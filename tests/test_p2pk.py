@@ -162,3 +162,71 @@ def test_the_402_asks_for_a_payment_locked_to_the_node(node: NodeProcess, node_k
     hrp, tlv = bech32_decode(creqb, m=True, max_chars=10_000)
     assert hrp == "creqb" and node_key.encode() in tlv and mint_url.encode() in tlv
     assert int.from_bytes(tlv[tlv.index(b"\x02\x00\x08") + 3:][:8], "big") == req.amount
+
+
+# ---- change and refunds locked to the client's key (X-Cashu-Lock) ------------------------------
+@pytest.fixture(scope="module")
+def client_wallet(tmp_path_factory: pytest.TempPathFactory, mint_url: str,
+                  wallet_tool: Any) -> tuple[str, str]:
+    """A Nutshell wallet kept on disk: (its directory, its P2PK public key)."""
+    d = str(tmp_path_factory.mktemp("client-wallet"))
+    return d, wallet_tool.pubkey(mint_url, d)
+
+
+def locked_to(token: str) -> set[str]:
+    keys = set()
+    for p in parse_token(token).proofs:
+        kind, body = json.loads(p.secret)
+        assert kind == "P2PK"
+        keys.add(body["data"])
+    return keys
+
+
+def test_xcashu_change_locked_to_the_clients_key(node: NodeProcess, mint_url: str,
+                                                 wallet_tool: Any,
+                                                 client_wallet: tuple[str, str]) -> None:
+    wallet_dir, client_key = client_wallet
+    token = wallet_tool.mint_token(mint_url, 60)
+    status, headers, raw = node.request("POST", "/v1/chat/completions", CHAT,
+                                        {"X-Cashu": token, "X-Cashu-Lock": client_key})
+    assert status == 200, raw
+    change = headers["x-cashu"]
+    assert locked_to(change) == {client_key}
+    amount = parse_token(change).amount
+    with pytest.raises(RuntimeError):  # anyone else (a fresh wallet): the mint refuses
+        wallet_tool.receive_locked(mint_url, change)
+    assert wallet_tool.receive_locked(mint_url, change, wallet_dir) == amount  # the client
+    # recovered change is the same locked token
+    status, doc = node.json("POST", "/v1/balance/refund", headers={"X-Cashu": token})
+    assert status == 200 and doc["token"] == change
+    books(node)
+
+
+def test_stream_head_change_and_key_refund_locked(node: NodeProcess, mint_url: str,
+                                                  wallet_tool: Any,
+                                                  client_wallet: tuple[str, str]) -> None:
+    wallet_dir, client_key = client_wallet
+    token = wallet_tool.mint_token(mint_url, 200)
+    body = {**CHAT, "stream": True, "max_tokens": 2000}
+    status, headers, raw = node.request("POST", "/v1/chat/completions", body,
+                                        {"X-Cashu": token, "X-Cashu-Lock": client_key})
+    assert status == 200
+    assert locked_to(headers["x-cashu"]) == {client_key}  # the split-off part, in the head
+    key_token = wallet_tool.mint_token(mint_url, 30)
+    auth = {"Authorization": f"Bearer {key_token}"}
+    assert node.json("GET", "/v1/balance/info", headers=auth)[0] == 200
+    status, doc = node.json("POST", "/v1/balance/refund", headers={**auth,
+                                                                   "X-Cashu-Lock": client_key})
+    assert status == 200 and locked_to(doc["token"]) == {client_key}
+    assert wallet_tool.receive_locked(mint_url, doc["token"], wallet_dir) == 30
+    books(node)
+
+
+@pytest.mark.parametrize("bad", ["nope", "04" + "11" * 32, "02" + "00" * 32, "02" + "ab" * 31])
+def test_a_bad_lock_header_is_400_and_nothing_is_spent(bad: str, node: NodeProcess,
+                                                       mint_url: str, wallet_tool: Any) -> None:
+    token = wallet_tool.mint_token(mint_url, 20)
+    status, doc = node.json("POST", "/v1/chat/completions", CHAT,
+                            {"X-Cashu": token, "X-Cashu-Lock": bad})
+    assert status == 400 and doc["error"]["code"] == "invalid_header", doc
+    assert set(wallet_tool.state(mint_url, token)) == {"UNSPENT"}

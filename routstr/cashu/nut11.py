@@ -179,3 +179,16 @@ def witness(seckey: bytes, secret: str) -> str:
     return json.dumps({"signatures": [sig.hex()]}, separators=(",", ":"))
 
 
+
+
+def locked_secret(nonce: str, pubkey: str) -> str:
+    """A NUT-10 P2PK secret locking a proof to `pubkey` (SIG_INPUTS), serialized the way
+    wallets do (compact JSON). `nonce`: unique per output (the NUT-13 secret, so the output can
+    be derived again)."""
+    return json.dumps(["P2PK", {"nonce": nonce, "data": pubkey,
+                                "tags": [["sigflag", SIG_INPUTS]]}], separators=(",", ":"))
+
+
+def client_key(value: str) -> str:
+    """A client's `X-Cashu-Lock`: a compressed secp256k1 public key (LockError otherwise)."""
+    return _key(value.strip(), "X-Cashu-Lock")

@@ -442,13 +442,19 @@ class Wallet:
 
     # -- derivation
 
-    def _derive(self, spec: OutputSpec) -> _Derived:
+    def _derive(self, spec: OutputSpec, lock: str | None = None) -> _Derived:
+        """One output from the seed (NUT-13). `lock`: an issued ("send") output is a P2PK
+        secret locked to that key (NUT-11), its nonce the NUT-13 secret — still re-derivable,
+        so a restore (NUT-09) finds it like any other."""
         secret, r = nut13.derive_secret(self._seed, spec.keyset_id, spec.counter)
+        if lock is not None and spec.role == "send":
+            secret = nut11.locked_secret(secret, lock)
         B_, r = bdhke.blind(secret.encode(), r)
         return _Derived(spec, secret, r, BlindedMessage(spec.amount, spec.keyset_id, B_.to_hex()))
 
     def _derive_all(self, op: Operation) -> list[_Derived]:
-        return [self._derive(s) for s in op.outputs]
+        lock = op.data.get("lock")
+        return [self._derive(s, lock if isinstance(lock, str) else None) for s in op.outputs]
 
     async def _unblind(
         self, client: MintClient, d: _Derived, sig: BlindSignature
@@ -500,7 +506,8 @@ class Wallet:
     # -- receive (NUT-03 swap of foreign proofs)
 
     async def receive(self, token: Token | str, purpose: Purpose | None = None, *,
-                      keep: int | None = None, ref: str | None = None) -> Received:
+                      keep: int | None = None, ref: str | None = None,
+                      lock: str | None = None) -> Received:
         """Redeem `token` at its mint (swap for fresh proofs); `purpose` is applied by the store
         with the received amount in the same transaction as the new proofs.
 
@@ -537,6 +544,7 @@ class Wallet:
                 kind="receive", mint=mint, unit=self.unit, inputs=tuple(inputs),
                 own_inputs=False, outputs=tuple(sorted(outputs, key=lambda o: o[1])),
                 purpose=purpose, purpose_at="finish", amount=value, fee=fee, ref=ref,
+                data={"lock": lock} if lock is not None and kept < value else {},
             )
             op = await self._begin_foreign(intent)
             try:
@@ -597,7 +605,7 @@ class Wallet:
 
     async def send(
         self, amount: int, mint: str, purpose: Purpose | None = None, *,
-        ref: str | None = None, memo: str | None = None,
+        ref: str | None = None, memo: str | None = None, lock: str | None = None,
     ) -> Token:
         """A fresh token worth exactly `amount` from our proofs at `mint`. `purpose` (e.g.
         debit the account the change or refund belongs to) is applied with the intent; the token
@@ -608,12 +616,16 @@ class Wallet:
         client = self.client(mint)
         for _ in range(SELECT_RETRIES):
             have = self.store.unspent(mint, self.unit)
-            exact = _exact_subset(have, amount)
+            # a locked token needs fresh outputs: never hand out proofs as they are
+            exact = _exact_subset(have, amount) if lock is None else None
+            data: dict[str, Any] = {"memo": memo} if memo else {}
+            if lock is not None:
+                data["lock"] = lock
             if exact is not None:
                 intent = Intent(
                     kind="send", mint=mint, unit=self.unit, inputs=tuple(exact), own_inputs=True,
                     outputs=(), purpose=purpose, purpose_at="begin", amount=amount, fee=0,
-                    ref=ref, data={"memo": memo} if memo else {},
+                    ref=ref, data=data,
                 )
             else:
                 chosen, fee = await _select(client, have, amount)
@@ -625,7 +637,7 @@ class Wallet:
                     kind="send", mint=mint, unit=self.unit, inputs=tuple(chosen), own_inputs=True,
                     outputs=tuple(sorted(outputs, key=lambda o: o[1])), purpose=purpose,
                     purpose_at="begin", amount=amount, fee=fee, ref=ref,
-                    data={"memo": memo} if memo else {},
+                    data=data,
                 )
             try:
                 op = self.store.begin(intent)

@@ -144,6 +144,14 @@ async def _child(db_path: str, seed_hex: str, mint: str, cmd: str, args: list[st
                                                "amount_msats": amount * 1000, "kind": "change"},
                                 ref=args[1])
         out = {"token": tok.serialize()}
+    elif cmd == "send_locked":  # amount, ref, pubkey: change locked to a client's key
+        acct = db.read(lambda c: ledger.get_account(c, OPERATOR_KEY))
+        assert acct is not None
+        amount = int(args[0])
+        tok = await wallet.send(amount, mint, {"action": "debit", "account_id": acct.id,
+                                               "amount_msats": amount * 1000, "kind": "change"},
+                                ref=args[1], lock=args[2])
+        out = {"token": tok.serialize()}
     elif cmd == "melt":
         acct = db.read(lambda c: ledger.get_account(c, OPERATOR_KEY))
         assert acct is not None
@@ -352,6 +360,28 @@ async def test_split_receive_crash_issues_the_change_once(point: str, tmp_path: 
     assert again[token_key(token)] == "ProofsAlreadySpent"
     assert assert_conserved(child.db)["refunded_msats"] == (40 - fee - 13) * 1000
     assert await unspent_at_mint(child.db, mint)
+
+
+async def test_a_locked_send_killed_after_the_mint_signed_is_restored_locked(
+        tmp_path: Path, mint_url_fee: str) -> None:
+    """A token locked to a client's key (X-Cashu-Lock) is made of outputs derived from the seed
+    like any other (the P2PK secret's nonce is the NUT-13 secret): a restore finds them."""
+    mint = mint_url_fee
+    client = "0279be667ef9dcbbac55a06295ce870b07029bfcdb2dce28d959f2815b16f81798"
+    child = Child(tmp_path / "node.sqlite3", os.urandom(64), mint)
+    child.run("fund", "64")
+    child.crash("after_response", "send_locked", "21", "ref-locked", client)
+    rec = child.run("recover")
+    assert rec["finished"] and not rec["pending"]
+    b = assert_conserved(child.db)
+    assert b["issued"] == 21 and b["refunded_msats"] == 21_000
+    db = Database(child.db)
+    op = SqliteWalletStore(db).by_ref("ref-locked")
+    db.close()
+    assert op is not None and op.state == "done" and op.token is not None
+    tok = parse_token(op.token)
+    assert tok.amount == 21 and all(json.loads(p.secret)[1]["data"] == client for p in tok.proofs)
+    assert await states(mint, op.token) == {"UNSPENT"}
 
 
 @pytest.mark.parametrize("point", ["after_begin", "after_response"])

@@ -143,10 +143,11 @@ class WalletTool:
     def __init__(self, python: Path = MINT_VENV / "bin" / "python") -> None:
         self.python = python
 
-    def run(self, mint_url: str, cmd: str, arg: str) -> str:
+    def run(self, mint_url: str, cmd: str, arg: str, wallet_dir: str | None = None) -> str:
+        """One command in a fresh wallet, or in the wallet kept in `wallet_dir` (its keys)."""
         out = subprocess.run(
             [str(self.python), str(WALLET_TOOL), mint_url, cmd, arg],
-            env=dict(os.environ, CASHU_DIR=tempfile.mkdtemp(prefix="wallet-tool-")),
+            env=dict(os.environ, CASHU_DIR=wallet_dir or tempfile.mkdtemp(prefix="wallet-tool-")),
             capture_output=True,
             text=True,
             timeout=WALLET_TOOL_TIMEOUT_S,
@@ -172,10 +173,14 @@ class WalletTool:
         return self.run(mint_url, "lock",
                         json.dumps({"amount": sats, "pubkey": pubkey, **spec})).strip()
 
-    def receive_locked(self, mint_url: str, token: str) -> int:
-        """Nutshell's wallet (its own fresh key) redeeming a locked token: raises unless the
-        lock lets that key (or anyone) spend it."""
-        return int(self.run(mint_url, "receive-locked", token).split()[-1])
+    def receive_locked(self, mint_url: str, token: str, wallet_dir: str | None = None) -> int:
+        """Nutshell's wallet redeeming a locked token with its key (a fresh wallet's, or the
+        one kept in `wallet_dir`): raises unless the lock lets that key (or anyone) spend it."""
+        return int(self.run(mint_url, "receive-locked", token, wallet_dir).split()[0])
+
+    def pubkey(self, mint_url: str, wallet_dir: str) -> str:
+        """The P2PK public key of the Nutshell wallet kept in `wallet_dir`."""
+        return self.run(mint_url, "pubkey", "-", wallet_dir)
 
 
 def _session_mint(fee_ppk: int) -> Iterator[MintProcess]:
