@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -12,26 +11,13 @@ from typing import Any
 import pytest
 
 from routstr.pricing import actual_cost, load_price_table
+from tests.support.js import js_tree
 from tests.support.upstream import ScriptedUpstream
-
-ROOT = Path(__file__).resolve().parents[1]
-SDK_DIR = ROOT / ".cache" / "node-sdk"
 
 
 @pytest.fixture(scope="module")
 def node_sdk() -> Path:
-    if shutil.which("node") is None or shutil.which("npm") is None:
-        pytest.fail("Node.js and npm are required for the Node SDK test")
-    SDK_DIR.mkdir(parents=True, exist_ok=True)
-    package = (ROOT / "tests" / "js" / "package.json").read_text()
-    installed = SDK_DIR / "package.json"
-    if not (SDK_DIR / "node_modules" / "openai").is_dir() or not installed.exists() \
-            or installed.read_text() != package:
-        installed.write_text(package)
-        subprocess.run(["npm", "install", "--no-audit", "--no-fund", "--no-package-lock"],
-                       cwd=SDK_DIR, check=True, timeout=300, capture_output=True)
-    shutil.copy(ROOT / "tests" / "js" / "seed_example.mjs", SDK_DIR / "seed_example.mjs")
-    return SDK_DIR
+    return js_tree("the Node SDK test")
 
 
 def test_seed_javascript_example(node_sdk: Path, node_factory: Any) -> None:
