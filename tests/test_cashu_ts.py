@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -50,9 +51,11 @@ class CashuTs:
             pytest.fail(f"p2pk.mjs {args[0]} failed ({out.returncode}): {out.stderr[-3000:]}")
         return out.stdout.split()
 
-    def lock(self, pubkey: str, *sats: int) -> list[str]:
-        """Tokens minted by cashu-ts, each worth one of `sats`, locked to `pubkey`."""
-        tokens = self.run("lock", self.mint_url, pubkey, *map(str, sats))
+    def lock(self, pubkey: str | dict[str, Any], *sats: int) -> list[str]:
+        """Tokens minted by cashu-ts, each worth one of `sats`, locked to `pubkey` (or as
+        cashu-ts's `P2PKOptions` given say)."""
+        lock = pubkey if isinstance(pubkey, str) else json.dumps(pubkey)
+        tokens = self.run("lock", self.mint_url, lock, *map(str, sats))
         assert len(tokens) == len(sats)
         return tokens
 
@@ -176,6 +179,38 @@ def test_cashu_ts_token_locked_to_another_key_is_refused_untouched(
         status, doc = node.json("GET" if body is None else "POST", path, body, hdrs)
         assert status == 400 and doc["error"]["code"] == "cashu_token_locked", doc
     assert wallet_tool.state(mint_url, token) == ["UNSPENT"] * len(parse_token(token).proofs)
+    books(node)
+
+
+@pytest.mark.parametrize(("options", "tags", "accepted"), [
+    ({"pubkey": "NODE", "locktime": "SOON", "refundKeys": [OTHER]},
+     {"locktime", "refund"}, True),  # not expired yet
+    ({"pubkey": [OTHER, "NODE"], "requiredSignatures": 1},
+     {"pubkeys"}, True),  # one of two: the node's
+    ({"pubkey": ["NODE", OTHER], "requiredSignatures": 2},
+     {"pubkeys", "n_sigs"}, False),  # needs another signature
+    ({"pubkey": "NODE", "sigFlag": "SIG_ALL"}, {"sigflag"}, False),
+], ids=["locktime-refund", "one-of-two", "two-of-two", "sig-all"])
+def test_cashu_ts_lock_options(options: dict[str, Any], tags: set[str], accepted: bool,
+                               node: NodeProcess, node_key: str, cashu_ts: CashuTs) -> None:
+    """The secrets cashu-ts's P2PK options write (tags, multisig, refund): redeemed when the
+    node's signature alone unlocks them, refused untouched otherwise. (SIG_INPUTS, the default,
+    cashu-ts writes as no sigflag tag at all: the plain lock of the tests above.)"""
+    def resolve(v: Any) -> Any:
+        if isinstance(v, list):
+            return [resolve(x) for x in v]
+        return {"NODE": node_key, "SOON": int(time.time()) + 3600}.get(v, v) \
+            if isinstance(v, str) else v
+    [token] = cashu_ts.lock({k: resolve(v) for k, v in options.items()}, 16)
+    for p in parse_token(token).proofs:  # the options made it into the secret
+        assert {t[0] for t in json.loads(p.secret)[1]["tags"]} >= tags, p.secret
+    status, doc = node.json("POST", "/v1/chat/completions", CHAT, {"X-Cashu": token})
+    if accepted:
+        assert status == 200, doc
+        assert cashu_ts.state(token) == {"SPENT"}
+    else:
+        assert status == 400 and doc["error"]["code"] == "cashu_token_locked", doc
+        assert cashu_ts.state(token) == {"UNSPENT"}
     books(node)
 
 

@@ -1,8 +1,10 @@
 // The cashu-ts wallet (@cashu/cashu-ts) paying a Routstr node with NUT-11 P2PK-locked tokens.
 //
-//   node p2pk.mjs lock <mint_url> <pubkey> <sats> [<sats> ...]
+//   node p2pk.mjs lock <mint_url> <pubkey | P2PKOptions JSON> <sats> [<sats> ...]
 //       mints each amount at the mint (quote -> PAID -> proofs) and swaps it into proofs
-//       locked to <pubkey> (cashu-ts's P2PK send): one encoded token a line
+//       locked to <pubkey> (cashu-ts's P2PK send; a JSON argument is cashu-ts's P2PKOptions,
+//       e.g. {"pubkey": ..., "locktime": ..., "refundKeys": [...], "sigFlag": "SIG_ALL"}):
+//       one encoded token a line
 //   node p2pk.mjs state <mint_url> <token>
 //       the mint's state of each proof of <token> (NUT-07), space separated
 //   node p2pk.mjs decode <payment_request>
@@ -31,12 +33,13 @@ async function mint(w, sats) {
   return w.mintProofsBolt11(sats, quote.quote);
 }
 
-async function lock(mintUrl, pubkey, amounts) {
+async function lock(mintUrl, lockArg, amounts) {
+  const options = lockArg.startsWith("{") ? JSON.parse(lockArg) : { pubkey: lockArg };
   const w = await wallet(mintUrl);
   for (const a of amounts) {
     const sats = Number(a);
     const proofs = await mint(w, sats);
-    const { keep, send } = await w.ops.send(sats, proofs).asP2PK({ pubkey }).run();
+    const { keep, send } = await w.ops.send(sats, proofs).asP2PK(options).run();
     if (keep.length !== 0) throw new Error("kept proofs: the send should spend all");
     console.log(getEncodedToken({ mint: mintUrl, proofs: send, unit: "sat" }));
   }
