@@ -342,7 +342,9 @@ def test_node_announces_within_5s_and_the_relay_stored_it(
     assert event["tags"] == [["d", event["pubkey"][:12]], ["u", f"http://127.0.0.1:{node.port}"],
                              ["mint", "http://127.0.0.1:9"], ["version", info["version"]]]
     assert json.loads(event["content"]) == {"name": f"node-{node.port}",
-                                            "about": "A Routstr Node"}
+                                            "about": "A Routstr Node",
+                                            "cashu_p2pk_pubkey": info["cashu_p2pk_pubkey"]}
+    assert len(info["cashu_p2pk_pubkey"]) == 66  # the key to lock payments to (NUT-11)
     assert nostr.verify_event(nostr.parse_event(event))
     assert "nsec1" not in node.log_text()
     status, _, body = node.request("GET", "/metrics",
