@@ -43,12 +43,14 @@ import hashlib
 import json
 import os
 import secrets
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
-from .cashu.secp256k1 import G, N, P, lift_x, mul_g, multi_mul
+from .cashu.bech32 import Bech32Error, bech32_decode, bech32_encode
+from .cashu.bip340 import schnorr_sign, schnorr_verify, xonly_pubkey
+from .cashu.secp256k1 import N
 from .wire import loads
 
 __all__ = [
@@ -93,8 +95,6 @@ __all__ = [
 ]
 
 KIND_ANNOUNCEMENT = 38421
-#: NIP-19: bech32 strings SHOULD be limited to 5000 characters.
-MAX_BECH32_CHARS = 5000
 #: Bounds on what we accept from a relay in one event (a relay message is bounded by the
 #: WebSocket message limit too).
 MAX_TAGS = 2000
@@ -108,88 +108,6 @@ _HEX = frozenset("0123456789abcdef")
 
 # --------------------------------------------------------------------------------------------
 # bech32 (BIP-173) and NIP-19
-
-
-class Bech32Error(ValueError):
-    """Not a valid bech32 string, or not the NIP-19 entity that was expected."""
-
-
-_CHARSET = "qpzry9x8gf2tvdw0s3jn54khce6mua7l"
-_CHARSET_REV = {c: i for i, c in enumerate(_CHARSET)}
-_GEN = (0x3B6A57B2, 0x26508E6D, 0x1EA119FA, 0x3D4233DD, 0x2A1462B3)
-_BECH32_CONST = 1  # bech32
-
-
-def _polymod(values: Iterable[int]) -> int:
-    chk = 1
-    for v in values:
-        top = chk >> 25
-        chk = ((chk & 0x1FFFFFF) << 5) ^ v
-        for i in range(5):
-            if (top >> i) & 1:
-                chk ^= _GEN[i]
-    return chk
-
-
-def _hrp_expand(hrp: str) -> list[int]:
-    return [ord(c) >> 5 for c in hrp] + [0] + [ord(c) & 31 for c in hrp]
-
-
-def _convert_bits(data: Iterable[int], frm: int, to: int, pad: bool) -> list[int]:
-    acc = bits = 0
-    out: list[int] = []
-    maxv = (1 << to) - 1
-    for value in data:
-        acc = (acc << frm) | value
-        bits += frm
-        while bits >= to:
-            bits -= to
-            out.append((acc >> bits) & maxv)
-    if pad:
-        if bits:
-            out.append((acc << (to - bits)) & maxv)
-    elif bits >= frm or (acc << (to - bits)) & maxv:
-        raise Bech32Error("invalid padding in bech32 data")
-    return out
-
-
-_BECH32M_CONST = 0x2BC830A3  # BIP-350
-
-
-def bech32_encode(hrp: str, data: bytes, *, m: bool = False) -> str:
-    """bech32 (BIP-173) of `data` (bytes, regrouped into 5-bit words) under `hrp`; `m`:
-    bech32m (BIP-350, e.g. NUT-26 payment requests), with no length limit."""
-    if not hrp or hrp != hrp.lower() or any(not 33 <= ord(c) <= 126 for c in hrp):
-        raise Bech32Error("invalid human-readable part")
-    words = _convert_bits(data, 8, 5, pad=True)
-    const = _BECH32M_CONST if m else _BECH32_CONST
-    poly = _polymod([*_hrp_expand(hrp), *words, 0, 0, 0, 0, 0, 0]) ^ const
-    checksum = [(poly >> 5 * (5 - i)) & 31 for i in range(6)]
-    return hrp + "1" + "".join(_CHARSET[w] for w in words + checksum)
-
-
-def bech32_decode(text: str, *, m: bool = False,
-                  max_chars: int = MAX_BECH32_CHARS) -> tuple[str, bytes]:
-    """(hrp, data bytes) of a bech32 (`m`: bech32m) string; raises `Bech32Error` on any
-    defect."""
-    if not isinstance(text, str) or not 8 <= len(text) <= max_chars:
-        raise Bech32Error("bech32 string of invalid length")
-    if any(not 33 <= ord(c) <= 126 for c in text):
-        raise Bech32Error("invalid character in bech32 string")
-    if text.lower() != text and text.upper() != text:
-        raise Bech32Error("mixed-case bech32 string")
-    text = text.lower()
-    sep = text.rfind("1")
-    if sep < 1 or sep + 7 > len(text):
-        raise Bech32Error("bech32 separator misplaced")
-    hrp, rest = text[:sep], text[sep + 1 :]
-    try:
-        words = [_CHARSET_REV[c] for c in rest]
-    except KeyError:
-        raise Bech32Error("invalid character in bech32 data") from None
-    if _polymod([*_hrp_expand(hrp), *words]) != (_BECH32M_CONST if m else _BECH32_CONST):
-        raise Bech32Error("bech32 checksum mismatch")
-    return hrp, bytes(_convert_bits(words[:-6], 5, 8, pad=False))
 
 
 def _decode_key(text: str, hrp: str) -> bytes:
@@ -223,71 +141,6 @@ def decode_nsec(text: str) -> bytes:
 
 # --------------------------------------------------------------------------------------------
 # BIP-340 Schnorr signatures
-
-
-def _tagged_hash(tag: str, msg: bytes) -> bytes:
-    t = hashlib.sha256(tag.encode()).digest()
-    return hashlib.sha256(t + t + msg).digest()
-
-
-_CHALLENGE_PREFIX = hashlib.sha256(b"BIP0340/challenge").digest() * 2
-
-
-def _challenge(r: bytes, pk: bytes, msg: bytes) -> int:
-    return int.from_bytes(hashlib.sha256(_CHALLENGE_PREFIX + r + pk + msg).digest(), "big") % N
-
-
-def xonly_pubkey(seckey: bytes) -> bytes:
-    """The 32-byte x-only public key of a 32-byte secret key (BIP-340 PubKey)."""
-    d = int.from_bytes(seckey, "big")
-    if len(seckey) != 32 or not 0 < d < N:
-        raise ValueError("secret key out of range")
-    pt = mul_g(d)
-    assert pt.x is not None
-    return pt.x.to_bytes(32, "big")
-
-
-def schnorr_sign(seckey: bytes, msg: bytes, aux_rand: bytes) -> bytes:
-    """BIP-340 Sign (default signing, the result verified before it is returned)."""
-    if len(aux_rand) != 32:
-        raise ValueError("aux_rand must be 32 bytes")
-    d0 = int.from_bytes(seckey, "big")
-    if len(seckey) != 32 or not 0 < d0 < N:
-        raise ValueError("secret key out of range")
-    pt = mul_g(d0)
-    assert pt.x is not None and pt.y is not None
-    d = d0 if pt.y % 2 == 0 else N - d0
-    pk = pt.x.to_bytes(32, "big")
-    t = (d ^ int.from_bytes(_tagged_hash("BIP0340/aux", aux_rand), "big")).to_bytes(32, "big")
-    k0 = int.from_bytes(_tagged_hash("BIP0340/nonce", t + pk + msg), "big") % N
-    if k0 == 0:
-        raise ValueError("nonce is zero (negligible probability); retry with other aux_rand")
-    r_pt = mul_g(k0)
-    assert r_pt.x is not None and r_pt.y is not None
-    k = k0 if r_pt.y % 2 == 0 else N - k0
-    r = r_pt.x.to_bytes(32, "big")
-    sig = r + ((k + _challenge(r, pk, msg) * d) % N).to_bytes(32, "big")
-    if not schnorr_verify(pk, msg, sig):
-        raise ValueError("BIP-340 self-check failed")  # arithmetic fault: never publish it
-    return sig
-
-
-def schnorr_verify(pubkey: bytes, msg: bytes, sig: bytes) -> bool:
-    """BIP-340 Verify: True iff `sig` is a valid signature of `msg` by x-only `pubkey`."""
-    if len(pubkey) != 32 or len(sig) != 64:
-        return False
-    p_pt = lift_x(int.from_bytes(pubkey, "big"))
-    if p_pt is None:
-        return False
-    r = int.from_bytes(sig[:32], "big")
-    s = int.from_bytes(sig[32:], "big")
-    if r >= P or s >= N:
-        return False
-    e = _challenge(sig[:32], pubkey, msg)
-    r_pt = multi_mul(((s, G), (-e, p_pt)))
-    if r_pt.x is None or r_pt.y is None or r_pt.y % 2:
-        return False
-    return r_pt.x == r
 
 
 def random_secret() -> bytes:
