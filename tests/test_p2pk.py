@@ -13,10 +13,10 @@ from typing import Any
 
 import pytest
 
+from routstr.cashu.bech32 import bech32_decode
 from routstr.cashu.tokens import PaymentRequest, parse_token
 from routstr.db import Database
 from routstr.ledger import Ledger
-from routstr.nostr import bech32_decode
 from tests.support.node import NodeProcess
 from tests.support.upstream import ScriptedUpstream
 

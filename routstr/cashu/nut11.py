@@ -30,7 +30,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Final
 
-from ..nostr import schnorr_sign
+from .bip340 import schnorr_sign
 from .secp256k1 import InvalidPoint, N, mul_g, point_from_hex
 
 SIG_INPUTS: Final = "SIG_INPUTS"

@@ -44,6 +44,7 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 from . import cbor, strictjson
+from .bech32 import bech32_encode
 from .keysets import KeysetError, resolve_short_id
 from .secp256k1 import InvalidPoint, point_from_hex
 
@@ -666,8 +667,6 @@ class PaymentRequest:
     def encode_b(self) -> str:
         """NUT-26 `CREQB1…`: bech32m of the TLV form, upper case (QR alphanumeric mode).
         Transports are not encoded (an in-band NUT-24 request has none)."""
-        from ..nostr import bech32_encode  # the one bech32 implementation
-
         if self.transports:
             raise TokenError("creqB transports are not supported here")
         out = bytearray()

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from routstr.cashu import nut11
-from routstr.nostr import schnorr_verify
+from routstr.cashu.bip340 import schnorr_verify
 
 VECTORS = json.loads((Path(__file__).parent / "vectors" / "nut11.json").read_text())
 SECKEY = nut11.seckey_from_seed(b"\x01" * 64)
