@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-pytest_plugins: list[str] = ["tests.support.node", "tests.support.mint"]
+pytest_plugins: list[str] = ["tests.support.node", "tests.support.mint", "tests.support.upstream",
+                             "tests.support.minter"]
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:

@@ -115,12 +115,6 @@ def login(node: NodeProcess, headers: dict[str, str] | None = None) -> tuple[str
 
 
 @pytest.fixture(scope="module")
-def upstream() -> Iterator[ScriptedUpstream]:
-    with ScriptedUpstream() as up:
-        yield up
-
-
-@pytest.fixture(scope="module")
 def node(upstream: ScriptedUpstream, tmp_path_factory: pytest.TempPathFactory
          ) -> Iterator[NodeProcess]:
     n = NodeProcess(tmp_path_factory.mktemp("admin"), [

@@ -5,10 +5,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterator
 from typing import Any
-
-import pytest
 
 from routstr.db import Database
 from routstr.keys import hash_key
@@ -21,12 +18,6 @@ ADMIN = "adm-batch-test"
 DEPOSIT = 10_000_000
 CHAT_COST = actual_cost(load_price_table(None).at(100_000).get("gpt-4o-mini"), 12, 5).total_msats
 CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
-
-
-@pytest.fixture(scope="module")
-def upstream() -> Iterator[ScriptedUpstream]:
-    with ScriptedUpstream() as up:
-        yield up
 
 
 def new_key(node: NodeProcess) -> str:

@@ -75,12 +75,6 @@ def cashu_ts(mint_url: str) -> CashuTs:
 
 
 @pytest.fixture(scope="module")
-def upstream() -> Iterator[ScriptedUpstream]:
-    with ScriptedUpstream() as up:
-        yield up
-
-
-@pytest.fixture(scope="module")
 def node(upstream: ScriptedUpstream, mint_url: str,
          tmp_path_factory: pytest.TempPathFactory) -> Iterator[NodeProcess]:
     n = NodeProcess(tmp_path_factory.mktemp("cashutsnode"), [

@@ -31,12 +31,6 @@ MSG = [{"role": "user", "content": "Tell me about ecash, briefly."}]
 
 
 @pytest.fixture(scope="module")
-def upstream() -> Iterator[ScriptedUpstream]:
-    with ScriptedUpstream() as up:
-        yield up
-
-
-@pytest.fixture(scope="module")
 def node(upstream: ScriptedUpstream, mint_url: str,
          tmp_path_factory: pytest.TempPathFactory) -> Iterator[NodeProcess]:
     n = NodeProcess(tmp_path_factory.mktemp("compat"), [
@@ -45,13 +39,6 @@ def node(upstream: ScriptedUpstream, mint_url: str,
     n.start()
     yield n
     n.stop()
-
-
-@pytest.fixture(scope="module")
-def minter(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Minter]:
-    m = Minter(tmp_path_factory.mktemp("compat-minter"))
-    yield m
-    m.close()
 
 
 def new_key(node: NodeProcess, msats: int = 5_000_000) -> str:

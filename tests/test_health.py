@@ -50,12 +50,6 @@ class FakeMint:
         self.server.server_close()
 
 
-@pytest.fixture(scope="module")
-def upstream() -> Iterator[ScriptedUpstream]:
-    with ScriptedUpstream() as up:
-        yield up
-
-
 @pytest.fixture
 def mint() -> Iterator[FakeMint]:
     m = FakeMint()

@@ -47,12 +47,6 @@ def expected_charge(raw_body: bytes, prompt: int, completion: int) -> int:
 
 
 @pytest.fixture(scope="module")
-def upstream() -> Iterator[ScriptedUpstream]:
-    with ScriptedUpstream() as up:
-        yield up
-
-
-@pytest.fixture(scope="module")
 def node(upstream: ScriptedUpstream, tmp_path_factory: pytest.TempPathFactory
          ) -> Iterator[NodeProcess]:
     n = NodeProcess(tmp_path_factory.mktemp("hostile-billing"), [

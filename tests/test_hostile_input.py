@@ -38,12 +38,6 @@ CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
 
 
 @pytest.fixture(scope="module")
-def upstream() -> Iterator[ScriptedUpstream]:
-    with ScriptedUpstream() as up:
-        yield up
-
-
-@pytest.fixture(scope="module")
 def node(upstream: ScriptedUpstream, tmp_path_factory: pytest.TempPathFactory) -> Iterator[NodeProcess]:
     n = NodeProcess(tmp_path_factory.mktemp("hostile"), [
         "--upstream-base-url", upstream.url, "--admin-token", ADMIN,
@@ -333,13 +327,6 @@ def wallet_ops(node: NodeProcess) -> int:
         return int(db.read(lambda c: c.execute("SELECT COUNT(*) FROM wallet_ops").fetchone()[0]))
     finally:
         db.close()
-
-
-@pytest.fixture(scope="module")
-def minter(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Minter]:
-    m = Minter(tmp_path_factory.mktemp("hostile-minter"))
-    yield m
-    m.close()
 
 
 @pytest.mark.mint

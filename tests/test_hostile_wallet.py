@@ -28,19 +28,6 @@ G_HEX = "0279be667ef9dcbbac55a06295ce870b07029bfcdb2dce28d959f2815b16f81798"  # 
 
 
 @pytest.fixture(scope="module")
-def upstream() -> Iterator[ScriptedUpstream]:
-    with ScriptedUpstream() as up:
-        yield up
-
-
-@pytest.fixture(scope="module")
-def minter(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Minter]:
-    m = Minter(tmp_path_factory.mktemp("minter"))
-    yield m
-    m.close()
-
-
-@pytest.fixture(scope="module")
 def node(upstream: ScriptedUpstream, mint_url: str,
          tmp_path_factory: pytest.TempPathFactory) -> Iterator[NodeProcess]:
     n = NodeProcess(tmp_path_factory.mktemp("hostile-wallet"), [

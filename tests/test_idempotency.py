@@ -28,12 +28,6 @@ COST_HEADERS = ("x-routstr-cost", "x-routstr-cost-msats", "x-routstr-balance-msa
 
 
 @pytest.fixture(scope="module")
-def upstream() -> Iterator[ScriptedUpstream]:
-    with ScriptedUpstream() as up:
-        yield up
-
-
-@pytest.fixture(scope="module")
 def node(upstream: ScriptedUpstream, tmp_path_factory: pytest.TempPathFactory
          ) -> Iterator[NodeProcess]:
     n = NodeProcess(tmp_path_factory.mktemp("idem"), ["--upstream-base-url", upstream.url,

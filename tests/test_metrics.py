@@ -7,7 +7,6 @@ import math
 import re
 import shutil
 import subprocess
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -81,12 +80,6 @@ def parse_exposition(text: str) -> tuple[dict[str, str], Series]:
             assert math.isinf(points[-1][0]), f"{family} lacks le=+Inf"
             assert series[family + "_count"][rest_labels] == counts[-1]
     return types, series
-
-
-@pytest.fixture(scope="module")
-def upstream() -> Iterator[ScriptedUpstream]:
-    with ScriptedUpstream() as up:
-        yield up
 
 
 def scrape(node: NodeProcess, token: str | None = ADMIN) -> tuple[int, dict[str, str], str]:

@@ -23,12 +23,6 @@ ADMIN = "adm-openapi-test"
 
 
 @pytest.fixture(scope="module")
-def upstream() -> Iterator[ScriptedUpstream]:
-    with ScriptedUpstream() as up:
-        yield up
-
-
-@pytest.fixture(scope="module")
 def node(upstream: ScriptedUpstream, tmp_path_factory: pytest.TempPathFactory
          ) -> Iterator[NodeProcess]:
     n = NodeProcess(tmp_path_factory.mktemp("openapi"), [

@@ -34,19 +34,6 @@ MSG = [{"role": "user", "content": "Hello!"}]
 
 
 @pytest.fixture(scope="module")
-def upstream() -> Iterator[ScriptedUpstream]:
-    with ScriptedUpstream() as up:
-        yield up
-
-
-@pytest.fixture(scope="module")
-def minter(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Minter]:
-    m = Minter(tmp_path_factory.mktemp("minter"))
-    yield m
-    m.close()
-
-
-@pytest.fixture(scope="module")
 def node(upstream: ScriptedUpstream, mint_url: str,
          tmp_path_factory: pytest.TempPathFactory) -> Iterator[NodeProcess]:
     n = NodeProcess(tmp_path_factory.mktemp("paynode"), [

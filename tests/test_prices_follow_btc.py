@@ -50,12 +50,6 @@ def wait_for(check: Callable[[], Any], timeout: float = 10.0) -> Any:
         time.sleep(0.1)
 
 
-@pytest.fixture(scope="module")
-def upstream() -> Iterator[ScriptedUpstream]:
-    with ScriptedUpstream() as up:
-        yield up
-
-
 @pytest.fixture
 def exchange() -> Iterator[Exchange]:
     with Exchange() as ex:

@@ -38,12 +38,6 @@ CHAT_COST = cost("gpt-4o-mini", 12, 5)
 
 
 @pytest.fixture(scope="module")
-def upstream() -> Iterator[ScriptedUpstream]:
-    with ScriptedUpstream() as up:
-        yield up
-
-
-@pytest.fixture(scope="module")
 def node(upstream: ScriptedUpstream, tmp_path_factory: pytest.TempPathFactory) -> Iterator[NodeProcess]:
     n = NodeProcess(tmp_path_factory.mktemp("proxy"), [
         "--upstream-base-url", upstream.url, "--upstream-api-key", "upstream-secret",

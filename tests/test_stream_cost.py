@@ -25,12 +25,6 @@ SAY_HI = [{"role": "user", "content": "hi"}]
 
 
 @pytest.fixture(scope="module")
-def upstream() -> Iterator[ScriptedUpstream]:
-    with ScriptedUpstream() as up:
-        yield up
-
-
-@pytest.fixture(scope="module")
 def node(upstream: ScriptedUpstream, tmp_path_factory: pytest.TempPathFactory) -> Iterator[NodeProcess]:
     n = NodeProcess(tmp_path_factory.mktemp("stream-cost"), [
         "--upstream-base-url", upstream.url, "--upstream-api-key", "upstream-secret",

@@ -8,12 +8,10 @@ import hmac
 import json
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
-
-import pytest
 
 from routstr.pricing import actual_cost, load_price_table
 from tests.support.node import NodeProcess
@@ -62,12 +60,6 @@ class Receiver:
         while not predicate():
             assert time.monotonic() < deadline, f"timed out; received {self.received}"
             time.sleep(0.02)
-
-
-@pytest.fixture(scope="module")
-def upstream() -> Iterator[ScriptedUpstream]:
-    with ScriptedUpstream() as up:
-        yield up
 
 
 def new_key(node: NodeProcess, **extra: Any) -> str:

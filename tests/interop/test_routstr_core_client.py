@@ -38,19 +38,6 @@ NODE_ARGS_FOR_RATE: dict[int, list[str]] = {100_000: ["--btc-usd", "100000"],
                                             150_000: ["--btc-usd", "150000"]}
 
 
-@pytest.fixture(scope="module")
-def upstream() -> Iterator[ScriptedUpstream]:
-    with ScriptedUpstream() as up:
-        yield up
-
-
-@pytest.fixture(scope="module")
-def minter(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Minter]:
-    m = Minter(tmp_path_factory.mktemp("minter"))
-    yield m
-    m.close()
-
-
 @pytest.fixture(scope="module", params=sorted(NODE_ARGS_FOR_RATE))
 def btc_usd(request: pytest.FixtureRequest) -> int:
     return int(request.param)

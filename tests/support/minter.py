@@ -8,9 +8,11 @@
 from __future__ import annotations
 
 import secrets
+from collections.abc import Iterator
 from pathlib import Path
 
 import anyio
+import pytest
 
 from routstr.cashu.wallet import Wallet
 from routstr.db import Database
@@ -46,3 +48,11 @@ class Minter:
 
     def close(self) -> None:
         self.db.close()
+
+
+@pytest.fixture(scope="module")
+def minter(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Minter]:
+    """Real tokens from the test mint, one minting wallet per test module."""
+    m = Minter(tmp_path_factory.mktemp("minter"))
+    yield m
+    m.close()

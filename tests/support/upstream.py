@@ -48,7 +48,7 @@ import re
 import struct
 import threading
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from typing import Any, Literal
@@ -57,6 +57,7 @@ from urllib.parse import parse_qsl
 import anyio
 import anyio.from_thread
 import h11
+import pytest
 from anyio.abc import ByteStream, Listener, SocketAttribute
 from anyio.streams.tls import TLSListener
 
@@ -1031,3 +1032,10 @@ class ScriptedUpstream(BackgroundServer):
         if reply.status == 200:
             reply.status = b.status
         return reply
+
+
+@pytest.fixture(scope="module")
+def upstream() -> Iterator[ScriptedUpstream]:
+    """One scripted upstream per test module (a module may define its own)."""
+    with ScriptedUpstream() as up:
+        yield up
