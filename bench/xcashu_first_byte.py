@@ -75,7 +75,9 @@ def main() -> None:
             for name, path in trees:
                 d = work / name
                 d.mkdir()
-                n = NodeProcess(d, ["--upstream-base-url", up.url, "--cashu-mints", mint.url])
+                # the rate through the environment: a tree from before issue 18 has no flag
+                n = NodeProcess(d, ["--upstream-base-url", up.url, "--cashu-mints", mint.url],
+                                env={"BTC_USD": "100000"})
                 nodes[name] = _start(n, Path(path).resolve())
             results: dict[str, list[tuple[float, float, bool]]] = {n: [] for n in nodes}
             names = list(nodes)
