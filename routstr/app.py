@@ -294,7 +294,7 @@ def routes(node: Node) -> list[Route]:
     proxy = Proxy(ProxyConfig(c.upstream_base_url, c.upstream_api_key,
                               c.chat_completions_api_version, c.reservation_ttl),
                   node.ledger, node.prices, node.http, node.payments, observer=node.platform,
-                  rates=node.rates, markup=usd_amount(c.price_markup, "--price-markup"))
+                  rates=node.rates, markup=node.prices.markup)
     balance = BalanceHandlers(node.ledger, node.payments)
     table = [
         Route("GET", "/health", status.health),

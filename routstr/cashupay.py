@@ -310,10 +310,7 @@ class CashuPayments:
         return updated, added
 
     # ---- X-Cashu per request ----------------------------------------------------------------
-    def payment_request(self, required_msats: int) -> str:
-        return self._payment_request(required_msats).encode()
-
-    def _payment_request(self, required_msats: int) -> PaymentRequest:
+    def payment_request(self, required_msats: int) -> PaymentRequest:
         """NUT-18/24: the amount, the mints, and the lock to the node's key (NUT-11)."""
         amount = max(1, ceil_div(required_msats, MSAT_PER_SAT))
         lock = NUT10Option("P2PK", self.wallet.p2pk_pubkey, (("sigflag", "SIG_INPUTS"),))
@@ -331,7 +328,7 @@ class CashuPayments:
         token = self.parse(text, echo=True)
         value_msats = token.amount * MSAT_PER_SAT
         if value_msats < worst_msats:
-            request = self._payment_request(worst_msats)
+            request = self.payment_request(worst_msats)
             creq = request.encode()
             raise InsufficientBalance(
                 f"Token worth {format_sats(value_msats)} sats cannot cover this request: "
@@ -434,12 +431,8 @@ class CashuPayments:
         carried the split-off part): the split-off part, if any, and the rest, as one token."""
         with anyio.CancelScope(shield=True):
             token, msats = await self.make_change(payer.account_id, payer.lock)
-        if not payer.split_token:
-            return token, msats
-        split = parse_token(payer.split_token)
-        if token is None:
-            return payer.split_token, split.amount * MSAT_PER_SAT
-        return merge_tokens(split, parse_token(token)), msats + split.amount * MSAT_PER_SAT
+        split = parse_token(payer.split_token) if payer.split_token else None
+        return _with_split(split, token, msats)
 
     async def xcashu_change_header(self, payer: Payer) -> list[tuple[str, str]]:
         token, _ = await self._all_change(payer)
@@ -478,10 +471,10 @@ class CashuPayments:
         except InvalidRequest:  # nothing more than the split-off part, or that too old
             if split is None:
                 raise
-            return split.serialize(4), split.amount * MSAT_PER_SAT
-        if split is None:
-            return token, msats
-        return merge_tokens(split, parse_token(token)), msats + split.amount * MSAT_PER_SAT
+            token, msats = None, 0
+        merged, total = _with_split(split, token, msats)
+        assert merged is not None  # a split or a rest
+        return merged, total
 
     async def _unspent_split(self, key_hash: str) -> Token | None:
         """A stream's change split off at redemption (sent in its response head), within the
@@ -691,6 +684,16 @@ class CashuPayments:
 
     def balances(self) -> dict[str, int]:
         return self.wallet.balances()
+
+
+def _with_split(split: Token | None, token: str | None, msats: int) -> tuple[str | None, int]:
+    """A stream's split-off change (if any) and the rest of its change (if any), as one token
+    and the msats it is worth."""
+    if split is None:
+        return token, msats
+    if token is None:
+        return split.serialize(4), split.amount * MSAT_PER_SAT
+    return merge_tokens(split, parse_token(token)), msats + split.amount * MSAT_PER_SAT
 
 
 def merge_tokens(a: Token, b: Token) -> str:

@@ -695,7 +695,7 @@ class Proxy:
         stream = bool(body.get("stream")) and endpoint.streams
         # a stream's X-Cashu split keeps the ceiling: what settlement may charge beyond `worst`
         payer = await self.payments.payer_for(request, worst, model or "",
-                                              keep_msats=max(worst, ceil.msats) if stream else None)
+                                              keep_msats=ceil.msats if stream else None)
         try:
             reservation = self.ledger.reserve(payer.account_id, worst,
                                               request_id=request.request_id,
