@@ -179,8 +179,9 @@ SCHEMAS: dict[str, Any] = {
                      "onion_url": _STR, "models": {"type": "array", "items": _STR},
                      "cashu_p2pk_pubkey": {
                          "type": ["string", "null"],
-                         "description": "NUT-11: lock a token to this key (P2PK, SIG_INPUTS) and"
-                                        " only this node can redeem it; null without mints"},
+                         "description": "NUT-11: lock a token to this key (P2PK, SIG_INPUTS or"
+                                        " SIG_ALL) and only this node can redeem it; null"
+                                        " without mints"},
                      "btc_usd": _object({
                          "usd_per_btc": {"type": ["string", "null"],
                                          "description": "USD per BTC that USD-priced models"

@@ -97,8 +97,8 @@ def test_bearer_and_create_with_locked_tokens(node: NodeProcess, node_key: str, 
     {"pubkey": OTHER},  # someone else's
     {"pubkey": "NODE", "pubkeys": [OTHER], "n_sigs": 2},  # needs two signatures
     {"pubkey": "NODE", "locktime": 1_000, "refund": [OTHER]},  # expired, the sender can reclaim
-    {"pubkey": "NODE", "sig_all": True},
-], ids=["another-key", "two-of-two", "expired-with-refund", "sig-all"])
+    {"pubkey": OTHER, "sig_all": True},
+], ids=["another-key", "two-of-two", "expired-with-refund", "sig-all-another-key"])
 def test_tokens_the_node_cannot_redeem_are_refused_untouched(
         spec: dict[str, Any], node: NodeProcess, node_key: str, mint_url: str,
         wallet_tool: Any) -> None:
@@ -118,6 +118,42 @@ def test_tokens_the_node_cannot_redeem_are_refused_untouched(
         assert status == 400 and doc["error"]["code"] == "cashu_token_locked", doc
     assert wallet_tool.state(mint_url, token) == ["UNSPENT"] * n_proofs
     books(node)
+
+
+def _pays_sig_all(node: NodeProcess, mint: str, tool: Any) -> None:
+    """A SIG_ALL token of several proofs pays as X-Cashu (change back) and as a Bearer key."""
+    key = node.json("GET", "/v1/info")[1]["cashu_p2pk_pubkey"]
+    token = tool.lock(mint, 63, key, sig_all=True)  # 32+16+8+4+2+1: one signature for six
+    proofs = parse_token(token).proofs
+    assert len(proofs) > 1 and all('"SIG_ALL"' in p.secret for p in proofs)
+    status, headers, raw = node.request("POST", "/v1/chat/completions", CHAT, {"X-Cashu": token})
+    assert status == 200, raw
+    assert tool.state(mint, token) == ["SPENT"] * len(proofs)
+    assert tool.receive(mint, headers["x-cashu"]) > 0
+    bearer = tool.lock(mint, 40, key, sig_all=True)
+    status, doc = node.json("GET", "/v1/balance/info",
+                            headers={"Authorization": f"Bearer {bearer}"})
+    assert status == 200 and doc["balance"] == 40_000, doc
+    books(node)
+
+
+def test_sig_all_pays_on_a_mint_of_the_current_nut11(
+        upstream: ScriptedUpstream, mint_url_current: str, wallet_tool_current: Any,
+        tmp_path_factory: pytest.TempPathFactory) -> None:
+    n = NodeProcess(tmp_path_factory.mktemp("sigallnode"), [
+        "--upstream-base-url", upstream.url, "--cashu-mints", mint_url_current])
+    n.start()
+    try:
+        _pays_sig_all(n, mint_url_current, wallet_tool_current)
+    finally:
+        n.stop()
+
+
+def test_sig_all_pays_on_a_mint_of_the_older_message(node: NodeProcess, mint_url: str,
+                                                      wallet_tool: Any) -> None:
+    """Nutshell 0.19 signs SIG_ALL over the secrets and the B_ only: it refuses the current
+    message, and the wallet's one retry with the older message is taken."""
+    _pays_sig_all(node, mint_url, wallet_tool)
 
 
 def test_a_thief_with_a_copy_gets_nothing(node: NodeProcess, node_key: str, mint_url: str,

@@ -14,8 +14,14 @@ Refused (`LockError`, a clear 400; the token stays its owner's):
 - locked to keys without this node's, or needing more signatures than this node's one;
 - a lock whose `locktime` has passed and that names refund keys (its sender can take it back
   while we redeem it);
-- `SIG_ALL` (its message covers the swap's outputs; the test mint, Nutshell 0.19, signs an older
-  aggregation than NUT-11's current one, so it is refused until it can be tested end to end).
+- `SIG_ALL` proofs mixed with proofs of other locks (NUT-11: every input of a `SIG_ALL` swap
+  has the same kind, `data` and tags).
+
+`SIG_ALL` (the signature covers the whole swap): one signature, in the first input's witness, on
+sha256 of every input's `secret` and `C` and every output's `amount` and `B_`
+(`sig_all_message`); mints before NUT-11's current text (Nutshell up to 0.20.2) signed only the
+secrets and the `B_` (`legacy_sig_all_message`), which the wallet tries once when a mint refuses
+the current form.
 
 A lock whose `locktime` has passed without refund keys is spendable by anyone (NUT-11): it is
 taken as an unlocked proof.
@@ -137,12 +143,11 @@ def check_redeemable(secrets: list[str], node_pubkey: str, now: float | None = N
     now = time.time() if now is None else now
     x = node_pubkey[2:]
     signed = False
+    _check_sig_all_group(secrets)
     for secret in secrets:
         lock = parse_p2pk(secret)
         if lock is None:
             continue
-        if lock.sigflag == SIG_ALL:
-            raise LockError("SIG_ALL locked tokens are not accepted yet; lock with SIG_INPUTS")
         expired = lock.locktime is not None and now >= lock.locktime
         if expired and lock.refund:
             raise LockError("the token's lock has expired and names refund keys: its sender"
@@ -156,6 +161,42 @@ def check_redeemable(secrets: list[str], node_pubkey: str, now: float | None = N
             raise LockError(f"the token needs {lock.n_sigs} signatures; this node gives one")
         signed = True
     return signed
+
+
+def _condition(secret: str) -> tuple[str, str, str] | None:
+    """(kind, data, tags as JSON) of a NUT-10 secret: what SIG_ALL inputs must share."""
+    known = well_known(secret)
+    if known is None:
+        return None
+    kind, body = known
+    return kind, body["data"], json.dumps(body.get("tags", []))
+
+
+def _check_sig_all_group(secrets: list[str]) -> None:
+    """LockError unless, when any input is SIG_ALL, all have the same kind, data and tags."""
+    locks = [parse_p2pk(s) for s in secrets]
+    if not any(lock is not None and lock.sigflag == SIG_ALL for lock in locks):
+        return
+    if len({_condition(s) for s in secrets}) != 1:
+        raise LockError("a SIG_ALL token's proofs must all carry the same lock (kind, data and"
+                        " tags); send them as separate tokens")
+
+
+def is_sig_all(secrets: list[str]) -> bool:
+    """Do these (checked) inputs form a SIG_ALL swap?"""
+    lock = parse_p2pk(secrets[0]) if secrets else None
+    return lock is not None and lock.sigflag == SIG_ALL
+
+
+def sig_all_message(inputs: list[tuple[str, str]], outputs: list[tuple[int, str]]) -> str:
+    """NUT-11's SIG_ALL message of a swap: secret‖C of each input, then amount‖B_ of each
+    output, in the order they are sent. `inputs`: (secret, C hex); `outputs`: (amount, B_)."""
+    return "".join(s + c for s, c in inputs) + "".join(str(a) + b for a, b in outputs)
+
+
+def legacy_sig_all_message(inputs: list[tuple[str, str]], outputs: list[tuple[int, str]]) -> str:
+    """The SIG_ALL message of mints before NUT-11's current text: the secrets, then the B_."""
+    return "".join(s for s, _ in inputs) + "".join(b for _, b in outputs)
 
 
 def seckey_from_seed(seed: bytes) -> bytes:
@@ -172,9 +213,10 @@ def pubkey_hex(seckey: bytes) -> str:
     return ("02" if pt.y % 2 == 0 else "03") + pt.x.to_bytes(32, "big").hex()
 
 
-def witness(seckey: bytes, secret: str) -> str:
-    """A NUT-11 P2PKWitness: one BIP-340 signature on sha256(secret)."""
-    sig = schnorr_sign(seckey, hashlib.sha256(secret.encode()).digest(),
+def witness(seckey: bytes, message: str) -> str:
+    """A NUT-11 P2PKWitness: one BIP-340 signature on sha256(message) (the proof's secret for
+    SIG_INPUTS, the swap's `sig_all_message` for SIG_ALL)."""
+    sig = schnorr_sign(seckey, hashlib.sha256(message.encode()).digest(),
                        _secrets.token_bytes(32))
     return json.dumps({"signatures": [sig.hex()]}, separators=(",", ":"))
 

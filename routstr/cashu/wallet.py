@@ -410,8 +410,27 @@ class Wallet:
         except nut11.LockError as exc:
             raise LockRefused(str(exc)) from None
 
-    def _witnessed(self, proofs: Sequence[Proof]) -> list[Proof]:
-        """The inputs with a NUT-11 witness where their lock names this wallet's key."""
+    def _receive_swap(
+        self, client: MintClient, locked: bool, legacy: bool
+    ) -> Callable[[Operation, list[BlindedMessage]], Awaitable[list[BlindSignature]]]:
+        """A receive's swap call: its inputs witnessed where they are locked to this wallet."""
+        def call(op: Operation, msgs: list[BlindedMessage]) -> Awaitable[list[BlindSignature]]:
+            return client.swap(self._witnessed(op.inputs, msgs, legacy) if locked else op.inputs,
+                               msgs)
+        return call
+
+    def _witnessed(self, proofs: Sequence[Proof], outputs: Sequence[BlindedMessage],
+                   legacy: bool = False) -> list[Proof]:
+        """The inputs with NUT-11 witnesses where their lock names this wallet's key: one per
+        input (SIG_INPUTS), or one on the first input covering the whole swap (SIG_ALL; `legacy`:
+        the message of mints before NUT-11's current text)."""
+        if nut11.is_sig_all([p.secret for p in proofs]):
+            pairs = [(p.secret, p.C) for p in proofs]
+            outs = [(o.amount, o.B_) for o in outputs]
+            message = (nut11.legacy_sig_all_message if legacy else nut11.sig_all_message)(
+                pairs, outs)
+            first = replace(proofs[0], witness=nut11.witness(self._p2pk_seckey, message))
+            return [first, *(replace(p, witness=None) for p in proofs[1:])]
         out = []
         for p in proofs:
             lock = nut11.parse_p2pk(p.secret)
@@ -523,9 +542,10 @@ class Wallet:
         if len({p.secret for p in tok.proofs}) != len(tok.proofs):
             raise WalletError("token repeats a proof")
         locked = self.check_lock(tok.proofs)
+        legacy, refused = False, None  # SIG_ALL: the current message first, then the legacy one
         mint = normalize_mint_url(tok.mint)
         client = self.client(mint)
-        for attempt in range(2):
+        for attempt in range(3):
             inputs = []
             for p in tok.proofs:
                 info = await client.keyset_info(p.id)
@@ -548,9 +568,7 @@ class Wallet:
             )
             op = await self._begin_foreign(intent)
             try:
-                derived, sigs = await self._run(
-                    op, lambda o, msgs: client.swap(
-                        self._witnessed(o.inputs) if locked else o.inputs, msgs))
+                derived, sigs = await self._run(op, self._receive_swap(client, locked, legacy))
             except KeysetInactive as exc:
                 self._abort_definite(op, exc)
                 await client.keysets(refresh=True)
@@ -567,6 +585,11 @@ class Wallet:
             except MintError as exc:
                 if exc.definite:
                     self._abort_definite(op, exc)
+                    if locked and not legacy and nut11.is_sig_all([p.secret for p in inputs]):
+                        legacy, refused = True, exc  # a mint of the older SIG_ALL message?
+                        continue
+                if refused is not None and exc.definite:
+                    raise refused from exc
                 raise
             proofs = [await self._unblind(client, d, s) for d, s in zip(derived, sigs, strict=True)]
             done = self._finish_receive(op, derived, proofs)

@@ -89,7 +89,6 @@ def test_what_this_node_redeems() -> None:
     ([], OTHER, "another key"),
     ([["pubkeys", OTHER], ["n_sigs", "2"]], NODE, "needs 2 signatures"),
     ([["locktime", "21"], ["refund", OTHER]], NODE, "expired"),
-    ([["sigflag", "SIG_ALL"]], NODE, "SIG_ALL"),
 ])
 def test_locks_refused_before_any_mint_call(tags: list[list[str]], data: str, why: str) -> None:
     with pytest.raises(nut11.LockError, match=why):
@@ -113,3 +112,51 @@ def test_other_nut10_kinds_are_refused() -> None:
 def test_one_bad_proof_refuses_the_token() -> None:
     with pytest.raises(nut11.LockError):
         nut11.check_redeemable([secret(), secret(OTHER)], NODE)
+
+
+def _sig_all_parts(swap: dict[str, Any]) -> tuple[list[tuple[str, str]], list[tuple[int, str]]]:
+    return ([(p["secret"], p["C"]) for p in swap["inputs"]],
+            [(o["amount"], o["B_"]) for o in swap["outputs"]])
+
+
+def test_sig_all_message_is_the_spec_vector_and_its_signature_verifies() -> None:
+    swap = VECTORS["sig_all_swap"]
+    msg = nut11.sig_all_message(*_sig_all_parts(swap))
+    assert msg == VECTORS["sig_all_msg"]
+    digest = hashlib.sha256(msg.encode()).digest()
+    assert digest.hex() == VECTORS["sig_all_msg_sha256"]
+    lock = nut11.parse_p2pk(swap["inputs"][0]["secret"])
+    assert lock is not None and lock.sigflag == nut11.SIG_ALL
+    (sig,) = json.loads(swap["inputs"][0]["witness"])["signatures"]
+    assert schnorr_verify(bytes.fromhex(lock.data[2:]), digest, bytes.fromhex(sig))
+    legacy = nut11.legacy_sig_all_message(*_sig_all_parts(swap))
+    assert not schnorr_verify(bytes.fromhex(lock.data[2:]),
+                              hashlib.sha256(legacy.encode()).digest(), bytes.fromhex(sig))
+
+
+def test_sig_all_multisig_vector_signatures_cover_the_whole_swap() -> None:
+    swap = VECTORS["sig_all_multisig_valid"]
+    digest = hashlib.sha256(nut11.sig_all_message(*_sig_all_parts(swap)).encode()).digest()
+    lock = nut11.parse_p2pk(swap["inputs"][0]["secret"])
+    assert lock is not None and lock.n_sigs == 2
+    sigs = json.loads(swap["inputs"][0]["witness"])["signatures"]
+    signers = {k for k in (lock.data, *lock.pubkeys) for sig in sigs
+               if schnorr_verify(bytes.fromhex(k[2:]), digest, bytes.fromhex(sig))}
+    assert len(signers) == 2
+
+
+def test_sig_all_inputs_with_different_locks_are_refused() -> None:
+    secrets = [p["secret"] for p in VECTORS["sig_all_mixed_tags_invalid"]["inputs"]]
+    with pytest.raises(nut11.LockError, match="same lock"):
+        nut11.check_redeemable(secrets, NODE)
+    mine = secret(NODE, [["sigflag", "SIG_ALL"]])
+    with pytest.raises(nut11.LockError, match="same lock"):
+        nut11.check_redeemable([mine, "a" * 64], NODE)  # with an unlocked proof
+    with pytest.raises(nut11.LockError, match="same lock"):
+        nut11.check_redeemable([mine, secret(NODE)], NODE)  # with a SIG_INPUTS one
+    other_nonce = mine.replace("ab" * 16, "cd" * 16)
+    assert nut11.check_redeemable([mine, other_nonce], NODE) is True  # nonces differ: fine
+    assert nut11.is_sig_all([mine, other_nonce])
+    assert not nut11.is_sig_all([secret(NODE)])
+    with pytest.raises(nut11.LockError, match="another key"):
+        nut11.check_redeemable([secret(OTHER, [["sigflag", "SIG_ALL"]])], NODE)

@@ -7,7 +7,9 @@
   data dir, for outage tests (same keys, same spent-proof records after a restart).
 
 The mint lives in its own virtual environment (`MINT_VENV`, default `.cache/mint-venv` in the
-repository): `cashu` pins h11<0.15 and must never share the node's venv.
+repository): `cashu` pins h11<0.15 and must never share the node's venv. `mint_url_current` /
+`wallet_tool_current`: Nutshell 0.21.0 (NUT-11's current SIG_ALL message, keyset ids v2), in
+`.cache/mint-venv-0.21.0`, for the tests that need the newer mint.
 """
 
 from __future__ import annotations
@@ -31,6 +33,13 @@ MINT_DIR = REPO / "tests" / "mint"
 START_MINT = MINT_DIR / "start-mint.sh"
 WALLET_TOOL = MINT_DIR / "wallet_tool.py"
 MINT_VENV = Path(os.environ.get("MINT_VENV") or REPO / ".cache" / "mint-venv")
+DEFAULT_CASHU = "0.19.2"
+CURRENT_CASHU = "0.21.0"
+
+
+def venv_for(cashu: str) -> Path:
+    """The mint venv of one Nutshell version (start-mint.sh builds it on first use)."""
+    return MINT_VENV if cashu == DEFAULT_CASHU else REPO / ".cache" / f"mint-venv-{cashu}"
 
 #: First start may build the venv (~1 min); later starts take ~2-5 s.
 START_TIMEOUT_S = 600.0
@@ -63,20 +72,22 @@ def _port_open(port: int) -> bool:
 class MintProcess:
     """One Nutshell mint process: port, data dir and fee stay the same across restarts."""
 
-    def __init__(self, port: int, data_dir: Path, fee_ppk: int = 0) -> None:
+    def __init__(self, port: int, data_dir: Path, fee_ppk: int = 0,
+                 cashu: str = DEFAULT_CASHU) -> None:
         self.port = port
         self.data_dir = Path(data_dir)
         self.fee_ppk = fee_ppk
+        self.cashu = cashu
         self.url = f"http://127.0.0.1:{port}"
         self.pid: int | None = None
 
     @classmethod
-    def fresh(cls, fee_ppk: int = 0) -> MintProcess:
+    def fresh(cls, fee_ppk: int = 0, cashu: str = DEFAULT_CASHU) -> MintProcess:
         data = Path(tempfile.mkdtemp(prefix=f"mint-{fee_ppk}-"))
-        return cls(free_port(), data, fee_ppk)
+        return cls(free_port(), data, fee_ppk, cashu)
 
     def start(self) -> MintProcess:
-        env = dict(os.environ, MINT_VENV=str(MINT_VENV))
+        env = dict(os.environ, MINT_VENV=str(venv_for(self.cashu)), MINT_CASHU=self.cashu)
         deadline = time.monotonic() + STOP_TIMEOUT_S
         while _port_open(self.port) and time.monotonic() < deadline:  # a previous run lingering
             time.sleep(0.1)
@@ -183,8 +194,8 @@ class WalletTool:
         return self.run(mint_url, "pubkey", "-", wallet_dir)
 
 
-def _session_mint(fee_ppk: int) -> Iterator[MintProcess]:
-    proc = MintProcess.fresh(fee_ppk).start()
+def _session_mint(fee_ppk: int, cashu: str = DEFAULT_CASHU) -> Iterator[MintProcess]:
+    proc = MintProcess.fresh(fee_ppk, cashu).start()
     try:
         yield proc
     finally:
@@ -201,6 +212,23 @@ def mint_process() -> Iterator[MintProcess]:
 def mint_process_fee() -> Iterator[MintProcess]:
     """The session's mint charging input_fee_ppk=100 (0.1 sat per input, rounded up per swap)."""
     yield from _session_mint(100)
+
+
+@pytest.fixture(scope="session")
+def mint_process_current() -> Iterator[MintProcess]:
+    """A fee-less mint of Nutshell 0.21.0 (NUT-11's current SIG_ALL message)."""
+    yield from _session_mint(0, CURRENT_CASHU)
+
+
+@pytest.fixture(scope="session")
+def mint_url_current(mint_process_current: MintProcess) -> str:
+    return mint_process_current.url
+
+
+@pytest.fixture(scope="session")
+def wallet_tool_current(mint_process_current: MintProcess) -> WalletTool:
+    """Nutshell 0.21.0's wallet (its venv exists once its mint has started)."""
+    return WalletTool(venv_for(CURRENT_CASHU) / "bin" / "python")
 
 
 @pytest.fixture(scope="session")
