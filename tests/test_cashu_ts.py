@@ -183,7 +183,7 @@ def test_cashu_ts_token_locked_to_another_key_is_refused_untouched(
      {"pubkeys"}, True),  # one of two: the node's
     ({"pubkey": ["NODE", OTHER], "requiredSignatures": 2},
      {"pubkeys", "n_sigs"}, False),  # needs another signature
-    ({"pubkey": "NODE", "sigFlag": "SIG_ALL"}, {"sigflag"}, False),
+    ({"pubkey": "NODE", "sigFlag": "SIG_ALL"}, {"sigflag"}, True),  # one signature, whole swap
 ], ids=["locktime-refund", "one-of-two", "two-of-two", "sig-all"])
 def test_cashu_ts_lock_options(options: dict[str, Any], tags: set[str], accepted: bool,
                                node: NodeProcess, node_key: str, cashu_ts: CashuTs) -> None:
