@@ -17,13 +17,14 @@ import sys
 from collections.abc import Sequence
 
 import anyio
+from anyio.abc import Listener, SocketStream
 
 from .admin import check_admin_token, create_key, ensure_admin_token
 from .app import Node, build_app
-from .config import Config, ConfigError, load_config
+from .config import Config, ConfigError, listen_error, load_config
 from .db import Database
 from .ledger import Ledger
-from .server import Server, ServerOptions
+from .server import Server, ServerOptions, listen
 from .workers import WORKER_COMMAND, WorkerRole, supervise, worker_boot_id
 
 log = logging.getLogger("routstr")
@@ -78,19 +79,26 @@ async def prepare_database(config: Config) -> None:
 
 async def run_node(config: Config, worker: WorkerRole | None = None) -> None:
     """Serve until SIGTERM. `worker`: one of `--workers N` processes (see `workers`)."""
-    node = Node.open(config, boot_id=worker_boot_id(os.getpid()) if worker else None)
-    _start_up(node, config, single_process=worker is None)
-    server = Server(build_app(node), dataclasses.replace(
-        server_options(config), observer=node.platform.metrics.observe_request))
-    try:
-        await _serve(node, server, config, worker)
-    finally:
-        with anyio.CancelScope(shield=True):
-            await node.aclose()
+    try:  # first: a port in use or a bad host touches nothing
+        listener = await listen(config.host, config.port, reuse_port=worker is not None)
+    except OSError as exc:
+        raise listen_error(exc, config.host, config.port) from exc
+    async with listener:
+        node = Node.open(config, boot_id=worker_boot_id(os.getpid()) if worker else None)
+        try:
+            _start_up(node, config, single_process=worker is None)
+            server = Server(build_app(node), dataclasses.replace(
+                server_options(config), observer=node.platform.metrics.observe_request))
+            await _serve(node, server, listener, worker)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await node.aclose()
     log.info("stopped")
 
 
-async def _serve(node: Node, server: Server, config: Config, worker: WorkerRole | None) -> None:
+async def _serve(node: Node, server: Server, listener: Listener[SocketStream],
+                 worker: WorkerRole | None) -> None:
+    config = node.config
     async with anyio.create_task_group() as tg:
         jobs = worker is None or worker.runs_jobs
         if not jobs:
@@ -109,8 +117,7 @@ async def _serve(node: Node, server: Server, config: Config, worker: WorkerRole 
             tg.start_soon(node.platform.run_forever)
         # The receiver stays open while draining: a second signal cannot cut the grace short.
         with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-            serve = functools.partial(server.serve, reuse_port=worker is not None)
-            port = await tg.start(serve, config.host, config.port)
+            port = await tg.start(server.serve_on, listener)
             if worker is None:
                 log.info("listening on http://%s:%d", config.host, port)
             else:
@@ -158,10 +165,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"routstr: {exc}", file=sys.stderr)
         return 2
     _setup_logging(config.log_level, "" if worker is None else f"[w{worker.index}]")
-    if worker is None and config.workers > 1:
-        return supervise(config, args, prepare_database)
-    anyio.run(run_node, config, worker)
+    failure: ConfigError | None = None
+    try:
+        if worker is None and config.workers > 1:
+            return supervise(config, args, prepare_database)
+        anyio.run(run_node, config, worker)
+    except* ConfigError as group:  # the node could not start: a setting to fix, not a bug
+        failure = _first(group)
+    if failure is not None:
+        log.debug("start-up failed", exc_info=failure)
+        print(f"routstr: {failure}", file=sys.stderr)
+        return 2
     return 0
+
+
+def _first(group: BaseExceptionGroup[ConfigError]) -> ConfigError:
+    found = group.exceptions[0]
+    return _first(found) if isinstance(found, BaseExceptionGroup) else found
 
 
 if __name__ == "__main__":

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import logging
+import os
 import secrets
+import sqlite3
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -21,8 +23,8 @@ from .cashu.mint import MintError, Transport
 from .cashu.wallet import Wallet, WalletError
 from .cashupay import CashuConfig, CashuPayments, xcashu_key_hash
 from .client import HttpClient
-from .config import Config
-from .db import Database, checkpoint_file
+from .config import Config, ConfigError
+from .db import Database, SchemaError, checkpoint_file
 from .discovery import NostrService, open_nostr
 from .errors import ApiError, UpstreamError
 from .features import Platform, admin_bearer
@@ -39,7 +41,7 @@ from .pricefeed import (
     rate_from_text,
     save_rate,
 )
-from .pricing import load_price_table, usd_amount
+from .pricing import PriceTable, load_price_table, usd_amount
 from .proxy import (
     AUDIO,
     CHAT,
@@ -130,9 +132,10 @@ class Node:
 
     @classmethod
     def open(cls, config: Config, *, boot_id: str | None = None) -> Node:
-        db = Database(config.database)
+        table = read_price_table(config.pricing)  # before the database: a typo creates nothing
+        db = open_database(config.database)
         ledger = Ledger(db, boot_id=boot_id)
-        prices = PriceBook(load_price_table(config.pricing or None), db)
+        prices = PriceBook(table, db)
         http = HttpClient(connect_timeout=config.upstream_connect_timeout,
                           read_timeout=config.upstream_read_timeout,
                           proxy=config.upstream_proxy or None,
@@ -265,6 +268,28 @@ class Node:
             released = self.ledger.sweep_expired()
             if released:
                 log.warning("released %d expired reservations", released)
+
+
+def open_database(path: str) -> Database:
+    try:
+        return Database(path)
+    except SchemaError as exc:
+        raise ConfigError(f"the database {path}: {exc}") from exc
+    except (sqlite3.Error, OSError) as exc:
+        hint = ("check that it is the node's sqlite database and that this user can read and"
+                " write it and its directory" if os.path.exists(path) else
+                "point --database (DATABASE) at a file in a directory this user can write")
+        raise ConfigError(f"cannot open the database {path} ({exc}); {hint}") from exc
+
+
+def read_price_table(path: str) -> PriceTable:
+    try:
+        return load_price_table(path or None)
+    except OSError as exc:
+        raise ConfigError(f"cannot read the pricing file {path} ({exc.strerror});"
+                          " check --pricing (PRICING)") from exc
+    except ValueError as exc:  # names the file and the key
+        raise ConfigError(f"{exc}; fix the file or leave --pricing out") from exc
 
 
 def open_rates(config: Config, db: Database, http: HttpClient) -> RateFeed:

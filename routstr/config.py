@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import ipaddress
+import socket
 import types
 import typing
 from collections.abc import Callable, Mapping, Sequence
@@ -27,7 +29,25 @@ MiB = 1024 * 1024
 
 
 class ConfigError(ValueError):
-    """A setting has an invalid value (reported as one line, exit code 2)."""
+    """A setting has an invalid value, or the node cannot start with it: reported as one line
+    saying what is wrong and what to do, exit code 2 (`LOG_LEVEL=DEBUG` adds the traceback)."""
+
+
+def listen_error(exc: OSError, host: str, port: int) -> ConfigError:
+    """Why the node cannot listen on `host`:`port`, said for the operator."""
+    if isinstance(exc, socket.gaierror):
+        return ConfigError(f"--host {host!r} is not a name this machine can resolve"
+                           f" ({exc.strerror}); use an address such as 127.0.0.1 or 0.0.0.0")
+    if exc.errno == errno.EADDRINUSE:
+        return ConfigError(f"port {port} on {host} is already in use (another routstr?);"
+                           " stop that process or choose another --port (PORT)")
+    if exc.errno == errno.EADDRNOTAVAIL:
+        return ConfigError(f"--host {host} is not an address of this machine; use 127.0.0.1,"
+                           " 0.0.0.0 or one of its own addresses")
+    if exc.errno == errno.EACCES:
+        return ConfigError(f"not allowed to listen on port {port} (ports below 1024 need"
+                           " privileges); choose --port 1024 or above")
+    return ConfigError(f"cannot listen on {host}:{port}: {exc.strerror or exc}")
 
 
 def _url(value: str) -> None:

@@ -616,13 +616,18 @@ def _switch_to_wal(conn: sqlite3.Connection) -> str:
             time.sleep(0.005)
 
 
+class SchemaError(RuntimeError):
+    """The database was written by a newer routstr."""
+
+
 def _migrate(conn: sqlite3.Connection, migrations: tuple[str, ...]) -> None:
     target = len(migrations)
     version = _user_version(conn)
     if version > target:
-        raise RuntimeError(
+        raise SchemaError(
             f"database schema version {version} is newer than this code ({target}); upgrade"
         )
+    start = version
     while version < target:
         conn.execute("BEGIN IMMEDIATE")
         try:
@@ -632,12 +637,13 @@ def _migrate(conn: sqlite3.Connection, migrations: tuple[str, ...]) -> None:
                     conn.execute(statement)
                 version += 1
                 conn.execute(f"PRAGMA user_version = {version}")
-                log.info("database migrated to schema version %d", version)
             conn.execute("COMMIT")
         except BaseException:
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
             raise
+    if version != start:
+        log.info("database schema migrated from version %d to %d", start, version)
 
 
 def fsync_wal(path: str) -> None:

@@ -261,6 +261,12 @@ def _request_id(headers: list[tuple[str, str]]) -> str:
     return _new_request_id()
 
 
+async def listen(host: str, port: int, *,
+                 reuse_port: bool = False) -> anyio.abc.Listener[anyio.abc.SocketStream]:
+    return await anyio.create_tcp_listener(local_host=host, local_port=port, backlog=1024,
+                                           reuse_port=reuse_port)
+
+
 class Server:
     def __init__(self, app: App, options: ServerOptions) -> None:
         self.app = app
@@ -284,8 +290,16 @@ class Server:
     ) -> None:
         """Accept connections until `shutdown`. `reuse_port` (SO_REUSEPORT, Linux/BSD) lets
         several worker processes listen on one port; the kernel spreads connections over them."""
-        listener = await anyio.create_tcp_listener(local_host=host, local_port=port, backlog=1024,
-                                                   reuse_port=reuse_port)
+        listener = await listen(host, port, reuse_port=reuse_port)
+        await self.serve_on(listener, task_status=task_status)
+
+    async def serve_on(
+        self,
+        listener: anyio.abc.Listener[anyio.abc.SocketStream],
+        *,
+        task_status: anyio.abc.TaskStatus[int] = anyio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """`serve` on a listener already open (closed when serving ends)."""
         sockname = listener.extra(anyio.abc.SocketAttribute.local_address)
         self.port = int(sockname[1])
         async with anyio.create_task_group() as tg:

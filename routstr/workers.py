@@ -44,7 +44,7 @@ from dataclasses import dataclass
 
 import anyio
 
-from .config import Config
+from .config import Config, listen_error
 from .db import Database
 from .ledger import Ledger
 
@@ -110,15 +110,21 @@ class WorkerRole:
         os.kill(os.getpid(), signal.SIGTERM)
 
 
-def _reserve_port(host: str, port: int) -> tuple[socket.socket | None, int]:
-    """For port 0: bind (not listen) a SO_REUSEPORT socket to learn a free port and keep it."""
-    if port:
-        return None, port
-    family, kind, proto, _, addr = socket.getaddrinfo(host, 0, type=socket.SOCK_STREAM)[0]
-    sock = socket.socket(family, kind, proto)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-    sock.bind(addr)
+def _reserve_port(host: str, port: int) -> tuple[socket.socket, int]:
+    """Bind (not listen) a SO_REUSEPORT socket: a port in use or a bad host fails here, once,
+    before any worker starts; for port 0 it also picks the free port the workers share."""
+    try:
+        family, kind, proto, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        sock = socket.socket(family, kind, proto)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            sock.bind(addr)
+        except OSError:
+            sock.close()
+            raise
+    except OSError as exc:
+        raise listen_error(exc, host, port) from exc
     return sock, int(sock.getsockname()[1])
 
 
@@ -180,9 +186,9 @@ class Supervisor:
         c = self.config
         signal.signal(signal.SIGTERM, self._on_signal)
         signal.signal(signal.SIGINT, self._on_signal)
-        anyio.run(self.prepare, c)
-        placeholder, port = _reserve_port(c.host, c.port)
+        placeholder, port = _reserve_port(c.host, c.port)  # first: a port in use touches nothing
         try:
+            anyio.run(self.prepare, c)
             for w in self.workers:
                 w.start(c.workers, self.flags, port)
             deadline = time.monotonic() + READY_TIMEOUT_S
@@ -196,8 +202,7 @@ class Supervisor:
             log.info("stopped")
             return code
         finally:
-            if placeholder is not None:
-                placeholder.close()
+            placeholder.close()
 
     def _supervise(self, port: int) -> int:
         while not self._stop_signal:
