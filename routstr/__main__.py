@@ -21,10 +21,11 @@ from anyio.abc import Listener, SocketStream
 
 from .admin import check_admin_token, create_key, ensure_admin_token
 from .app import Node, build_app
-from .config import Config, ConfigError, listen_error, load_config
+from .config import Config, ConfigError, listen_error, load_config, where
 from .db import Database
 from .ledger import Ledger
 from .server import Server, ServerOptions, listen
+from .status import setup_warnings
 from .workers import WORKER_COMMAND, WorkerRole, supervise, worker_boot_id
 
 log = logging.getLogger("routstr")
@@ -57,6 +58,8 @@ def _start_up(node: Node, config: Config, *, single_process: bool) -> None:
         log.warning("--admin-token is shorter than %d characters and can be guessed; use a"
                     " long random one (or none: a 192-bit token is generated)",
                     MIN_STRONG_ADMIN_TOKEN_CHARS)
+    for warning in setup_warnings(config) if single_process else ():  # once, not per worker
+        log.warning("%s", warning)
     token_file = ensure_admin_token(node.db, config)
     if token_file:  # the token is in that 0600 file, never in the log
         print(f"routstr: generated the admin token; it is in {token_file}"
@@ -120,6 +123,7 @@ async def _serve(node: Node, server: Server, listener: Listener[SocketStream],
             port = await tg.start(server.serve_on, listener)
             if worker is None:
                 log.info("listening on http://%s:%d", config.host, port)
+                log.info("%s", where(config, port))
             else:
                 tg.start_soon(worker.watch_parent)
                 worker.ready()

@@ -56,7 +56,13 @@ from .proxy import (
     ProxyConfig,
 )
 from .router import Route, Router
-from .status import CachedProbe, StatusHandlers, database_writable, mint_probe
+from .status import (
+    CachedProbe,
+    StatusHandlers,
+    database_writable,
+    mint_probe,
+    setup_problems,
+)
 from .walletstore import SqliteWalletStore, client_transport, setting_get_or_create
 
 log = logging.getLogger("routstr.app")
@@ -315,6 +321,7 @@ def routes(node: Node) -> list[Route]:
         node.info_doc, node.database_probe, node.rates,
         CachedProbe(node.upstream_probe if c.upstream_base_url else None),
         CachedProbe(mint_probe(node.http, c.cashu_mints) if c.cashu_mints else None),
+        setup_problems(c),
     )
     proxy = Proxy(ProxyConfig(c.upstream_base_url, c.upstream_api_key,
                               c.chat_completions_api_version, c.reservation_ttl),

@@ -13,6 +13,7 @@ import argparse
 import dataclasses
 import errno
 import ipaddress
+import os
 import socket
 import types
 import typing
@@ -332,6 +333,17 @@ class Config:
                 value = "********"
             out.append((f.name, value))
         return out
+
+
+def where(config: Config, port: int) -> str:
+    """The start-up line telling the operator where the dashboard and the database are."""
+    host = config.host
+    if host in ("0.0.0.0", "::", ""):  # noqa: S104 - all addresses: 127.0.0.1 is one of them
+        host = "127.0.0.1"
+    elif ":" in host:
+        host = f"[{host}]"
+    return (f"dashboard: http://{host}:{port}/admin/ · database: "
+            f"{os.path.abspath(config.database)}")
 
 
 def flag_name(name: str) -> str:

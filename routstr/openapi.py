@@ -169,10 +169,11 @@ SCHEMAS: dict[str, Any] = {
     "AdminCreatedKey": _object({"api_key": _STR, "balance_msats": _MSATS},
                                ["api_key", "balance_msats"]),
     "Health": _object({
-        "status": {"type": "string", "enum": ["healthy", "unhealthy"]}, "version": _STR,
-        "timestamp": _STR,
+        "status": {"type": "string", "enum": ["healthy", "degraded", "unhealthy"]},
+        "version": _STR, "timestamp": _STR,
         "checks": _object({"database": _STR, "upstream": _STR, "mint": _STR},
                           ["database", "upstream", "mint"]),
+        "reasons": {"type": "array", "items": _STR},
     }, ["status", "version", "timestamp", "checks"]),
     "Info": _object({"name": _STR, "description": _STR, "version": _STR, "npub": _STR,
                      "mints": {"type": "array", "items": _STR}, "http_url": _STR,
@@ -255,7 +256,10 @@ _LIST_Q = (("limit", "integer", "page size"), ("offset", "integer", "items to sk
 OPERATIONS: dict[tuple[str, str], Op] = {
     ("GET", "/health"): Op("Health: database writable, upstream and mints reachable", "Status",
                            "none", response="Health",
-                           description="503 when a configured dependency fails."),
+                           description="503 when a configured dependency fails; 200 "
+                                       "`degraded` with `reasons` when it serves but something "
+                                       "needs the operator (no upstream, no mint, a stale "
+                                       "BTC/USD rate, relays without a public URL)."),
     ("GET", "/v1/info"): Op("Node information", "Status", "none", response="Info"),
     ("GET", "/"): Op("Node summary and links", "Status", "none", response="Root"),
     ("GET", "/v1/providers"): Op(

@@ -3,7 +3,8 @@
 Health probes are cached for a few seconds so a monitoring loop cannot turn the node into a
 load generator against its upstream or mint, and each is bounded by `PROBE_TIMEOUT_S`. A
 dependency that is not configured reports `"not_configured"` and does not make the node
-unhealthy; one that is configured and failing does (503). The checks:
+unhealthy, but a missing upstream or mint makes it degraded (`setup_problems`, also warned at
+start); one that is configured and failing makes it unhealthy (503). The checks:
 
 * database: a write (one row of `health_probe`) commits — a full disk, a read-only file or a
   lock held too long fail it;
@@ -23,6 +24,7 @@ import anyio
 
 from . import __version__
 from .client import HttpClient
+from .config import Config
 from .db import Database, DatabaseError
 from .errors import UpstreamError
 from .messages import Request, Response, json_response
@@ -91,6 +93,31 @@ class CachedProbe:
         return self._value
 
 
+def setup_problems(config: Config) -> list[str]:
+    """What in the configuration keeps the node from serving or from being found: warned at
+    start, and `/health` is degraded with these as its reasons until the operator fixes them."""
+    problems = []
+    if not config.upstream_base_url:
+        problems.append("no upstream (--upstream-base-url): every chat is answered 503;"
+                        " `python -m routstr --demo` serves a built-in echo model")
+    if not config.cashu_mints:
+        problems.append("no trusted mint (--cashu-mints): Cashu payments are refused; only"
+                        " keys the operator creates can pay")
+    if config.relays and not (config.http_url or config.onion_url):
+        problems.append("relays are set but no public URL (--http-url or --onion-url):"
+                        " nothing will be announced")
+    return problems
+
+
+def setup_warnings(config: Config) -> list[str]:
+    """`setup_problems`, and what may be intended but is worth a line in the start-up log."""
+    warnings = setup_problems(config)
+    if config.upstream_base_url and not config.upstream_api_key:
+        warnings.append("the upstream has no API key (--upstream-api-key): fine for a local"
+                        " model server; an account upstream will refuse every request")
+    return warnings
+
+
 @dataclass
 class StatusHandlers:
     info_doc: Callable[[], dict[str, object]]
@@ -98,10 +125,12 @@ class StatusHandlers:
     rates: RateFeed
     upstream: CachedProbe
     mint: CachedProbe
+    problems: Sequence[str] = ()
 
     async def health(self, request: Request, params: dict[str, str]) -> Response:
         """healthy (200); degraded (200: served, but something needs the operator — a stale or
-        missing BTC/USD rate, with the reason); unhealthy (503: a check failed)."""
+        missing BTC/USD rate, `setup_problems` — with the reasons); unhealthy (503: a check
+        failed)."""
         checks = {
             "database": await self.database(),
             "upstream": await self.upstream(),
@@ -110,15 +139,16 @@ class StatusHandlers:
         healthy = all(v in ("ok", "not_configured") for v in checks.values())
         problem = self.rates.problem()
         checks["btc_usd"] = "ok" if problem is None else "degraded"
+        reasons = [*([problem] if problem else []), *self.problems]
         doc: dict[str, object] = {
-            "status": "unhealthy" if not healthy else "degraded" if problem else "healthy",
+            "status": "unhealthy" if not healthy else "degraded" if reasons else "healthy",
             "version": __version__,
             "timestamp": dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
             "checks": checks,
             "btc_usd": self.rates.status(),
         }
-        if problem:
-            doc["reasons"] = [problem]
+        if reasons:
+            doc["reasons"] = reasons
         return json_response(doc, 200 if healthy else 503)
 
     async def info(self, request: Request, params: dict[str, str]) -> Response:

@@ -44,7 +44,7 @@ from dataclasses import dataclass
 
 import anyio
 
-from .config import Config, listen_error
+from .config import Config, listen_error, where
 from .db import Database
 from .ledger import Ledger
 
@@ -197,6 +197,7 @@ class Supervisor:
                 self._stop_all()
                 return 1
             log.info("listening on http://%s:%d (%d workers)", c.host, port, c.workers)
+            log.info("%s", where(c, port))
             code = self._supervise(port)
             self._stop_all()
             log.info("stopped")

@@ -77,8 +77,10 @@ def test_curl_health_and_info(node_factory: Any) -> None:
     head, _, body = out.partition("\n\n")
     assert head.startswith("HTTP/1.1 200")
     doc = json.loads(body)
-    assert doc["status"] == "healthy" and set(doc["checks"]) == {"database", "upstream", "mint",
-                                                                 "btc_usd"}
+    # served, but with no upstream or mint configured: degraded, with the reasons
+    assert doc["status"] == "degraded" and set(doc["checks"]) == {"database", "upstream", "mint",
+                                                                  "btc_usd"}
+    assert len(doc["reasons"]) == 2
     assert {"version", "timestamp"} <= set(doc)
     status, info = node.json("GET", "/v1/info")
     assert status == 200

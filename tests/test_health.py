@@ -82,6 +82,33 @@ def test_healthy_node_checks_everything(node_factory: Any, upstream: ScriptedUps
     assert at >= before - 1
 
 
+def test_what_cannot_serve_is_warned_at_start_and_degrades_health(node_factory: Any) -> None:
+    """No upstream (every chat 503), no mint (no Cashu payment), relays but no public URL
+    (nothing announced): each is a warning in the start-up log and a reason on /health."""
+    node = node_factory("--relays", "ws://127.0.0.1:9")
+    status, doc = node.json("GET", "/health")
+    assert status == 200 and doc["status"] == "degraded", doc
+    assert doc["checks"]["upstream"] == "not_configured"
+    reasons = doc["reasons"]
+    assert len(reasons) == 3 and "no upstream" in reasons[0] and "--demo" in reasons[0]
+    assert "no trusted mint" in reasons[1] and "nothing will be announced" in reasons[2]
+    warned = [line for line in node.log_text().splitlines() if " WARNING " in line]
+    for reason in reasons:
+        assert any(line.endswith(reason) for line in warned), (reason, warned)
+    assert node.json("POST", "/v1/chat/completions",
+                     {"model": "gpt-4o-mini", "messages": []})[0] in (401, 503)
+
+
+def test_an_upstream_without_a_key_is_only_warned(node_factory: Any, upstream: ScriptedUpstream,
+                                                  mint: FakeMint) -> None:
+    node = node_factory("--upstream-base-url", upstream.url, "--cashu-mints", mint.url)
+    assert node.json("GET", "/health")[1]["status"] == "healthy"
+    assert "the upstream has no API key" in node.log_text()
+    keyed = node_factory("--upstream-base-url", upstream.url, "--cashu-mints", mint.url,
+                         "--upstream-api-key", "sk-upstream-secret")
+    assert "no API key" not in keyed.log_text() and "sk-upstream-secret" not in keyed.log_text()
+
+
 def test_failing_dependencies_make_it_unhealthy(node_factory: Any, mint: FakeMint) -> None:
     dead = dead_url()
     node = node_factory("--upstream-base-url", dead_url() + "/v1",

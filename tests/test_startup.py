@@ -11,6 +11,7 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -95,3 +96,14 @@ def test_debug_adds_the_traceback(tmp_path: Path, busy_port: int, workers: str) 
     assert result.returncode == 2, result.stderr
     assert "Traceback" in result.stderr and "Address already in use" in result.stderr
     assert result.stderr.splitlines()[-1].startswith(f"routstr: port {busy_port} on")
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_the_log_says_where_the_dashboard_and_the_database_are(node_factory: Any,
+                                                               workers: str) -> None:
+    node = node_factory("--workers", workers)
+    lines = [line for line in node.log_text().splitlines() if "dashboard:" in line]
+    assert len(lines) == 1, node.log_text()
+    assert lines[0].endswith(f"dashboard: {node.url}/admin/ · database: {node.database}")
+    status, _, page = node.request("GET", "/admin/", None, {"Accept": "text/html"})
+    assert status == 401 and b"<form" in page  # the login form: the URL leads to the dashboard
