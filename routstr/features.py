@@ -27,7 +27,7 @@ from .batch import Batch, BatchLimits
 from .client import HttpClient
 from .config import Config
 from .db import Database, DatabaseError
-from .errors import AuthenticationFailed
+from .errors import AuthenticationFailed, InvalidRequest
 from .idempotency import IdempotencyStore
 from .ledger import Account
 from .messages import Request, Response, bounded_int
@@ -60,6 +60,13 @@ def shape_list(request: Request, doc: dict[str, Any]) -> dict[str, Any]:
     fields_param = request.query("fields")
     if fields_param:
         keep = {f.strip() for f in fields_param.split(",") if f.strip()}
+        items = [item for item in doc["data"] if isinstance(item, dict)]
+        known = {k for item in items for k in item}
+        unknown = sorted(keep - known)
+        if items and unknown:  # a typo would answer a page of empty objects
+            raise InvalidRequest(f"unknown field(s) in 'fields': {', '.join(unknown)[:200]}",
+                                 code="invalid_parameter",
+                                 details={"unknown": unknown[:20], "known": sorted(known)})
         doc["data"] = [{k: v for k, v in item.items() if k in keep} if isinstance(item, dict)
                        else item for item in doc["data"]]
     return doc

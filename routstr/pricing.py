@@ -971,13 +971,7 @@ def _usd_list_pricing(price: ModelPrice, markup: Fraction) -> dict[str, float]:
     }
 
 
-def models_document(table: PriceTable, *, fields: Sequence[str] | None = None,
-                    btc_usd: Fraction | None = None,
+def models_document(table: PriceTable, *, btc_usd: Fraction | None = None,
                     markup: Fraction = Fraction(1)) -> dict[str, Any]:
-    """The ``/v1/models`` body at `btc_usd`; `fields` (from ``?fields=id,pricing``) keeps only
-    those keys."""
-    data = [model_object(p, btc_usd, markup) for p in table]
-    if fields is not None:
-        keep = {f.strip() for f in fields if f.strip()}
-        data = [{k: v for k, v in m.items() if k in keep} for m in data]
-    return {"object": "list", "data": data}
+    """The ``/v1/models`` body at `btc_usd` (``?fields=`` is the listing middleware's)."""
+    return {"object": "list", "data": [model_object(p, btc_usd, markup) for p in table]}

@@ -601,10 +601,9 @@ class Proxy:
         return handle
 
     async def models(self, request: Request, params: dict[str, str]) -> Response:
-        fields_param = request.query("fields")
-        fields = [f.strip() for f in fields_param.split(",") if f.strip()] if fields_param else None
-        doc = pricing.models_document(self.prices, fields=fields,
-                                      btc_usd=self.rates.usd_per_btc(), markup=self.markup)
+        # `?fields=` is applied (and checked) by the listing middleware, as for every list
+        doc = pricing.models_document(self.prices, btc_usd=self.rates.usd_per_btc(),
+                                      markup=self.markup)
         body = json.dumps(doc, separators=(",", ":")).encode()
         return Response(200, [("content-type", "application/json")], body)
 

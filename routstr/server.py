@@ -78,6 +78,14 @@ API_VERSION = "v1"
 SUPPORTED_VERSIONS = ("v1",)  # accepted in the X-Routstr-Version request header ("1" too)
 _COMPRESSIBLE = re.compile(r"^(application/(json|javascript|xml)|text/(?!event-stream))")
 _REQUEST_ID_OK = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
+_HEADER_NAME = re.compile(r"[A-Za-z0-9!#$%&'*+.^_`|~\-]{1,64}")  # an RFC 9110 token
+MAX_REQUESTED_HEADERS_CHARS = 2048
+# The headers our clients send: ours, OpenAI's and Anthropic's (their SDKs run in browsers).
+CORS_ALLOW_HEADERS = (
+    "Authorization, Content-Type, X-Cashu, X-Max-Cost, X-Request-ID, X-Routstr-Version, "
+    "Idempotency-Key, Refund-LNURL, Key-Expiry-Time, X-Cashu-Lock, X-Api-Key, "
+    "Anthropic-Version, Anthropic-Beta, Anthropic-Dangerous-Direct-Browser-Access, "
+    "OpenAI-Organization, OpenAI-Project")
 EXPOSED_HEADERS = (
     "X-Routstr-Request-ID, X-Routstr-Version, X-Routstr-Cost, X-Routstr-Cost-Msats, "
     "X-Routstr-Input-Cost-Msats, X-Routstr-Output-Cost-Msats, X-Routstr-Balance, "
@@ -546,7 +554,8 @@ class Server:
     async def _respond(self, conn: _Conn, request: Request) -> int:
         origin = request.header("origin")
         if request.method == "OPTIONS" and request.header("access-control-request-method"):
-            response = Response(204, self._preflight_headers(origin))
+            response = Response(204, self._preflight_headers(
+                origin, request.header("access-control-request-headers") or ""))
         else:
             try:
                 _check_version(request)
@@ -582,16 +591,20 @@ class Server:
             return "*"
         return origin if origin in self.options.cors_origins else None
 
-    def _preflight_headers(self, origin: str | None) -> list[tuple[str, str]]:
+    def _preflight_headers(self, origin: str | None, requested: str) -> list[tuple[str, str]]:
+        """For an allowed origin: our request headers, and whatever other header names the
+        browser asks for (an SDK's own, e.g. x-stainless-*), so a browser client is never
+        refused for a header we would ignore anyway."""
         allowed = self._allowed_origin(origin)
         if not allowed:
             return []
+        extra = [h for h in (x.strip() for x in requested[:MAX_REQUESTED_HEADERS_CHARS]
+                             .split(",")) if _HEADER_NAME.fullmatch(h)]
         return [
             ("access-control-allow-methods", "GET, POST, PUT, PATCH, DELETE, OPTIONS"),
-            ("access-control-allow-headers",
-             "Authorization, Content-Type, X-Cashu, X-Max-Cost, X-Request-ID, "
-             "X-Routstr-Version, Idempotency-Key, Refund-LNURL, Key-Expiry-Time, X-Cashu-Lock"),
+            ("access-control-allow-headers", ", ".join([CORS_ALLOW_HEADERS, *extra])),
             ("access-control-max-age", "86400"),
+            ("vary", "Access-Control-Request-Headers"),
         ]
 
     def _maybe_gzip(self, request: Request, response: Response) -> None:

@@ -118,6 +118,13 @@ def test_lists_filter_fields_and_paginate(node: NodeProcess) -> None:
     _, txs = node.json("GET", "/v1/transactions?limit=1&fields=type,amount_msats", headers=auth)
     assert txs["limit"] == 1 and txs["total"] >= 1 and txs["has_more"] == (txs["total"] > 1)
     assert set(txs["data"][0]) == {"type", "amount_msats"}
+    for path, headers in (("/v1/models", {}), ("/v1/transactions", auth)):
+        # a typo is refused, not answered with a page of empty objects
+        status, err = node.json("GET", f"{path}?fields=id,bogus", headers=headers)
+        assert status == 400 and err["error"]["code"] == "invalid_parameter", err
+        assert "bogus" in err["error"]["message"]
+        assert err["error"]["details"]["unknown"] == ["bogus"]
+        assert "id" in err["error"]["details"]["known"]
 
 
 def test_schemathesis_finds_no_server_errors(node: NodeProcess) -> None:

@@ -595,12 +595,6 @@ def test_routstr_core_derives_our_max_cost_for_any_price(price: ModelPrice) -> N
     assert core_max_cost_msats(m) == pytest.approx(ours, rel=0.02, abs=1)
 
 
-def test_fields_filter() -> None:
-    doc = models_document(TABLE, fields=["id", " pricing ", "", "nope"])
-    assert all(set(m) == {"id", "pricing"} for m in doc["data"])
-    assert models_document(TABLE, fields=[])["data"][0] == {}
-
-
 # ---- USD entries (issue 18) -------------------------------------------------------------------
 def test_usd_entry_is_billed_only_once_resolved() -> None:
     """A USD entry's msat fields are placeholders (0): billing or publishing it unresolved

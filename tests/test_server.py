@@ -435,6 +435,18 @@ def test_cors_preflight_and_origins(srv: Running) -> None:
         assert headers["access-control-allow-origin"] == "https://good.example"
         assert "POST" in headers["access-control-allow-methods"]
         assert headers["access-control-max-age"] == "86400"
+        allowed = {h.strip().lower() for h in headers["access-control-allow-headers"].split(",")}
+        assert {"authorization", "x-cashu", "x-api-key", "anthropic-version"} <= allowed
+        # what a browser SDK asks for is allowed; what is not a header name is not echoed
+        s.sendall(b"OPTIONS /echo HTTP/1.1\r\nHost: x\r\nOrigin: https://good.example\r\n"
+                  b"Access-Control-Request-Method: POST\r\nAccess-Control-Request-Headers:"
+                  b" x-api-key, x-stainless-os,anthropic-dangerous-direct-browser-access,"
+                  b" bad;name, a b\r\n\r\n")
+        status, headers, _ = read_response(s)
+        allowed = {h.strip().lower() for h in headers["access-control-allow-headers"].split(",")}
+        assert {"x-api-key", "x-stainless-os", "anthropic-dangerous-direct-browser-access"} \
+            <= allowed
+        assert not any(";" in h or " " in h for h in allowed), allowed
         s.sendall(b"GET /items/1 HTTP/1.1\r\nHost: x\r\nOrigin: https://good.example\r\n\r\n")
         status, headers, _ = read_response(s)
         assert "X-Cashu" in headers["access-control-expose-headers"]
