@@ -19,6 +19,7 @@ from collections.abc import Sequence
 import anyio
 from anyio.abc import Listener, SocketStream
 
+from . import demo
 from .admin import check_admin_token, create_key, ensure_admin_token
 from .app import Node, build_app
 from .config import Config, ConfigError, listen_error, load_config, where
@@ -86,7 +87,13 @@ async def run_node(config: Config, worker: WorkerRole | None = None) -> None:
         listener = await listen(config.host, config.port, reuse_port=worker is not None)
     except OSError as exc:
         raise listen_error(exc, config.host, config.port) from exc
-    async with listener:
+    async with listener, anyio.create_task_group() as demo_tg:
+        if config.demo:  # this process's own upstream, on a free loopback port
+            demo_server = Server(demo.app(), dataclasses.replace(
+                server_options(config), access_log="routstr.demo"))
+            demo_port = await demo_tg.start(demo_server.serve, "127.0.0.1", 0)
+            config = dataclasses.replace(
+                config, upstream_base_url=f"http://127.0.0.1:{demo_port}/v1")
         node = Node.open(config, boot_id=worker_boot_id(os.getpid()) if worker else None)
         try:
             _start_up(node, config, single_process=worker is None)
@@ -96,6 +103,7 @@ async def run_node(config: Config, worker: WorkerRole | None = None) -> None:
         finally:
             with anyio.CancelScope(shield=True):
                 await node.aclose()
+            demo_tg.cancel_scope.cancel()
     log.info("stopped")
 
 

@@ -14,7 +14,7 @@ from urllib.parse import urlsplit
 import anyio
 import anyio.to_thread
 
-from . import __version__
+from . import __version__, demo
 from .admin import LoginLimiter, admin_routes
 from .admin_wallet import NodeWallet
 from .balance import BalanceHandlers, CashuBalanceHandlers
@@ -138,7 +138,8 @@ class Node:
 
     @classmethod
     def open(cls, config: Config, *, boot_id: str | None = None) -> Node:
-        table = read_price_table(config.pricing)  # before the database: a typo creates nothing
+        # before the database: a typo creates nothing
+        table = PriceTable([demo.PRICE]) if config.demo else read_price_table(config.pricing)
         db = open_database(config.database)
         ledger = Ledger(db, boot_id=boot_id)
         prices = PriceBook(table, db)

@@ -155,6 +155,11 @@ class Config:
                     " count is useful); background jobs run in the first", _positive),
     )
     database: str = field(default="routstr.sqlite3", metadata=_s("sqlite database file"))
+    demo: bool = field(
+        default=False,
+        metadata=_s("serve the built-in demo upstream (an echo model, billed like any other) to"
+                    " see keys, payments and streaming work before there is an upstream"),
+    )
     upstream_base_url: str = field(
         default="",
         metadata=_s("OpenAI-compatible upstream, e.g. https://api.openai.com/v1", _opt_url),
@@ -427,6 +432,9 @@ def load_config(argv: Sequence[str], environ: Mapping[str, str]) -> Config:
                 check(getattr(config, f.name))
             except ConfigError as exc:
                 raise ConfigError(f"{flag_name(f.name)}: {exc}") from None
+    if config.demo and (config.upstream_base_url or config.pricing):
+        raise ConfigError("--demo serves its own upstream and price: leave out"
+                          " --upstream-base-url and --pricing (or leave out --demo)")
     return config
 
 

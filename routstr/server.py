@@ -56,7 +56,6 @@ from .errors import (
 from .messages import Request, Response
 
 log = logging.getLogger("routstr.server")
-access_log = logging.getLogger("routstr.access")
 
 App = Callable[[Request], Awaitable[Response]]
 
@@ -105,6 +104,7 @@ class ServerOptions:
     version: str = __version__
     # Told about every answered request: (method, path, status, seconds) — the metrics.
     observer: Callable[[str, str, int, float], None] | None = None
+    access_log: str = "routstr.access"  # the logger of the one line per request
 
 
 class _ClientGone(Exception):
@@ -282,6 +282,7 @@ class Server:
         self.port = 0
         self._conns: set[_Conn] = set()
         self._accept_scope: anyio.CancelScope | None = None
+        self._access_log = logging.getLogger(options.access_log)
         self._stopping = False
         self._drained: anyio.Event | None = None
         self._reap_interval = max(0.05, min(1.0, options.keepalive_timeout / 4,
@@ -529,7 +530,7 @@ class Server:
         finally:
             if status:
                 elapsed = time.perf_counter() - started
-                access_log.info(
+                self._access_log.info(
                     "%s %s %s %s %d %.1fms", request_id, conn.peer, method, path, status,
                     elapsed * 1000,
                 )

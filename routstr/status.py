@@ -97,7 +97,10 @@ def setup_problems(config: Config) -> list[str]:
     """What in the configuration keeps the node from serving or from being found: warned at
     start, and `/health` is degraded with these as its reasons until the operator fixes them."""
     problems = []
-    if not config.upstream_base_url:
+    if config.demo:
+        problems.append("demo mode (--demo): the upstream is the built-in echo model, not an"
+                        " LLM; start with --upstream-base-url for real models")
+    elif not config.upstream_base_url:
         problems.append("no upstream (--upstream-base-url): every chat is answered 503;"
                         " `python -m routstr --demo` serves a built-in echo model")
     if not config.cashu_mints:
@@ -112,7 +115,7 @@ def setup_problems(config: Config) -> list[str]:
 def setup_warnings(config: Config) -> list[str]:
     """`setup_problems`, and what may be intended but is worth a line in the start-up log."""
     warnings = setup_problems(config)
-    if config.upstream_base_url and not config.upstream_api_key:
+    if config.upstream_base_url and not config.upstream_api_key and not config.demo:
         warnings.append("the upstream has no API key (--upstream-api-key): fine for a local"
                         " model server; an account upstream will refuse every request")
     return warnings
