@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import os
 import secrets
-import sqlite3
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -24,7 +23,7 @@ from .cashu.wallet import Wallet, WalletError
 from .cashupay import CashuConfig, CashuPayments, xcashu_key_hash
 from .client import HttpClient
 from .config import Config, ConfigError
-from .db import Database, SchemaError, checkpoint_file
+from .db import Database, DatabaseError, SchemaError, checkpoint_file
 from .discovery import NostrService, open_nostr
 from .errors import ApiError, UpstreamError
 from .features import Platform, admin_bearer
@@ -282,7 +281,7 @@ def open_database(path: str) -> Database:
         return Database(path)
     except SchemaError as exc:
         raise ConfigError(f"the database {path}: {exc}") from exc
-    except (sqlite3.Error, OSError) as exc:
+    except (DatabaseError, OSError) as exc:
         hint = ("check that it is the node's sqlite database and that this user can read and"
                 " write it and its directory" if os.path.exists(path) else
                 "point --database (DATABASE) at a file in a directory this user can write")
