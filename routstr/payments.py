@@ -28,10 +28,11 @@ from typing import Protocol
 from . import netguard
 from .cashu import nut11
 from .cashu.lnurl import LnurlError, resolve_url
-from .errors import ApiError, AuthenticationFailed, InvalidRequest
-from .keys import ApiKeyCredential, CashuCredential, hash_key, parse_bearer
+from .errors import ApiError, AuthenticationFailed, InsufficientBalance, InvalidRequest
+from .keys import ApiKeyCredential, CashuCredential, hash_key, parse_bearer, token_api_key
 from .ledger import Account, Ledger, Settlement
 from .messages import Request
+from .money import format_sats
 from .wire import MAX_UNIX_S, wire_int
 
 
@@ -162,6 +163,26 @@ class Payments:
     async def after_failure(self, payer: Payer, exc: ApiError) -> None:
         if payer.kind == "xcashu" and self.cashu is not None:
             await self.cashu.xcashu_refund_on_failure(payer, exc)
+
+    @staticmethod
+    def explain(request: Request, payer: Payer, exc: ApiError) -> ApiError:
+        """A Cashu token used as the key that is too small for the request was still redeemed
+        (unlike X-Cashu, which is handed back untouched): say so in the 402, with the key it is
+        now and what it holds, so the client knows the token is spent but not lost."""
+        credential = parse_bearer(request.authorization())
+        if (payer.kind != "token" or not isinstance(exc, InsufficientBalance)
+                or not isinstance(credential, CashuCredential)):
+            return exc
+        key = token_api_key(credential.token)
+        held = int(exc.details.get("available", 0))
+        return InsufficientBalance(
+            f"{exc.message} Your Cashu token was redeemed and is now a key holding"
+            f" {format_sats(held)} sats ({held} msats): keep using the same token (or {key})"
+            " as the Bearer key, top it up with POST /v1/balance/topup, or take the balance"
+            " back with POST /v1/balance/refund.",
+            code=exc.code, headers=exc.headers,
+            details={**exc.details, "token_redeemed": True, "api_key": key,
+                     "balance_msats": held})
 
 
 def client_lock(request: Request) -> str | None:

@@ -701,7 +701,7 @@ class Proxy:
                                               ttl_s=self.config.reservation_ttl_s)
         except ApiError as exc:
             await self.payments.after_failure(payer, exc)
-            raise
+            raise self.payments.explain(request, payer, exc) from None
         billing = Billing(self.ledger, payer, reservation.id, worst, ceil, price, endpoint,
                           len(request.body), request.request_id, request=request,
                           observer=self.observer)

@@ -136,6 +136,33 @@ def test_create_by_get_topup_by_query_and_body(node: NodeProcess, minter: Minter
     check_books(node)
 
 
+def test_too_small_token_as_key_says_it_was_redeemed(node: NodeProcess, minter: Minter,
+                                                      mint_url: str) -> None:
+    """Unlike X-Cashu (handed back untouched), a token used as the key is redeemed on first use:
+    the 402 says so, with the key it now is and what it holds — the token is spent, not lost."""
+    token = minter.token(mint_url, 1)
+    status, _, raw = node.request("POST", "/v1/chat/completions",
+                                  {"model": "gpt-4o", "messages": MSG, "max_tokens": 4000},
+                                  auth(token))
+    assert status == 402, raw
+    err = json.loads(raw)["error"]
+    assert err["code"] == "insufficient_balance"
+    assert err["details"]["token_redeemed"] is True
+    assert err["details"]["api_key"] == token_api_key(token)
+    assert err["details"]["balance_msats"] == err["details"]["available"] == 1000
+    assert "was redeemed" in err["message"] and "holding 1.000 sats (1000 msats)" in err["message"]
+    assert token_api_key(token) in err["message"] and "/v1/balance/refund" in err["message"]
+    assert minter.state(mint_url, token) == ["SPENT"]
+    status, info = node.json("GET", "/v1/balance", headers=auth(token_api_key(token)))
+    assert status == 200 and info["balance"] == 1000 and info["reserved"] == 0
+    # an sk- key's 402 stays as it was: nothing about tokens
+    status, _, raw = node.request("POST", "/v1/chat/completions",
+                                  {"model": "gpt-4o", "messages": MSG, "max_tokens": 4000},
+                                  auth(token_api_key(token)))
+    assert status == 402 and "token_redeemed" not in json.loads(raw)["error"]["details"]
+    check_books(node)
+
+
 def test_refund_keeps_sub_sat_remainder(node: NodeProcess, minter: Minter, mint_url: str,
                                         wallet_tool: Any) -> None:
     status, doc = node.json("POST", "/v1/balance/create",
