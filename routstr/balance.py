@@ -20,6 +20,7 @@ from .keys import (
 )
 from .ledger import MAX_MSATS, Account, Ledger
 from .messages import Request, Response, bounded_int, json_response
+from .money import MSAT_PER_SAT, sub_sat_note
 from .payments import Payments, client_lock
 from .walletstore import invoice_get
 from .wire import MAX_UNIX_S, wire_int
@@ -61,6 +62,12 @@ class BalanceHandlers:
         if account.is_child:
             doc["parent_key_preview"] = f"sk-…{paying.hint}"
         else:
+            # a refund pays whole sats: what it would pay now, and what would stay, and why
+            whole, sub_sat = divmod(paying.balance_msats, MSAT_PER_SAT)
+            doc["refundable_msats"] = whole * MSAT_PER_SAT
+            doc["sub_sat_msats"] = sub_sat
+            if sub_sat:
+                doc["sub_sat_note"] = sub_sat_note(sub_sat)
             kids = self.ledger.children(account.id)
             if kids:
                 doc["child_keys"] = [{

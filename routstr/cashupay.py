@@ -65,7 +65,7 @@ from .errors import (
 )
 from .keys import hash_key, key_hint, token_api_key, token_deposit_ref
 from .ledger import MAX_MSATS, Account, Ledger
-from .money import MSAT_PER_SAT, ceil_div, format_sats
+from .money import MSAT_PER_SAT, ceil_div, format_sats, sub_sat_note
 from .payments import Change, Payer
 from .walletstore import (
     Invoice,
@@ -133,6 +133,12 @@ class CashuConfig:
     @property
     def primary(self) -> str:
         return self.mints[0]
+
+
+def remaining(msats: int) -> dict[str, Any]:
+    """What a refund leaves on the key, and why (said only when something is left)."""
+    return {"remaining_msats": msats, **({"remaining_reason": sub_sat_note(msats)}
+                                         if msats else {})}
 
 
 class CashuPayments:
@@ -524,8 +530,9 @@ class CashuPayments:
                 code="requests_in_flight")
         sats, remainder = divmod(account.balance_msats, MSAT_PER_SAT)
         if sats <= 0:
-            raise InvalidRequest("No balance to refund", code="no_balance",
-                                 details={"balance_msats": account.balance_msats})
+            raise InvalidRequest(
+                "No balance to refund" + (f": {sub_sat_note(remainder)}" if remainder else ""),
+                code="no_balance", details={"balance_msats": account.balance_msats})
         ref = f"refund:{account.id}:{account.refunded_msats}"
         purpose = {"action": "debit", "account_id": account.id,
                    "amount_msats": sats * MSAT_PER_SAT, "kind": "refund", "ref": ref}
@@ -534,7 +541,7 @@ class CashuPayments:
                 await self.wallet.pay_lightning_address(
                     account.refund_address, sats * MSAT_PER_SAT, purpose, ref=ref)
                 return {"recipient": account.refund_address, "sats": str(sats),
-                        "msats": sats * MSAT_PER_SAT, "remaining_msats": remainder}
+                        "msats": sats * MSAT_PER_SAT, **remaining(remainder)}
             mint = account.refund_mint if account.refund_mint in self.mints \
                 else self.config.primary
             token = await self.wallet.send(sats, mint, purpose, ref=ref, lock=lock)
@@ -547,7 +554,7 @@ class CashuPayments:
         except (MintError, WalletError) as exc:
             raise _mint_error(exc) from None
         return {"token": token.serialize(), "sats": str(sats), "msats": sats * MSAT_PER_SAT,
-                "remaining_msats": remainder}
+                **remaining(remainder)}
 
     # ---- Lightning ---------------------------------------------------------------------------
     def invoice_api_key(self, invoice_id: str) -> str:

@@ -32,3 +32,9 @@ def format_sats(amount_msat: int) -> str:
     sign = "-" if amount_msat < 0 else ""
     whole, frac = divmod(abs(amount_msat), MSAT_PER_SAT)
     return f"{sign}{whole}.{frac:03d}"
+
+
+def sub_sat_note(msats: int) -> str:
+    """Why `msats` (< 1 sat) cannot leave a key: said in refunds and `/v1/balance`."""
+    return (f"{msats} msats stay on this key: ecash moves in whole sats, so less than one sat"
+            " cannot be paid out; it still pays for requests")

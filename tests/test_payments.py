@@ -88,6 +88,9 @@ def test_token_as_bearer_key_with_the_openai_sdk(node: NodeProcess, minter: Mint
     status, info = node.json("GET", "/v1/wallet/info", headers=auth(token))
     assert status == 200 and info["api_key"] == token_api_key(token)
     assert info["balance"] == 100_000 - 2 * CHAT_COST and info["reserved"] == 0
+    assert info["refundable_msats"] + info["sub_sat_msats"] == info["balance"]
+    assert info["refundable_msats"] % 1000 == 0 and 0 <= info["sub_sat_msats"] < 1000
+    assert ("sub_sat_note" in info) == (info["sub_sat_msats"] > 0)
     status, info2 = node.json("GET", "/v1/balance/info", headers=auth(info["api_key"]))
     assert status == 200 and info2["balance"] == info["balance"]
     assert account(node, hash_key(token_api_key(token))).deposited_msats == 100_000
@@ -173,10 +176,17 @@ def test_refund_keeps_sub_sat_remainder(node: NodeProcess, minter: Minter, mint_
     left = 50_000 - CHAT_COST
     status, doc = node.json("POST", "/v1/balance/refund", headers=auth(key))
     assert status == 200 and doc["msats"] == (left // 1000) * 1000
-    assert doc["remaining_msats"] == left % 1000
+    assert doc["remaining_msats"] == left % 1000 > 0
+    assert doc["remaining_reason"].startswith(f"{left % 1000} msats stay on this key")
+    assert "whole sats" in doc["remaining_reason"]
     assert wallet_tool.receive(mint_url, doc["token"]) == left // 1000
     status, info = node.json("GET", "/v1/balance", headers=auth(key))
     assert info["balance"] == left % 1000
+    assert (info["refundable_msats"], info["sub_sat_msats"]) == (0, left % 1000)
+    assert info["sub_sat_note"] == doc["remaining_reason"]
+    status, again = node.json("POST", "/v1/balance/refund", headers=auth(key))
+    assert status == 400 and again["error"]["code"] == "no_balance"
+    assert doc["remaining_reason"] in again["error"]["message"]
     check_books(node)
 
 
