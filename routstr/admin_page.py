@@ -2,9 +2,11 @@
 
 No external assets and no build step: the CSS and a few lines of JavaScript are inline (both
 under the response's CSP nonce), the earnings chart is inline SVG, and every table and form
-works without JavaScript (Tor Browser at "safer"): forms post to `/admin/...` and come back
-here. Script only adds a confirmation before deleting and a copy button. Light and dark follow
-``prefers-color-scheme``. Every value from the database or the request is escaped (`_e`).
+works without JavaScript (Tor Browser at "safer"): forms post to `/admin/...`, which redirect
+back here (`admin_forms`: post → redirect → get, a one-use nonce per page). Script only adds a
+confirmation before deleting, a copy button, and ignores a second click on a form already sent
+(the server ignores a repeated form anyway). Light and dark follow ``prefers-color-scheme``.
+Every value from the database or the request is escaped (`_e`).
 
 Pure: `dashboard_page(Dashboard)` and `login_page(...)` return strings; `admin` gathers the data.
 """
@@ -38,7 +40,13 @@ NOTICES: Final = {
     "price_reset": "Price override removed.",
     "withdrawn": "Withdrawn as a Cashu token.",
     "paid_out": "Paid out over Lightning.",
+    "already_submitted": "That form was already submitted; nothing was done again.",
+    "form_expired": "That form is out of date (or from another session); nothing was done."
+                    " Use the forms on this page.",
 }
+AGAIN: Final = "That form was already submitted; nothing was done again. Its result:"
+GONE: Final = ("This page's one-time message was already shown; it is not shown again"
+               " (reloading the page repeats nothing).")
 
 
 @dataclass
@@ -60,7 +68,10 @@ class Dashboard:
     notice: str = ""
     error: str = ""
     secret: dict[str, str] = field(default_factory=dict)
-    nonce: str = ""
+    nonce: str = ""  # the CSP nonce of this response's style and script
+    form_nonce: str = ""  # the one-use nonce every state-changing form posts (admin_forms)
+    again: bool = False  # this page answers a repeated form
+    flash_gone: bool = False  # asked for a one-time message that was already shown
 
 
 def _e(value: object) -> str:
@@ -95,12 +106,20 @@ def _href(query: Mapping[str, str], anchor: str, **changes: object) -> str:
     return _e("/admin/" + ("?" + urlencode(kept) if kept else "") + "#" + anchor)
 
 
-def _hidden(query: Mapping[str, str], csrf: str, skip: Sequence[str] = ()) -> str:
+def _hidden(query: Mapping[str, str], csrf: str, skip: Sequence[str] = (),
+            form_nonce: str = "") -> str:
     out = [f'<input type="hidden" name="csrf" value="{_e(csrf)}">'] if csrf else []
+    if form_nonce:
+        out.append(f'<input type="hidden" name="nonce" value="{_e(form_nonce)}">')
     for k in QUERY_FIELDS:
         if k != "done" and k not in skip and query.get(k):
             out.append(f'<input type="hidden" name="{k}" value="{_e(query[k])}">')
     return "".join(out)
+
+
+def _posting(v: Dashboard) -> str:
+    """The hidden fields of a form that changes something: CSRF token, form nonce, view."""
+    return _hidden(v.query, v.csrf, form_nonce=v.form_nonce)
 
 
 # --------------------------------------------------------------------------------------------
@@ -178,7 +197,10 @@ border-radius:10px;padding:1.5rem}
 
 _JS: Final = """
 document.addEventListener('submit',function(ev){var f=ev.target;
-if(f.dataset&&f.dataset.confirm&&!window.confirm(f.dataset.confirm)){ev.preventDefault();}});
+if(f.dataset&&f.dataset.confirm&&!window.confirm(f.dataset.confirm)){ev.preventDefault();return;}
+if(f.method==='post'){if(f.dataset.sent){ev.preventDefault();}else{f.dataset.sent='1';}}});
+window.addEventListener('pageshow',function(ev){if(ev.persisted){
+document.querySelectorAll('form[data-sent]').forEach(function(f){delete f.dataset.sent;});}});
 document.querySelectorAll('button[data-copy]').forEach(function(b){b.hidden=false;
 b.addEventListener('click',function(){var t=document.getElementById(b.dataset.copy).textContent;
 if(navigator.clipboard){navigator.clipboard.writeText(t).then(function(){b.textContent='Copied';});}
@@ -310,7 +332,7 @@ def _limit_text(k: Mapping[str, Any]) -> str:
 
 
 def _key_actions(v: Dashboard, k: Mapping[str, Any]) -> str:
-    hidden = _hidden(v.query, v.csrf)
+    hidden = _posting(v)
     act = f'/admin/keys/{k["id"]}'
     toggle = "enable" if k["disabled"] else "disable"
     valid = ""
@@ -360,7 +382,7 @@ def _keys(v: Dashboard) -> str:
     if not rows:
         rows.append('<tr><td colspan="12" class="muted">No keys match.</td></tr>')
     search = v.query.get("kq", "")
-    hidden = _hidden(v.query, v.csrf)
+    hidden = _posting(v)
     return (
         '<section id="keys"><h2>Keys</h2>'
         '<form class="row" method="get" action="/admin/#keys">'
@@ -442,7 +464,7 @@ def _wallet(v: Dashboard) -> str:
         f"<dt>{_e(k.replace('_', ' '))}</dt><dd>{_e(f'{val:,}' if isinstance(val, int) else val)}"
         "</dd>" for k, val in w.items()
         if k not in ("mints", "pending", "unit") and isinstance(val, (int, str)))
-    hidden = _hidden(v.query, v.csrf)
+    hidden = _posting(v)
     options = "".join(f'<option value="{_e(m["mint"])}">{_e(m["mint"])}</option>'
                       for m in w.get("mints", []))
     return (
@@ -476,7 +498,7 @@ def _price_cell(x: int | float | None) -> str:
 def _prices(v: Dashboard) -> str:
     p = v.prices
     fields = p["fields"]
-    hidden = _hidden(v.query, v.csrf)
+    hidden = _posting(v)
     heads = "".join(f'<th class="num">{_e(f.replace("_msats", "").replace("_", " "))}</th>'
                     for f in fields)
     rows = []
@@ -543,9 +565,13 @@ def _banners(v: Dashboard) -> str:
     out = []
     if v.error:
         out.append(f'<p class="banner error" role="alert">{_e(v.error)}</p>')
+    if v.again:
+        out.append(f'<p class="banner notice" role="status" id="again">{_e(AGAIN)}</p>')
     if v.notice:
         out.append(f'<p class="banner notice" role="status">{_e(NOTICES.get(v.notice, v.notice))}'
                    "</p>")
+    if v.flash_gone:
+        out.append(f'<p class="banner notice" role="status" id="flash-gone">{_e(GONE)}</p>')
     if v.secret:
         out.append(
             f'<div class="banner secret" id="secret"><strong>{_e(v.secret.get("label"))}</strong>'

@@ -191,3 +191,96 @@ def test_dashboard_in_headless_chromium(node_factory: Any, browser: WebDriver,
         assert ledger.check_invariant()["accounts"] == 15
         db.close()
 
+
+
+def log_in(driver: WebDriver, node: NodeProcess) -> None:
+    driver.get(node.url + "/admin/")
+    driver.find_element(By.NAME, "token").send_keys(ADMIN)
+    driver.find_element(By.CSS_SELECTOR, "form button[type=submit]").click()
+    wait_for(driver, "#overview")
+
+
+def nonce_of(driver: WebDriver, form_css: str) -> str:
+    return str(driver.find_element(By.CSS_SELECTOR, f"{form_css} input[name=nonce]")
+               .get_attribute("value"))
+
+
+def resubmit(driver: WebDriver, form_css: str, nonce: str, button: Any) -> None:
+    """Submit a page's form again with the nonce it was first submitted with. Chromium's back
+    button restores the page with its form values (the old nonce included); should it ever
+    fetch the page afresh, the old nonce is put back, as a stale tab would still have it."""
+    if nonce_of(driver, form_css) != nonce:
+        driver.execute_script("arguments[0].value = arguments[1]", driver.find_element(
+            By.CSS_SELECTOR, f"{form_css} input[name=nonce]"), nonce)
+    button().click()
+
+
+def test_forms_post_redirect_get(node_factory: Any, browser: WebDriver) -> None:
+    """Create a key, grant to it: reload, and back + submit the same form again, change
+    nothing more (one key, one grant) and show the new key once; a double click creates one."""
+    node = node_factory("--admin-token", ADMIN)
+    log_in(browser, node)
+    create = "form[action='/admin/keys']"
+    nonce = nonce_of(browser, create)
+    field = browser.find_element(By.NAME, "balance_sats")
+    field.clear()
+    field.send_keys("10")
+    browser.find_element(By.XPATH, "//button[text()='Create key']").click()
+    secret = wait_for(browser, "#secret-value").text
+    assert secret.startswith("sk-") and secret not in browser.current_url
+    assert "done=key_created" in browser.current_url and "flash=" in browser.current_url
+    assert api(node, "GET", "/admin/api/keys")["total"] == 1
+
+    # Reload: the browser GETs the page again; nothing is posted, the key is not shown again.
+    browser.refresh()
+    wait_for(browser, "#flash-gone")
+    assert not browser.find_elements(By.ID, "secret-value")
+    assert "Key created." in browser.find_element(By.CSS_SELECTOR, ".banner.notice").text
+    # Back, and "Create key" again on the page the form was submitted from: refused.
+    browser.back()
+    wait_for(browser, create)
+    resubmit(browser, create, nonce,
+             lambda: browser.find_element(By.XPATH, "//button[text()='Create key']"))
+    assert "already submitted" in wait_for(browser, "#again").text
+    assert not browser.find_elements(By.ID, "secret-value")
+    keys = api(node, "GET", "/admin/api/keys")
+    assert keys["total"] == 1 and keys["data"][0]["hint"] == secret[-4:]
+    key_id = keys["data"][0]["id"]
+    assert keys["data"][0]["balance_msats"] == 10_000
+
+    # Grant 5 sats from the key's row; reload; back and grant again with the same form.
+    grant = f'tr[data-key-id="{key_id}"] form:has(input[name=action][value=grant])'
+    browser.get(node.url + "/admin/#keys")
+    row = wait_for(browser, f'tr[data-key-id="{key_id}"]')
+    grant_nonce = nonce_of(browser, grant)
+    row.find_element(By.XPATH, ".//summary[text()='Grant']").click()
+    row.find_element(By.NAME, "amount_sats").send_keys("5")
+    row.find_element(By.XPATH, ".//button[text()='Grant']").click()
+    WebDriverWait(browser, WAIT_S).until(expected_conditions.staleness_of(row))
+    assert "Balance granted." in wait_for(browser, ".banner.notice").text
+    browser.refresh()
+    wait_for(browser, "#overview")
+    browser.back()
+    row = wait_for(browser, f'tr[data-key-id="{key_id}"]')
+
+    def grant_button() -> Any:
+        if not row.find_element(By.NAME, "amount_sats").is_displayed():
+            row.find_element(By.XPATH, ".//summary[text()='Grant']").click()
+        amount = row.find_element(By.NAME, "amount_sats")
+        if not amount.get_attribute("value"):
+            amount.send_keys("5")
+        return row.find_element(By.XPATH, ".//button[text()='Grant']")
+
+    resubmit(browser, grant, grant_nonce, grant_button)
+    assert "already submitted" in wait_for(browser, "#again").text
+    doc = api(node, "GET", f"/admin/api/keys/{key_id}")
+    assert doc["balance_msats"] == 15_000 and doc["granted_msats"] == 15_000
+
+    # A double click on "Create key" creates one key and shows it.
+    browser.get(node.url + "/admin/")
+    button = wait_for(browser, f"{create} button")
+    browser.execute_script("var b = arguments[0]; b.click(); setTimeout(function () {"
+                           " b.click(); }, 30);", button)
+    second = wait_for(browser, "#secret-value").text
+    assert second.startswith("sk-") and second != secret
+    assert api(node, "GET", "/admin/api/keys")["total"] == 2
