@@ -287,9 +287,12 @@ def earnings_chart(points: Sequence[Mapping[str, int]]) -> str:
 
 def _overview(v: Dashboard) -> str:
     o = v.overview
+    free = o.get("withdrawable_sats")
     cards = "".join([
         _card("Earnings", _amount(o["earnings_msats"]) + " sat",
-              f"{sats(o['earnings_24h_msats'])} sat in 24 h"),
+              f"{sats(o['earnings_24h_msats'])} sat in 24 h"
+              + ("" if free is None else
+                 f' · <span id="withdrawable">{int(free):,}</span> sat withdrawable')),
         _card("Requests", f"{o['requests']:,}", f"{o['requests_24h']:,} in 24 h"),
         _card("Active keys (24 h)", f"{o['active_keys']:,}",
               f"{o['keys']:,} keys · {o['funded_keys']:,} funded · {o['disabled_keys']:,}"
@@ -301,6 +304,7 @@ def _overview(v: Dashboard) -> str:
               f" · refunded {sats(o['refunded_msats'])}"),
     ])
     return (f'<section id="overview"><h2>Overview</h2><div class="cards">{cards}</div>'
+            f'<p class="muted" id="earnings-note">{_e(o.get("withdrawable_note", ""))}</p>'
             '<h3>Earned per hour (sats, UTC, last 24 h)</h3>'
             f'{earnings_chart(o["earnings_per_hour"])}</section>')
 

@@ -430,6 +430,14 @@ def liability_msats(conn: Conn) -> int:
         "SELECT COALESCE(SUM(balance_msats + reserved_msats), 0) FROM keys").fetchone()[0])
 
 
+def taken_out_sats(conn: Conn) -> int:
+    """What the operator withdrew (Cashu tokens) or paid out (Lightning), fees not counted."""
+    return int(conn.execute(
+        "SELECT COALESCE(SUM(amount), 0) FROM wallet_ops WHERE state = 'done' AND kind IN"
+        " ('send', 'melt') AND (ref LIKE 'admin-withdraw:%' OR ref LIKE 'admin-payout:%')"
+    ).fetchone()[0])
+
+
 def wallet_by_mint(conn: Conn, unit: str) -> dict[str, tuple[int, int]]:
     """mint → (Σ amount, count) of the wallet's unspent proofs in `unit`."""
     return {str(m): (int(total), int(n)) for m, total, n in conn.execute(
