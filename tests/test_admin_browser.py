@@ -4,7 +4,10 @@ installed by .ci/run) driven by Selenium against the real node process.
 It logs in through the form, creates a key and sees it in the list, disables one and deletes
 another (accepting the page's confirmation dialog: the inline script runs under the CSP nonce),
 pages the transactions, and takes screenshots in light and dark mode (saved in the test's tmp
-dir; `ROUTSTR_SCREENSHOT_DIR` copies them elsewhere for a look).
+dir; `ROUTSTR_SCREENSHOT_DIR` copies them elsewhere for a look). Then: the forms' post →
+redirect → get (a reload, back + submit again and a double click change nothing more, the new
+key is shown once), and the keys table measured at 1400 × 900 and 390 × 844 (no sideways
+scrolling, every row's Actions inside the window).
 """
 
 from __future__ import annotations
@@ -284,3 +287,59 @@ def test_forms_post_redirect_get(node_factory: Any, browser: WebDriver) -> None:
     second = wait_for(browser, "#secret-value").text
     assert second.startswith("sk-") and second != secret
     assert api(node, "GET", "/admin/api/keys")["total"] == 2
+
+
+KEYS_ON_PAGE = 17  # with the parent and its two children: a full page of 20
+LAYOUT_JS = """
+const vw = window.innerWidth, out = {vw: vw, doc: document.documentElement.scrollWidth};
+const wrap = document.querySelector('#keys-table').closest('.scroll') || document.body;
+out.wrap = [wrap.scrollWidth, wrap.clientWidth];
+out.cells = [...document.querySelectorAll('#keys-table tbody tr td.actions')].map(td => {
+  const r = td.getBoundingClientRect();
+  const inner = [...td.querySelectorAll('button, summary, a, input, select')]
+    .filter(e => e.offsetParent !== null).map(e => e.getBoundingClientRect().right);
+  return [r.left, r.right, Math.max(r.right, ...inner)];
+});
+return out;
+"""
+
+
+def check_fits(driver: WebDriver, what: str) -> None:
+    got = driver.execute_script(LAYOUT_JS)
+    vw = got["vw"]
+    assert got["doc"] <= vw, (what, got["doc"], vw)
+    assert got["wrap"][0] <= got["wrap"][1], (what, "the keys table scrolls sideways", got["wrap"])
+    assert got["cells"], what
+    for left, right, inner in got["cells"]:
+        assert 0 <= left and right <= vw and inner <= vw, (what, left, right, inner, vw)
+
+
+def test_keys_table_fits_desktop_and_phone(node_factory: Any, browser: WebDriver) -> None:
+    """The Actions column is whole at 1400 px, and at phone width nothing scrolls sideways
+    (the rows become cards), light and dark, with a row's Limits and Grant forms open."""
+    node = node_factory("--admin-token", ADMIN)
+    for i in range(KEYS_ON_PAGE):  # wide values: big balances, limits with resets and dates
+        api(node, "POST", "/admin/api/keys", {
+            "balance_msats": 123_456_789_012 + i, "balance_limit_msats": 98_765_432_109,
+            "balance_limit_reset": "monthly", "validity_date": 4_102_444_800})
+    parent = api(node, "POST", "/admin/api/keys", {"balance_msats": 5_000_000})
+    status, _, _ = node.request("POST", "/v1/balance/child-key", {"count": 2},
+                                {"Authorization": f"Bearer {parent['api_key']}"})
+    assert status == 200
+    log_in(browser, node)
+    sizes = (("desktop", 1400, 900, False), ("phone", 390, 844, True))
+    for scheme in ("light", "dark"):
+        browser.execute_cdp_cmd("Emulation.setEmulatedMedia", {
+            "features": [{"name": "prefers-color-scheme", "value": scheme}]})
+        for name, width, height, mobile in sizes:
+            browser.execute_cdp_cmd("Emulation.setDeviceMetricsOverride", {
+                "width": width, "height": height, "deviceScaleFactor": 1, "mobile": mobile})
+            browser.get(node.url + "/admin/#keys")
+            wait_for(browser, "#keys-table")
+            assert browser.execute_script("return window.innerWidth") == width
+            check_fits(browser, f"{name} {scheme}")
+            row = browser.find_elements(By.CSS_SELECTOR, "#keys-table tbody tr")[0]
+            for summary in ("Limits", "Grant"):
+                row.find_element(By.XPATH, f".//summary[text()='{summary}']").click()
+            check_fits(browser, f"{name} {scheme}, forms open")
+    browser.execute_cdp_cmd("Emulation.clearDeviceMetricsOverride", {})
