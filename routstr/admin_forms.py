@@ -57,7 +57,7 @@ REPLAY_WAIT_S: Final = 10.0
 REPLAY_POLL_S: Final = 0.05
 
 _LABEL: Final = b"routstr admin form "
-_NONCE_RE: Final = re.compile(r"(\d{1,12})\.([A-Za-z0-9_-]{16})\.([0-9a-f]{32})")
+_NONCE_RE: Final = re.compile(r"(\d{1,12})\.([A-Za-z0-9_-]{16})\.([0-9a-f]{32})", re.ASCII)
 _TAG_BYTES: Final = 32
 
 

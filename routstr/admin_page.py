@@ -148,9 +148,8 @@ padding:1rem 1.25rem;margin:1rem 0}
 h2{font-size:1.05rem;margin:0 0 .75rem}
 h3{font-size:.95rem;margin:1rem 0 .5rem}
 .cards{display:grid;grid-template-columns:repeat(auto-fit,minmax(170px,1fr));gap:.75rem}
-.card{border:1px solid var(--line);border-radius:8px;padding:.6rem .8rem}
+.card{border:1px solid var(--line);border-radius:8px;padding:.6rem .8rem;min-width:0}
 .card .label{color:var(--muted);font-size:.8rem}
-.card{min-width:0}
 .card .value{font-size:1.35rem;font-weight:600;font-variant-numeric:tabular-nums;
 overflow-wrap:anywhere}
 .card .sub{color:var(--muted);font-size:.8rem}
@@ -202,6 +201,7 @@ svg.chart text{fill:var(--muted);font-size:11px}
 border-radius:10px;padding:1.5rem}
 .login input{width:100%;margin:.5rem 0 1rem}
 """
+
 
 def _cards_below(table: str, width_px: int) -> str:
     """CSS: below `width_px` the rows of `table` become cards (label above value, actions

@@ -22,6 +22,7 @@ from typing import Any
 
 import pytest
 from selenium import webdriver
+from selenium.common.exceptions import WebDriverException
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.remote.webdriver import WebDriver
@@ -66,7 +67,9 @@ def browser(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[WebDriv
 
 
 def wait_for(driver: WebDriver, css: str) -> Any:
-    return WebDriverWait(driver, WAIT_S).until(
+    """The element, once the page shows it (a page still navigating may answer a command with
+    an error, e.g. its frame detached: that is waited out too)."""
+    return WebDriverWait(driver, WAIT_S, ignored_exceptions=(WebDriverException,)).until(
         expected_conditions.presence_of_element_located((By.CSS_SELECTOR, css)))
 
 
