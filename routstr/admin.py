@@ -43,7 +43,8 @@ Routes (JSON unless noted; amounts in msats, the wallet's in sats)
     ``POST /admin/api/wallet/withdraw`` · ``POST /admin/api/wallet/payout`` ·
     ``POST /admin/withdraw`` (routstr-core's) · dashboard forms: ``POST /admin/keys``,
     ``/admin/keys/{id}``, ``/admin/prices``, ``/admin/wallet/withdraw``,
-    ``/admin/wallet/payout``.
+    ``/admin/wallet/payout`` — each answers 303 to the page, a form posted twice does nothing
+    the second time, a new key or token is shown once (`admin_forms`).
 
 Everything the dashboard can do is also an API call; both use `admin_service.AdminService`.
 """
@@ -60,11 +61,11 @@ import secrets
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Final
-from urllib.parse import parse_qsl, unquote, urlencode, urlsplit
+from urllib.parse import parse_qsl, unquote, urlsplit
 
-from . import __version__, admin_page, admin_store
+from . import __version__, admin_forms, admin_page, admin_store
 from .admin_service import MAX_PAGE, AdminService, AdminWallet
 from .admin_service import create_key as create_key
 from .config import Config, ConfigError
@@ -334,7 +335,9 @@ def parse_sats(raw: str, name: str) -> int:
 @dataclass(frozen=True)
 class Auth:
     via: str  # "bearer" | "session"
-    session: str = ""  # the session token (cookie) when via == "session"
+    session: str = field(default="", repr=False)  # the session token when via == "session"
+    # what form nonces and flash messages are keyed by: the session token, or the admin token
+    credential: str = field(default="", repr=False)
 
 
 def _security_headers(nonce: str = "") -> list[tuple[str, str]]:
@@ -362,6 +365,7 @@ class AdminHandlers:
         self.admin_token_hash = admin_token_hash
         self.limiter = limiter or LoginLimiter()
         self.epoch = hashlib.sha256(_EPOCH_LABEL + admin_token_hash.encode()).hexdigest()[:16]
+        self.forms = admin_forms.Forms(service.db, service.now)
 
     # -- authentication --------------------------------------------------------------------
 
@@ -380,7 +384,7 @@ class AdminHandlers:
                 raise AuthenticationFailed("Use 'Authorization: Bearer <admin token>'",
                                            code="admin_auth_required")
             self._check_token(request, token)
-            return Auth("bearer")
+            return Auth("bearer", credential=token)
         session = _cookie(request, SESSION_COOKIE)
         if not session:
             raise AuthenticationFailed(
@@ -395,7 +399,7 @@ class AdminHandlers:
                                        code="admin_session_expired")
         if request.method not in ("GET", "HEAD"):
             self._check_csrf(request, session)
-        return Auth("session", session)
+        return Auth("session", session, credential=session)
 
     def _check_same_origin(self, request: Request) -> None:
         origin = request.header("origin")
@@ -563,12 +567,13 @@ class AdminHandlers:
                 return self._login_page(request, exc)
             raise
         q = {k: request.query(k) or "" for k in admin_page.QUERY_FIELDS}
-        return await self._render(request, auth, q, notice=q.get("done", ""))
+        flash = self.forms.take(auth.credential, request.query("flash") or "")
+        return await self._render(auth, q, flash, again=request.query("again") == "1")
 
-    async def _render(self, request: Request, auth: Auth, q: Mapping[str, str], *,
-                      notice: str = "", error: str = "", status: int = 200,
-                      secret: Mapping[str, str] | None = None) -> Response:
+    async def _render(self, auth: Auth, q: Mapping[str, str], flash: admin_forms.Flash, *,
+                      again: bool) -> Response:
         s = self.service
+        error = flash.error
         try:
             key_offset = bounded_int(q.get("ko"), "ko", 0, 0, 1 << 62)
             tx_offset = bounded_int(q.get("to"), "to", 0, 0, 1 << 62)
@@ -598,15 +603,18 @@ class AdminHandlers:
             prices=s.price_list(), health=await s.health(), settings=s.settings(),
             wallet=wallet, wallet_error=wallet_error,
             csrf=masked_csrf(auth.session) if auth.via == "session" else "",
-            notice=notice, error=error, secret=dict(secret or {}), nonce=nonce)
+            notice=q.get("done", ""), error=error, secret=flash.secret, nonce=nonce,
+            form_nonce=self.forms.nonce(auth.credential), again=again,
+            flash_gone=flash.gone)
         body = admin_page.dashboard_page(view)
         headers = [("content-type", "text/html; charset=utf-8"), *_security_headers(nonce)]
-        return Response(status, headers, body.encode())
+        return Response(200, headers, body.encode())
 
     def page_action(self, fn: Callable[[dict[str, str], dict[str, str]], Awaitable[Any]]
                     ) -> Callable[[Request, dict[str, str]], Awaitable[Response]]:
-        """A dashboard form: on success 303 back to the page (or a page showing a secret once);
-        on a refused request, the page again with the error and the error's status."""
+        """A dashboard form: post → redirect → get (`admin_forms`). Always 303 to the page:
+        with the notice, the one-time secret or the error as a flash message; a repeated or
+        out-of-date form (its nonce) does nothing and lands where the first one went."""
         async def handle(request: Request, params: dict[str, str]) -> Response:
             try:
                 auth = self.authorize(request)
@@ -616,17 +624,18 @@ class AdminHandlers:
                 raise
             form = _form(request) if _is_form(request) else {}
             back = {k: form.get(k, "") for k in admin_page.QUERY_FIELDS if form.get(k)}
+            claim = await self.forms.claim(auth.credential, form.get(admin_forms.NONCE_FIELD, ""),
+                                           back, required=auth.via == "session")
+            if claim.redirect:
+                return Response(303, [("location", claim.redirect), *_security_headers()])
             try:
                 result = await fn(form, params)
             except ApiError as exc:
-                return await self._render(request, auth, back, error=exc.message,
-                                          status=exc.status)
-            if isinstance(result, dict) and result.get("secret"):
-                return await self._render(request, auth, back, notice=str(result["done"]),
-                                          secret=result["secret"])
-            back["done"] = str(result)
-            anchor = "#" + admin_page.ANCHORS.get(str(result), "top")
-            location = "/admin/?" + urlencode(back) + anchor
+                location = self.forms.finish(auth.credential, claim, back, "", error=exc.message)
+            else:
+                done, secret = ((str(result["done"]), result["secret"]) if isinstance(result, dict)
+                                else (str(result), None))
+                location = self.forms.finish(auth.credential, claim, back, done, secret=secret)
             return Response(303, [("location", location), *_security_headers()])
         return handle
 

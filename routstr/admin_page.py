@@ -2,9 +2,11 @@
 
 No external assets and no build step: the CSS and a few lines of JavaScript are inline (both
 under the response's CSP nonce), the earnings chart is inline SVG, and every table and form
-works without JavaScript (Tor Browser at "safer"): forms post to `/admin/...` and come back
-here. Script only adds a confirmation before deleting and a copy button. Light and dark follow
-``prefers-color-scheme``. Every value from the database or the request is escaped (`_e`).
+works without JavaScript (Tor Browser at "safer"): forms post to `/admin/...`, which redirect
+back here (`admin_forms`: post → redirect → get, a one-use nonce per page). Script only adds a
+confirmation before deleting, a copy button, and ignores a second click on a form already sent
+(the server ignores a repeated form anyway). Light and dark follow ``prefers-color-scheme``.
+Every value from the database or the request is escaped (`_e`).
 
 Pure: `dashboard_page(Dashboard)` and `login_page(...)` return strings; `admin` gathers the data.
 """
@@ -38,7 +40,13 @@ NOTICES: Final = {
     "price_reset": "Price override removed.",
     "withdrawn": "Withdrawn as a Cashu token.",
     "paid_out": "Paid out over Lightning.",
+    "already_submitted": "That form was already submitted; nothing was done again.",
+    "form_expired": "That form is out of date (or from another session); nothing was done."
+                    " Use the forms on this page.",
 }
+AGAIN: Final = "That form was already submitted; nothing was done again. Its result:"
+GONE: Final = ("This page's one-time message was already shown; it is not shown again"
+               " (reloading the page repeats nothing).")
 
 
 @dataclass
@@ -60,7 +68,10 @@ class Dashboard:
     notice: str = ""
     error: str = ""
     secret: dict[str, str] = field(default_factory=dict)
-    nonce: str = ""
+    nonce: str = ""  # the CSP nonce of this response's style and script
+    form_nonce: str = ""  # the one-use nonce every state-changing form posts (admin_forms)
+    again: bool = False  # this page answers a repeated form
+    flash_gone: bool = False  # asked for a one-time message that was already shown
 
 
 def _e(value: object) -> str:
@@ -95,12 +106,20 @@ def _href(query: Mapping[str, str], anchor: str, **changes: object) -> str:
     return _e("/admin/" + ("?" + urlencode(kept) if kept else "") + "#" + anchor)
 
 
-def _hidden(query: Mapping[str, str], csrf: str, skip: Sequence[str] = ()) -> str:
+def _hidden(query: Mapping[str, str], csrf: str, skip: Sequence[str] = (),
+            form_nonce: str = "") -> str:
     out = [f'<input type="hidden" name="csrf" value="{_e(csrf)}">'] if csrf else []
+    if form_nonce:
+        out.append(f'<input type="hidden" name="nonce" value="{_e(form_nonce)}">')
     for k in QUERY_FIELDS:
         if k != "done" and k not in skip and query.get(k):
             out.append(f'<input type="hidden" name="{k}" value="{_e(query[k])}">')
     return "".join(out)
+
+
+def _posting(v: Dashboard) -> str:
+    """The hidden fields of a form that changes something: CSRF token, form nonce, view."""
+    return _hidden(v.query, v.csrf, form_nonce=v.form_nonce)
 
 
 # --------------------------------------------------------------------------------------------
@@ -123,15 +142,16 @@ header .meta{color:var(--muted);font-size:.85rem}
 nav{display:flex;flex-wrap:wrap;gap:.25rem 1rem;padding:.5rem 1.25rem;font-size:.9rem;
 border-bottom:1px solid var(--line)}
 nav a{color:var(--fg);text-decoration:none}nav a:hover{color:var(--accent)}
-main{max-width:1200px;margin:0 auto;padding:1rem 1.25rem 3rem}
+main{max-width:1440px;margin:0 auto;padding:1rem 1.25rem 3rem}
 section{background:var(--card);border:1px solid var(--line);border-radius:10px;
 padding:1rem 1.25rem;margin:1rem 0}
 h2{font-size:1.05rem;margin:0 0 .75rem}
 h3{font-size:.95rem;margin:1rem 0 .5rem}
 .cards{display:grid;grid-template-columns:repeat(auto-fit,minmax(170px,1fr));gap:.75rem}
-.card{border:1px solid var(--line);border-radius:8px;padding:.6rem .8rem}
+.card{border:1px solid var(--line);border-radius:8px;padding:.6rem .8rem;min-width:0}
 .card .label{color:var(--muted);font-size:.8rem}
-.card .value{font-size:1.35rem;font-weight:600;font-variant-numeric:tabular-nums}
+.card .value{font-size:1.35rem;font-weight:600;font-variant-numeric:tabular-nums;
+overflow-wrap:anywhere}
 .card .sub{color:var(--muted);font-size:.8rem}
 .scroll{overflow-x:auto}
 table{border-collapse:collapse;width:100%;font-size:.88rem}
@@ -139,8 +159,14 @@ th,td{text-align:left;padding:.35rem .5rem;border-bottom:1px solid var(--line);
 vertical-align:top;white-space:nowrap}
 td.num,th.num{text-align:right;font-variant-numeric:tabular-nums}
 td.wrap{white-space:normal;word-break:break-all;max-width:22rem}
-td.actions{white-space:normal;min-width:15rem}
-td.actions label{width:14rem}td.actions input,td.actions select{width:100%}
+table.stack th,table.stack td{white-space:normal}
+table.stack td.num,table.stack td code{white-space:nowrap}
+table.stack th{vertical-align:bottom}
+td.actions{min-width:11rem;width:13rem}
+.acts{display:flex;flex-wrap:wrap;gap:.3rem .6rem;align-items:center}
+.acts details[open]{flex-basis:100%}
+.acts form.row{flex-direction:column;align-items:stretch;margin:.3rem 0}
+.acts label{width:100%}.acts input,.acts select{width:100%}
 tbody tr:hover{background:var(--soft)}
 .muted{color:var(--muted)}
 .badge{display:inline-block;padding:0 .45rem;border-radius:99px;font-size:.75rem;
@@ -176,9 +202,39 @@ border-radius:10px;padding:1.5rem}
 .login input{width:100%;margin:.5rem 0 1rem}
 """
 
+
+def _cards_below(table: str, width_px: int) -> str:
+    """CSS: below `width_px` the rows of `table` become cards (label above value, actions
+    across), so nothing scrolls sideways at phone width. Each cell's label: its data-label."""
+    t = f"table#{table}"
+    return (
+        f"@media (max-width:{width_px - 1}px){{"
+        f"{t} thead{{position:absolute;width:1px;height:1px;overflow:hidden;"
+        "clip:rect(0 0 0 0)}"
+        f"{t},{t} tbody{{display:block;width:100%}}"
+        f"{t} tr{{display:grid;grid-template-columns:repeat(auto-fill,minmax(8rem,1fr));"
+        "gap:.2rem .9rem;border:1px solid var(--line);border-radius:8px;margin:.6rem 0;"
+        "padding:.45rem .7rem}"
+        f"{t} td{{display:block;border:0;padding:0;text-align:left;min-width:0;"
+        "max-width:none;white-space:normal;overflow-wrap:anywhere}"
+        f"{t} td code{{white-space:normal}}"
+        f"{t} td::before{{content:attr(data-label);display:block;font-size:.72rem;"
+        "color:var(--muted)}"
+        f"{t} td.actions,{t} td.wide{{grid-column:1/-1;width:auto}}"
+        f"{t} td.actions{{border-top:1px solid var(--line);margin-top:.2rem;"
+        "padding-top:.45rem}"
+        f"{t} td.actions::before,{t} td[colspan]::before{{content:none}}}}\n")
+
+
+# The keys table fits a 1400 px window whole; narrower, its rows are cards.
+_CSS_CARDS: Final = _cards_below("keys-table", 1180) + _cards_below("tx-table", 720)
+
 _JS: Final = """
 document.addEventListener('submit',function(ev){var f=ev.target;
-if(f.dataset&&f.dataset.confirm&&!window.confirm(f.dataset.confirm)){ev.preventDefault();}});
+if(f.dataset&&f.dataset.confirm&&!window.confirm(f.dataset.confirm)){ev.preventDefault();return;}
+if(f.method==='post'){if(f.dataset.sent){ev.preventDefault();}else{f.dataset.sent='1';}}});
+window.addEventListener('pageshow',function(ev){if(ev.persisted){
+document.querySelectorAll('form[data-sent]').forEach(function(f){delete f.dataset.sent;});}});
 document.querySelectorAll('button[data-copy]').forEach(function(b){b.hidden=false;
 b.addEventListener('click',function(){var t=document.getElementById(b.dataset.copy).textContent;
 if(navigator.clipboard){navigator.clipboard.writeText(t).then(function(){b.textContent='Copied';});}
@@ -193,7 +249,8 @@ def _document(title: str, body: str, nonce: str) -> str:
         "<meta name=\"viewport\" content=\"width=device-width,initial-scale=1\">"
         "<meta name=\"color-scheme\" content=\"light dark\">"
         "<meta name=\"referrer\" content=\"same-origin\">"
-        f"<title>{_e(title)}</title><style nonce=\"{_e(nonce)}\">{_CSS}</style></head>"
+        f"<title>{_e(title)}</title><style nonce=\"{_e(nonce)}\">{_CSS}{_CSS_CARDS}</style>"
+        "</head>"
         f"<body>{body}<script nonce=\"{_e(nonce)}\">{_JS}</script></body></html>\n"
     )
 
@@ -265,9 +322,12 @@ def earnings_chart(points: Sequence[Mapping[str, int]]) -> str:
 
 def _overview(v: Dashboard) -> str:
     o = v.overview
+    free = o.get("withdrawable_sats")
     cards = "".join([
         _card("Earnings", _amount(o["earnings_msats"]) + " sat",
-              f"{sats(o['earnings_24h_msats'])} sat in 24 h"),
+              f"{sats(o['earnings_24h_msats'])} sat in 24 h"
+              + ("" if free is None else
+                 f' · <span id="withdrawable">{int(free):,}</span> sat withdrawable')),
         _card("Requests", f"{o['requests']:,}", f"{o['requests_24h']:,} in 24 h"),
         _card("Active keys (24 h)", f"{o['active_keys']:,}",
               f"{o['keys']:,} keys · {o['funded_keys']:,} funded · {o['disabled_keys']:,}"
@@ -279,6 +339,7 @@ def _overview(v: Dashboard) -> str:
               f" · refunded {sats(o['refunded_msats'])}"),
     ])
     return (f'<section id="overview"><h2>Overview</h2><div class="cards">{cards}</div>'
+            f'<p class="muted" id="earnings-note">{_e(o.get("withdrawable_note", ""))}</p>'
             '<h3>Earned per hour (sats, UTC, last 24 h)</h3>'
             f'{earnings_chart(o["earnings_per_hour"])}</section>')
 
@@ -310,7 +371,7 @@ def _limit_text(k: Mapping[str, Any]) -> str:
 
 
 def _key_actions(v: Dashboard, k: Mapping[str, Any]) -> str:
-    hidden = _hidden(v.query, v.csrf)
+    hidden = _posting(v)
     act = f'/admin/keys/{k["id"]}'
     toggle = "enable" if k["disabled"] else "disable"
     valid = ""
@@ -349,18 +410,22 @@ def _keys(v: Dashboard) -> str:
                   else '<span class="badge ok">active</span>')
         parent = f' <span class="muted">child of #{k["parent_id"]}</span>' if k["parent_id"] else ""
         rows.append(
-            f'<tr data-key-id="{k["id"]}"><td class="num">#{k["id"]}</td>'
-            f'<td><code>{_e(k["key"])}</code>{parent}</td><td>{_e(k["kind"])}</td>'
-            f'<td class="num">{_amount(k["balance_msats"])}</td>'
-            f'<td class="num">{_amount(k["reserved_msats"])}</td>'
-            f'<td class="num">{_amount(k["usage_msats"])}</td>'
-            f'<td class="num">{k["total_requests"]:,}</td><td>{_limit_text(k)}</td>'
-            f'<td>{_when(k["created_at"])}</td><td>{_when(k["last_used_at"])}</td>'
-            f'<td>{status}</td><td class="actions">{_key_actions(v, k)}</td></tr>')
+            f'<tr data-key-id="{k["id"]}"><td class="num" data-label="#">#{k["id"]}</td>'
+            f'<td data-label="Key"><code>{_e(k["key"])}</code>{parent}</td>'
+            f'<td data-label="Kind">{_e(k["kind"])}</td>'
+            f'<td class="num" data-label="Balance (sat)">{_amount(k["balance_msats"])}</td>'
+            f'<td class="num" data-label="Reserved">{_amount(k["reserved_msats"])}</td>'
+            f'<td class="num" data-label="Spent">{_amount(k["usage_msats"])}</td>'
+            f'<td class="num" data-label="Requests">{k["total_requests"]:,}</td>'
+            f'<td data-label="Limit">{_limit_text(k)}</td>'
+            f'<td data-label="Created (UTC)">{_when(k["created_at"])}</td>'
+            f'<td data-label="Last used">{_when(k["last_used_at"])}</td>'
+            f'<td data-label="Status">{status}</td>'
+            f'<td class="actions"><div class="acts">{_key_actions(v, k)}</div></td></tr>')
     if not rows:
         rows.append('<tr><td colspan="12" class="muted">No keys match.</td></tr>')
     search = v.query.get("kq", "")
-    hidden = _hidden(v.query, v.csrf)
+    hidden = _posting(v)
     return (
         '<section id="keys"><h2>Keys</h2>'
         '<form class="row" method="get" action="/admin/#keys">'
@@ -377,7 +442,8 @@ def _keys(v: Dashboard) -> str:
         '<option>daily</option><option>weekly</option><option>monthly</option></select></label>'
         '<label>Valid until (UTC, optional)<input type="datetime-local" name="valid_until">'
         '</label><button class="primary" type="submit">Create key</button></form>'
-        '<div class="scroll"><table id="keys-table"><thead><tr><th class="num">#</th><th>Key</th>'
+        '<div class="scroll"><table id="keys-table" class="stack"><thead><tr>'
+        '<th class="num">#</th><th>Key</th>'
         '<th>Kind</th><th class="num">Balance (sat)</th><th class="num">Reserved</th>'
         '<th class="num">Spent</th><th class="num">Requests</th><th>Limit</th><th>Created (UTC)'
         "</th><th>Last used</th><th>Status</th><th>Actions</th></tr></thead>"
@@ -391,10 +457,12 @@ def _transactions(v: Dashboard) -> str:
     for t in v.transactions["data"]:
         child = f' <span class="muted">child #{t["child_id"]}</span>' if t["child_id"] else ""
         rows.append(
-            f'<tr><td class="num">{t["id"]}</td><td>{_when(t["time"])}</td>'
-            f'<td>{_e(t["kind"])}</td><td>#{t["key_id"]} <code>{_e(t["key"])}</code>{child}</td>'
-            f'<td class="num">{_amount(t["amount_msats"])}</td>'
-            f'<td class="wrap muted">{_e(t["memo"])}</td></tr>')
+            f'<tr><td class="num" data-label="#">{t["id"]}</td>'
+            f'<td data-label="Time (UTC)">{_when(t["time"])}</td>'
+            f'<td data-label="Kind">{_e(t["kind"])}</td>'
+            f'<td data-label="Key">#{t["key_id"]} <code>{_e(t["key"])}</code>{child}</td>'
+            f'<td class="num" data-label="Amount (sat)">{_amount(t["amount_msats"])}</td>'
+            f'<td class="wrap muted wide" data-label="Memo">{_e(t["memo"])}</td></tr>')
     if not rows:
         rows.append('<tr><td colspan="6" class="muted">No transactions match.</td></tr>')
     q = v.query
@@ -442,7 +510,7 @@ def _wallet(v: Dashboard) -> str:
         f"<dt>{_e(k.replace('_', ' '))}</dt><dd>{_e(f'{val:,}' if isinstance(val, int) else val)}"
         "</dd>" for k, val in w.items()
         if k not in ("mints", "pending", "unit") and isinstance(val, (int, str)))
-    hidden = _hidden(v.query, v.csrf)
+    hidden = _posting(v)
     options = "".join(f'<option value="{_e(m["mint"])}">{_e(m["mint"])}</option>'
                       for m in w.get("mints", []))
     return (
@@ -476,7 +544,7 @@ def _price_cell(x: int | float | None) -> str:
 def _prices(v: Dashboard) -> str:
     p = v.prices
     fields = p["fields"]
-    hidden = _hidden(v.query, v.csrf)
+    hidden = _posting(v)
     heads = "".join(f'<th class="num">{_e(f.replace("_msats", "").replace("_", " "))}</th>'
                     for f in fields)
     rows = []
@@ -543,9 +611,13 @@ def _banners(v: Dashboard) -> str:
     out = []
     if v.error:
         out.append(f'<p class="banner error" role="alert">{_e(v.error)}</p>')
+    if v.again:
+        out.append(f'<p class="banner notice" role="status" id="again">{_e(AGAIN)}</p>')
     if v.notice:
         out.append(f'<p class="banner notice" role="status">{_e(NOTICES.get(v.notice, v.notice))}'
                    "</p>")
+    if v.flash_gone:
+        out.append(f'<p class="banner notice" role="status" id="flash-gone">{_e(GONE)}</p>')
     if v.secret:
         out.append(
             f'<div class="banner secret" id="secret"><strong>{_e(v.secret.get("label"))}</strong>'

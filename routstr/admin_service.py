@@ -16,6 +16,7 @@ from typing import Any, Final, Protocol
 from urllib.parse import urlsplit
 
 from . import __version__, admin_store
+from .admin_page import sats
 from .config import Config
 from .db import Database
 from .errors import InvalidRequest, NotFound, ServiceUnavailable
@@ -127,6 +128,29 @@ def page_doc(data: list[Any], total: int, limit: int, offset: int) -> dict[str, 
             "has_more": offset + len(data) < total}
 
 
+def withdrawable_note(o: Mapping[str, Any], split: Mapping[str, int] | None,
+                      taken_sats: int) -> str:
+    """One line under the earnings: how much of them the operator can withdraw now, and why
+    that is less (the earnings count every charge; only ecash the users are not owed can go)."""
+    earned = o["earnings_msats"]
+    head = f"Earnings {sats(earned)} sat"
+    if split is None:
+        return head + "; none can be withdrawn here: this node has no Cashu wallet (no mint)."
+    free, total, held = split["withdrawable"], split["total"], split["held_for_users"]
+    head += f", of which {free:,} sat are withdrawable"
+    wallet = (f"the wallet holds {total:,} sat of ecash; users' balances and requests in"
+              f" flight claim {held:,} sat of it (rounded up to whole sats)")
+    if free * 1000 >= earned:
+        return f"{head}: {wallet}."
+    why = []
+    if o["granted_msats"]:
+        why.append(f"earnings from admin-granted balance are not backed by ecash"
+                   f" ({sats(o['granted_msats'])} sat granted in all)")
+    if taken_sats:
+        why.append(f"{taken_sats:,} sat were taken out before (withdrawals and payouts)")
+    return f"{head}: " + "; ".join([*why, wallet]) + "."
+
+
 # --------------------------------------------------------------------------------------------
 # The wallet, as the admin sees it
 # --------------------------------------------------------------------------------------------
@@ -137,6 +161,11 @@ class AdminWallet(Protocol):
 
     def summary(self) -> dict[str, Any]:
         """{"unit", "mints": [{"mint", "balance", "proofs"}], "pending": [{...}], ...}"""
+        ...
+
+    def withdrawable(self) -> dict[str, int]:
+        """{"total", "held_for_users", "withdrawable"} in sats: what `withdraw` and `pay_out`
+        check a request against (the same function)."""
         ...
 
     async def withdraw(self, amount_sats: int, mint: str | None) -> dict[str, Any]:
@@ -176,6 +205,11 @@ class AdminService:
         doc = self.db.read(lambda c: admin_store.overview(c, now))
         doc["earnings_per_hour"] = self.db.read(lambda c: admin_store.earnings_per_hour(c, now))
         doc["time"] = now
+        split = self.wallet.withdrawable() if self.wallet is not None else None
+        taken = self.db.read(admin_store.taken_out_sats) if split is not None else 0
+        doc["withdrawable_sats"] = split["withdrawable"] if split is not None else None
+        doc["withdrawable_msats"] = split["withdrawable"] * 1000 if split is not None else None
+        doc["withdrawable_note"] = withdrawable_note(doc, split, taken)
         return doc
 
     # -- keys ------------------------------------------------------------------------------

@@ -1,5 +1,6 @@
 """The admin API's queries: key lists, the filtered transaction log, the overview, sessions,
-deleted keys, key limits and price overrides (tables of migration 4 in `db`).
+deleted keys, key limits and price overrides (tables of migration 4 in `db`), and the
+dashboard forms' used nonces and one-time messages (migration 7).
 
 Every function is a plain ``def op(conn, ...)`` run by `db.Database.read` or `.transaction`,
 like the ledger's operations. Nothing here moves money: balances change only through
@@ -41,6 +42,7 @@ from .ledger import (
 
 ADMIN_TOKEN_SETTING: Final = "admin_token_hash"  # noqa: S105 - a name
 MAX_SESSIONS: Final = 50
+MAX_FLASHES: Final = 64  # one-time messages waiting to be shown (a few minutes each)
 HOUR_S: Final = 3600
 DAY_S: Final = 86_400
 
@@ -100,6 +102,49 @@ def session_valid(conn: Conn, token_hash: str, epoch: str, now: int) -> bool:
 
 def delete_session(conn: Conn, token_hash: str) -> None:
     conn.execute("DELETE FROM admin_sessions WHERE token_hash = ?", (token_hash,))
+
+
+# --------------------------------------------------------------------------------------------
+# Dashboard forms: used nonces and one-time flash messages (migration 7, `admin_forms`)
+# --------------------------------------------------------------------------------------------
+
+
+def use_nonce(conn: Conn, nonce_hash: str, *, expires_at: int, now: int) -> bool:
+    """Mark a form nonce used: True the first time, False when it was used before."""
+    conn.execute("DELETE FROM admin_used_nonces WHERE expires_at <= ?", (now,))
+    cur = conn.execute(
+        "INSERT INTO admin_used_nonces (nonce_hash, expires_at) VALUES (?, ?)"
+        " ON CONFLICT (nonce_hash) DO NOTHING", (nonce_hash, expires_at))
+    return cur.rowcount == 1
+
+
+def set_nonce_location(conn: Conn, nonce_hash: str, location: str) -> None:
+    conn.execute("UPDATE admin_used_nonces SET location = ? WHERE nonce_hash = ?",
+                 (location, nonce_hash))
+
+
+def nonce_location(conn: Conn, nonce_hash: str) -> str | None:
+    """Where the first use of a nonce redirected to (None while it still runs)."""
+    row = conn.execute("SELECT location FROM admin_used_nonces WHERE nonce_hash = ?",
+                       (nonce_hash,)).fetchone()
+    return None if row is None or row[0] is None else str(row[0])
+
+
+def put_flash(conn: Conn, id_hash: str, sealed: bytes, *, now: int, ttl_s: int) -> None:
+    """Keep one sealed flash message; drop expired ones and the oldest beyond the cap."""
+    conn.execute("DELETE FROM admin_flash WHERE expires_at <= ?", (now,))
+    conn.execute("INSERT INTO admin_flash (id_hash, sealed, created_at, expires_at)"
+                 " VALUES (?, ?, ?, ?)", (id_hash, sealed, now, now + ttl_s))
+    conn.execute("DELETE FROM admin_flash WHERE id_hash NOT IN (SELECT id_hash FROM"
+                 " admin_flash ORDER BY created_at DESC, rowid DESC LIMIT ?)", (MAX_FLASHES,))
+
+
+def take_flash(conn: Conn, id_hash: str, *, now: int) -> bytes | None:
+    """A flash message, once: it is deleted as it is read (None if gone or expired)."""
+    row = conn.execute("SELECT sealed, expires_at FROM admin_flash WHERE id_hash = ?",
+                       (id_hash,)).fetchone()
+    conn.execute("DELETE FROM admin_flash WHERE id_hash = ? OR expires_at <= ?", (id_hash, now))
+    return bytes(row[0]) if row is not None and int(row[1]) > now else None
 
 
 # --------------------------------------------------------------------------------------------
@@ -383,6 +428,14 @@ def liability_msats(conn: Conn) -> int:
     """What the node owes its users: every balance plus every reservation."""
     return int(conn.execute(
         "SELECT COALESCE(SUM(balance_msats + reserved_msats), 0) FROM keys").fetchone()[0])
+
+
+def taken_out_sats(conn: Conn) -> int:
+    """What the operator withdrew (Cashu tokens) or paid out (Lightning), fees not counted."""
+    return int(conn.execute(
+        "SELECT COALESCE(SUM(amount), 0) FROM wallet_ops WHERE state = 'done' AND kind IN"
+        " ('send', 'melt') AND (ref LIKE 'admin-withdraw:%' OR ref LIKE 'admin-payout:%')"
+    ).fetchone()[0])
 
 
 def wallet_by_mint(conn: Conn, unit: str) -> dict[str, tuple[int, int]]:

@@ -54,6 +54,20 @@ class NodeWallet:
         self.transport = transport
         self.mints = mints
 
+    def withdrawable(self) -> dict[str, int]:
+        """What the operator may take out now, in sats: ``{"total", "held_for_users",
+        "withdrawable"}``. The one figure a withdrawal or payout is checked against, and the
+        one the dashboard and ``/admin/api/overview`` show."""
+        unit = self.wallet.unit
+
+        def read(conn: Any) -> tuple[int, int]:
+            by_mint = admin_store.wallet_by_mint(conn, unit)
+            return sum(b for b, _ in by_mint.values()), admin_store.liability_msats(conn)
+
+        total, liability_msats = self.db.read(read)
+        held = msat_to_sat_ceil(liability_msats)
+        return {"total": total, "held_for_users": held, "withdrawable": max(0, total - held)}
+
     def summary(self) -> dict[str, Any]:
         unit = self.wallet.unit
         by_mint = self.db.read(lambda c: admin_store.wallet_by_mint(c, unit))
@@ -61,22 +75,18 @@ class NodeWallet:
                   "proofs": by_mint.get(m, (0, 0))[1]} for m in self.mints]
         mints += [{"mint": m, "balance": b, "proofs": n}
                   for m, (b, n) in sorted(by_mint.items()) if m not in self.mints]
-        total = sum(int(m["balance"]) for m in mints)
-        liability = msat_to_sat_ceil(self.db.read(admin_store.liability_msats))
         pending = [{"id": op.id, "kind": op.kind, "mint": op.mint, "amount": op.amount,
                     "created_at": int(op.created_at)} for op in self.wallet.store.pending()]
         return {
             "unit": unit,
-            "total": total,
+            **self.withdrawable(),  # total, held_for_users, withdrawable
             "proofs": sum(int(m["proofs"]) for m in mints),
-            "held_for_users": liability,
-            "withdrawable": max(0, total - liability),
             "mints": mints,
             "pending": pending,
         }
 
     def _check_withdrawable(self, amount_sats: int) -> None:
-        available = self.summary()["withdrawable"]
+        available = self.withdrawable()["withdrawable"]
         if amount_sats > available:
             raise InvalidRequest(
                 f"Only {available} sats are the node's own: the rest of the wallet backs users'"

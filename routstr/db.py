@@ -399,6 +399,27 @@ CREATE INDEX wallet_ops_failed ON wallet_ops (updated_at) WHERE state = 'failed'
 CREATE INDEX wallet_proofs_origin ON wallet_proofs (origin_op) WHERE origin_op IS NOT NULL;
 """
 
+_MIGRATION_7_ADMIN_FORMS = """
+-- The dashboard's forms (routstr/admin_forms.py). Each rendered page carries a one-use nonce:
+-- a used one is kept here (its hash, where its answer redirected to) until it would have
+-- expired anyway. What a form's redirect shows once (a new key, a withdrawn token, an error)
+-- waits in admin_flash, sealed under a key derived from the admin's session token (which the
+-- database never holds), deleted when shown or after a few minutes.
+CREATE TABLE admin_used_nonces (
+    nonce_hash TEXT    PRIMARY KEY CHECK (length(nonce_hash) = 64),
+    location   TEXT,
+    expires_at INTEGER NOT NULL
+) WITHOUT ROWID;
+CREATE INDEX admin_used_nonces_expiry ON admin_used_nonces (expires_at);
+CREATE TABLE admin_flash (
+    id_hash    TEXT    PRIMARY KEY CHECK (length(id_hash) = 64),
+    sealed     BLOB    NOT NULL,
+    created_at INTEGER NOT NULL,
+    expires_at INTEGER NOT NULL
+);
+CREATE INDEX admin_flash_expiry ON admin_flash (expires_at);
+"""
+
 MIGRATIONS: tuple[str, ...] = (
     _MIGRATION_1_LEDGER,
     _MIGRATION_2_WALLET,
@@ -406,6 +427,7 @@ MIGRATIONS: tuple[str, ...] = (
     _MIGRATION_4_ADMIN,
     _MIGRATION_5_PLATFORM,
     _MIGRATION_6_RECOVERY,
+    _MIGRATION_7_ADMIN_FORMS,
 )
 
 

@@ -358,19 +358,20 @@ OPERATIONS: dict[tuple[str, str], Op] = {
     ("POST", "/admin/logout"): Op("Log out of the dashboard", "Admin", "admin", response=None,
                                   content_type="text/html"),
     ("POST", "/admin/keys"): Op("Dashboard form: create a key", "Admin", "admin",
-                                body="form:AdminObject", response=None, content_type="text/html"),
+                                body="form:AdminObject", response=None,
+                                content_type="text/html", status=303),
     ("POST", "/admin/keys/{id}"): Op("Dashboard form: act on a key", "Admin", "admin",
                                      body="form:AdminObject", response=None,
-                                     content_type="text/html"),
+                                     content_type="text/html", status=303),
     ("POST", "/admin/prices"): Op("Dashboard form: set or reset a price", "Admin", "admin",
                                   body="form:AdminObject", response=None,
-                                  content_type="text/html"),
+                                  content_type="text/html", status=303),
     ("POST", "/admin/wallet/withdraw"): Op("Dashboard form: withdraw ecash", "Admin", "admin",
                                            body="form:AdminObject", response=None,
-                                           content_type="text/html"),
+                                           content_type="text/html", status=303),
     ("POST", "/admin/wallet/payout"): Op("Dashboard form: pay out earnings", "Admin", "admin",
                                          body="form:AdminObject", response=None,
-                                         content_type="text/html"),
+                                         content_type="text/html", status=303),
     ("POST", "/v1/chat/completions"): Op("Chat completion (OpenAI-compatible)", "Inference",
                                          "pay", body="ChatCompletionRequest", streams=True,
                                          description=_PROXY_DOC),
@@ -509,7 +510,10 @@ def _operation(method: str, pattern: str, op: Op | None, alias_of: str | None) -
             content = {"application/json": {"schema": _ref(op.body)}}
         doc["requestBody"] = {"required": True, "content": content}
     ok: dict[str, Any] = {"description": "success"}
-    if op.status != 204:
+    if op.status == 303:
+        ok = {"description": "See Other: the dashboard page, showing the outcome",
+              "headers": {"Location": {"schema": {"type": "string"}}}}
+    elif op.status != 204:
         if op.response is not None:
             media: dict[str, Any] = {"application/json": {"schema": _ref(op.response)}}
             if op.streams:

@@ -213,13 +213,18 @@ def test_cookie_session_csrf_and_logout(node_factory: Any) -> None:
                           {"Cookie": cookie, "X-CSRF-Token": csrf,
                            "Origin": n.url})
     assert status == 201 and doc["balance_msats"] == 5
-    # Form posts carry the token as a field; the login form is refused cross-origin.
-    form = urllib.parse.urlencode({"csrf": csrf, "balance_sats": "1"}).encode()
+    # Form posts carry the token as a field (and the page's form nonce); the login form is
+    # refused cross-origin.
+    page = call(n, "GET", "/admin/", None, {"Cookie": cookie})[1]
+    nonce = re.search(r'name="nonce" value="([^"]+)"', page)
+    assert nonce is not None
+    form = urllib.parse.urlencode({"csrf": csrf, "nonce": nonce.group(1),
+                                   "balance_sats": "1"}).encode()
     ctype = {"Content-Type": "application/x-www-form-urlencoded"}
-    status, _, _ = call(n, "POST", "/admin/keys", form, {"Cookie": cookie, **ctype})
-    assert status == 200
+    status, _, hdrs = call(n, "POST", "/admin/keys", form, {"Cookie": cookie, **ctype})
+    assert status == 303 and "done=key_created" in hdrs["location"]
     status, _, _ = call(n, "POST", "/admin/keys", urllib.parse.urlencode(
-        {"balance_sats": "1"}).encode(), {"Cookie": cookie, **ctype})
+        {"balance_sats": "1", "nonce": nonce.group(1)}).encode(), {"Cookie": cookie, **ctype})
     assert status == 403
     status, doc, _ = call(n, "POST", "/admin/login", {"token": ADMIN},
                           {"Origin": "http://evil.example"})
@@ -608,13 +613,18 @@ def test_dashboard_works_without_javascript(node: NodeProcess, books: Books) -> 
     assert csrf is not None
 
     def post(path: str, fields: dict[str, str]) -> tuple[int, Any, dict[str, str]]:
-        body = urllib.parse.urlencode({"csrf": csrf.group(1), **fields}).encode()
+        page = call(node, "GET", "/admin/", None, {"Cookie": cookie})[1]
+        nonce = re.search(r'name="nonce" value="([^"]+)"', page)
+        assert nonce is not None
+        body = urllib.parse.urlencode({"csrf": csrf.group(1), "nonce": nonce.group(1),
+                                       **fields}).encode()
         return call(node, "POST", path, body, {"Cookie": cookie, "Origin": node.url,
                                                "Content-Type": "application/x-www-form-urlencoded"})
 
-    status, page, _ = post("/admin/keys", {"balance_sats": "12.5", "limit_sats": "3",
+    status, _, hdrs = post("/admin/keys", {"balance_sats": "12.5", "limit_sats": "3",
                                            "limit_reset": "daily", "valid_until": ""})
-    assert status == 200
+    assert status == 303 and "done=key_created" in hdrs["location"]
+    status, page, _ = call(node, "GET", hdrs["location"], None, {"Cookie": cookie})
     key = re.search(r'<code id="secret-value">(sk-[0-9a-z]{32})</code>', page)
     assert key is not None and page.count(key.group(1)) == 1
     acct = books.ledger.get_account(hash_key(key.group(1)))
@@ -626,8 +636,10 @@ def test_dashboard_works_without_javascript(node: NodeProcess, books: Books) -> 
     assert status == 303
     acct = books.ledger.get_account_by_id(acct.id)
     assert acct is not None and acct.disabled and acct.balance_msats == 13_000
-    status, page, _ = post(f"/admin/keys/{acct.id}", {"action": "delete"})
-    assert status == 409 and "still holds money" in page
+    status, _, hdrs = post(f"/admin/keys/{acct.id}", {"action": "delete"})
+    assert status == 303 and "done=" not in hdrs["location"]
+    page = call(node, "GET", hdrs["location"], None, {"Cookie": cookie})[1]
+    assert 'class="banner error"' in page and "still holds money" in page
     status, _, _ = post("/admin/prices", {"model": "gpt-4o", "request_msats": "7"})
     assert status == 303 and model_msats(node, "gpt-4o")["request_msats"] == 7  # type: ignore[index]
     status, _, _ = post("/admin/prices", {"model": "gpt-4o", "action": "reset"})

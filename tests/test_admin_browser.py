@@ -4,7 +4,10 @@ installed by .ci/run) driven by Selenium against the real node process.
 It logs in through the form, creates a key and sees it in the list, disables one and deletes
 another (accepting the page's confirmation dialog: the inline script runs under the CSP nonce),
 pages the transactions, and takes screenshots in light and dark mode (saved in the test's tmp
-dir; `ROUTSTR_SCREENSHOT_DIR` copies them elsewhere for a look).
+dir; `ROUTSTR_SCREENSHOT_DIR` copies them elsewhere for a look). Then: the forms' post →
+redirect → get (a reload, back + submit again and a double click change nothing more, the new
+key is shown once), and the keys table measured at 1400 × 900 and 390 × 844 (no sideways
+scrolling, every row's Actions inside the window).
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from typing import Any
 
 import pytest
 from selenium import webdriver
+from selenium.common.exceptions import WebDriverException
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.remote.webdriver import WebDriver
@@ -63,7 +67,9 @@ def browser(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[WebDriv
 
 
 def wait_for(driver: WebDriver, css: str) -> Any:
-    return WebDriverWait(driver, WAIT_S).until(
+    """The element, once the page shows it (a page still navigating may answer a command with
+    an error, e.g. its frame detached: that is waited out too)."""
+    return WebDriverWait(driver, WAIT_S, ignored_exceptions=(WebDriverException,)).until(
         expected_conditions.presence_of_element_located((By.CSS_SELECTOR, css)))
 
 
@@ -191,3 +197,152 @@ def test_dashboard_in_headless_chromium(node_factory: Any, browser: WebDriver,
         assert ledger.check_invariant()["accounts"] == 15
         db.close()
 
+
+
+def log_in(driver: WebDriver, node: NodeProcess) -> None:
+    driver.get(node.url + "/admin/")
+    driver.find_element(By.NAME, "token").send_keys(ADMIN)
+    driver.find_element(By.CSS_SELECTOR, "form button[type=submit]").click()
+    wait_for(driver, "#overview")
+
+
+def nonce_of(driver: WebDriver, form_css: str) -> str:
+    return str(driver.find_element(By.CSS_SELECTOR, f"{form_css} input[name=nonce]")
+               .get_attribute("value"))
+
+
+def resubmit(driver: WebDriver, form_css: str, nonce: str, button: Any) -> None:
+    """Submit a page's form again with the nonce it was first submitted with. Chromium's back
+    button restores the page with its form values (the old nonce included); should it ever
+    fetch the page afresh, the old nonce is put back, as a stale tab would still have it."""
+    if nonce_of(driver, form_css) != nonce:
+        driver.execute_script("arguments[0].value = arguments[1]", driver.find_element(
+            By.CSS_SELECTOR, f"{form_css} input[name=nonce]"), nonce)
+    button().click()
+
+
+def test_forms_post_redirect_get(node_factory: Any, browser: WebDriver) -> None:
+    """Create a key, grant to it: reload, and back + submit the same form again, change
+    nothing more (one key, one grant) and show the new key once; a double click creates one."""
+    node = node_factory("--admin-token", ADMIN)
+    log_in(browser, node)
+    create = "form[action='/admin/keys']"
+    nonce = nonce_of(browser, create)
+    field = browser.find_element(By.NAME, "balance_sats")
+    field.clear()
+    field.send_keys("10")
+    browser.find_element(By.XPATH, "//button[text()='Create key']").click()
+    secret = wait_for(browser, "#secret-value").text
+    assert secret.startswith("sk-") and secret not in browser.current_url
+    assert "done=key_created" in browser.current_url and "flash=" in browser.current_url
+    assert api(node, "GET", "/admin/api/keys")["total"] == 1
+
+    # Reload: the browser GETs the page again; nothing is posted, the key is not shown again.
+    browser.refresh()
+    wait_for(browser, "#flash-gone")
+    assert not browser.find_elements(By.ID, "secret-value")
+    assert "Key created." in browser.find_element(By.CSS_SELECTOR, ".banner.notice").text
+    # Back, and "Create key" again on the page the form was submitted from: refused.
+    browser.back()
+    wait_for(browser, create)
+    resubmit(browser, create, nonce,
+             lambda: browser.find_element(By.XPATH, "//button[text()='Create key']"))
+    assert "already submitted" in wait_for(browser, "#again").text
+    assert not browser.find_elements(By.ID, "secret-value")
+    keys = api(node, "GET", "/admin/api/keys")
+    assert keys["total"] == 1 and keys["data"][0]["hint"] == secret[-4:]
+    key_id = keys["data"][0]["id"]
+    assert keys["data"][0]["balance_msats"] == 10_000
+
+    # Grant 5 sats from the key's row; reload; back and grant again with the same form.
+    grant = f'tr[data-key-id="{key_id}"] form:has(input[name=action][value=grant])'
+    browser.get(node.url + "/admin/#keys")
+    row = wait_for(browser, f'tr[data-key-id="{key_id}"]')
+    grant_nonce = nonce_of(browser, grant)
+    row.find_element(By.XPATH, ".//summary[text()='Grant']").click()
+    row.find_element(By.NAME, "amount_sats").send_keys("5")
+    row.find_element(By.XPATH, ".//button[text()='Grant']").click()
+    WebDriverWait(browser, WAIT_S).until(expected_conditions.staleness_of(row))
+    assert "Balance granted." in wait_for(browser, ".banner.notice").text
+    browser.refresh()
+    wait_for(browser, "#overview")
+    browser.back()
+    row = wait_for(browser, f'tr[data-key-id="{key_id}"]')
+
+    def grant_button() -> Any:
+        if not row.find_element(By.NAME, "amount_sats").is_displayed():
+            row.find_element(By.XPATH, ".//summary[text()='Grant']").click()
+        amount = row.find_element(By.NAME, "amount_sats")
+        if not amount.get_attribute("value"):
+            amount.send_keys("5")
+        return row.find_element(By.XPATH, ".//button[text()='Grant']")
+
+    resubmit(browser, grant, grant_nonce, grant_button)
+    assert "already submitted" in wait_for(browser, "#again").text
+    doc = api(node, "GET", f"/admin/api/keys/{key_id}")
+    assert doc["balance_msats"] == 15_000 and doc["granted_msats"] == 15_000
+
+    # A double click on "Create key" creates one key and shows it.
+    browser.get(node.url + "/admin/")
+    button = wait_for(browser, f"{create} button")
+    browser.execute_script("var b = arguments[0]; b.click(); setTimeout(function () {"
+                           " b.click(); }, 30);", button)
+    second = wait_for(browser, "#secret-value").text
+    assert second.startswith("sk-") and second != secret
+    assert api(node, "GET", "/admin/api/keys")["total"] == 2
+
+
+KEYS_ON_PAGE = 17  # with the parent and its two children: a full page of 20
+LAYOUT_JS = """
+const vw = window.innerWidth, out = {vw: vw, doc: document.documentElement.scrollWidth};
+const wrap = document.querySelector('#keys-table').closest('.scroll') || document.body;
+out.wrap = [wrap.scrollWidth, wrap.clientWidth];
+out.cells = [...document.querySelectorAll('#keys-table tbody tr td.actions')].map(td => {
+  const r = td.getBoundingClientRect();
+  const inner = [...td.querySelectorAll('button, summary, a, input, select')]
+    .filter(e => e.offsetParent !== null).map(e => e.getBoundingClientRect().right);
+  return [r.left, r.right, Math.max(r.right, ...inner)];
+});
+return out;
+"""
+
+
+def check_fits(driver: WebDriver, what: str) -> None:
+    got = driver.execute_script(LAYOUT_JS)
+    vw = got["vw"]
+    assert got["doc"] <= vw, (what, got["doc"], vw)
+    assert got["wrap"][0] <= got["wrap"][1], (what, "the keys table scrolls sideways", got["wrap"])
+    assert got["cells"], what
+    for left, right, inner in got["cells"]:
+        assert 0 <= left and right <= vw and inner <= vw, (what, left, right, inner, vw)
+
+
+def test_keys_table_fits_desktop_and_phone(node_factory: Any, browser: WebDriver) -> None:
+    """The Actions column is whole at 1400 px, and at phone width nothing scrolls sideways
+    (the rows become cards), light and dark, with a row's Limits and Grant forms open."""
+    node = node_factory("--admin-token", ADMIN)
+    for i in range(KEYS_ON_PAGE):  # wide values: big balances, limits with resets and dates
+        api(node, "POST", "/admin/api/keys", {
+            "balance_msats": 123_456_789_012 + i, "balance_limit_msats": 98_765_432_109,
+            "balance_limit_reset": "monthly", "validity_date": 4_102_444_800})
+    parent = api(node, "POST", "/admin/api/keys", {"balance_msats": 5_000_000})
+    status, _, _ = node.request("POST", "/v1/balance/child-key", {"count": 2},
+                                {"Authorization": f"Bearer {parent['api_key']}"})
+    assert status == 200
+    log_in(browser, node)
+    sizes = (("desktop", 1400, 900, False), ("phone", 390, 844, True))
+    for scheme in ("light", "dark"):
+        browser.execute_cdp_cmd("Emulation.setEmulatedMedia", {
+            "features": [{"name": "prefers-color-scheme", "value": scheme}]})
+        for name, width, height, mobile in sizes:
+            browser.execute_cdp_cmd("Emulation.setDeviceMetricsOverride", {
+                "width": width, "height": height, "deviceScaleFactor": 1, "mobile": mobile})
+            browser.get(node.url + "/admin/#keys")
+            wait_for(browser, "#keys-table")
+            assert browser.execute_script("return window.innerWidth") == width
+            check_fits(browser, f"{name} {scheme}")
+            row = browser.find_elements(By.CSS_SELECTOR, "#keys-table tbody tr")[0]
+            for summary in ("Limits", "Grant"):
+                row.find_element(By.XPATH, f".//summary[text()='{summary}']").click()
+            check_fits(browser, f"{name} {scheme}, forms open")
+    browser.execute_cdp_cmd("Emulation.clearDeviceMetricsOverride", {})
