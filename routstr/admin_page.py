@@ -188,6 +188,7 @@ summary{cursor:pointer;color:var(--accent);font-size:.85rem}
 .banner{border-radius:8px;padding:.6rem .9rem;margin:1rem 0;border:1px solid}
 .banner.notice{border-color:var(--ok);color:var(--ok)}
 .banner.error{border-color:var(--bad);color:var(--bad)}
+.banner.warn{border-color:var(--warn,#b7791f);color:var(--warn,#b7791f)}
 .banner.secret{border-color:var(--accent);background:var(--soft);color:var(--fg)}
 .secret code{display:block;margin:.4rem 0;padding:.4rem;word-break:break-all;
 background:var(--card);border:1px solid var(--line);border-radius:6px;font-size:.9rem}
@@ -608,7 +609,8 @@ def _health(v: Dashboard) -> str:
 
 
 def _banners(v: Dashboard) -> str:
-    out = []
+    out = [f'<p class="banner warn" role="status" data-setup>{_e(reason)}</p>'
+           for reason in v.health.get("reasons") or ()]  # no upstream, demo mode, …
     if v.error:
         out.append(f'<p class="banner error" role="alert">{_e(v.error)}</p>')
     if v.again:

@@ -23,6 +23,7 @@ from .errors import InvalidRequest, NotFound, ServiceUnavailable
 from .keys import generate_api_key, hash_key, key_hint
 from .ledger import LIMIT_RESETS, Account, Ledger, LedgerInvariantError, TxRow
 from .pricebook import PRICE_FIELDS, PriceBook
+from .status import setup_problems
 from .wire import wire_int
 
 log = logging.getLogger("routstr.admin")
@@ -356,8 +357,10 @@ class AdminService:
         checks = {name: await probe() for name, probe in self.probes.items()}
         checks["ledger"] = self.books()
         healthy = all(v in ("ok", "not_configured") for v in checks.values())
+        reasons = setup_problems(self.config)  # the same as /health's and the start-up log's
         return {
-            "status": "healthy" if healthy else "unhealthy",
+            "status": "unhealthy" if not healthy else "degraded" if reasons else "healthy",
+            "reasons": reasons,
             "version": __version__,
             "checks": checks,
             "schema_version": self.db.schema_version,

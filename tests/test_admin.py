@@ -567,7 +567,10 @@ def test_price_overrides_apply_at_once_and_persist(node_factory: Any,
 
 def test_health_and_settings_with_secrets_masked(node: NodeProcess) -> None:
     status, doc = api(node, "GET", "/admin/api/health")
-    assert status == 200 and doc["status"] == "healthy"
+    # no mint on this node: served, but degraded, with the reason /health gives
+    assert status == 200 and doc["status"] == "degraded"
+    assert doc["reasons"] == node.json("GET", "/health")[1]["reasons"]
+    assert len(doc["reasons"]) == 1 and "no trusted mint" in doc["reasons"][0]
     assert doc["checks"]["database"] == "ok" and doc["checks"]["ledger"] == "ok"
     assert doc["checks"]["upstream"] == "ok" and doc["wallet"] == "not_configured"
     assert doc["schema_version"] >= 4 and doc["models"] > 20

@@ -60,6 +60,10 @@ def test_the_demo_model_is_listed_and_labelled(node: NodeProcess) -> None:
     assert health["checks"]["upstream"] == "ok"  # its own upstream answers /models
     assert any("demo mode" in r for r in health["reasons"]), health
     assert "WARNING routstr: demo mode (--demo)" in node.log_text()
+    status, _, page = node.request("GET", "/admin", None, {
+        "Authorization": f"Bearer {ADMIN}", "Accept": "text/html"})
+    assert status == 200
+    assert b'<p class="banner warn" role="status" data-setup>demo mode (--demo)' in page
 
 
 def test_chat_is_echoed_and_billed_its_usage(node: NodeProcess) -> None:
