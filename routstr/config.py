@@ -359,20 +359,25 @@ def build_parser(prog: str = "python -m routstr") -> argparse.ArgumentParser:
         epilog="Every flag can also be set by the environment variable shown in brackets.",
     )
     for f in dataclasses.fields(Config):
-        default = f.default
-        if isinstance(default, tuple):
-            default = ",".join(default)
-        shown = "(unset)" if default == "" else default
-        if f.metadata.get("secret"):
-            shown = "(unset)"
-        parser.add_argument(
-            flag_name(f.name),
-            dest=f.name,
-            default=None,
-            metavar=env_name(f.name),
-            help=f"{f.metadata['help']} [{env_name(f.name)}; default: {shown}]",
-        )
+        default = _shown_default(f.default)
+        shown = "(unset)" if default == "" or f.metadata.get("secret") else default
+        help = f"{f.metadata['help']} [{env_name(f.name)}; default: {shown}]"
+        if _field_type(f) is bool:  # a switch: --x / --no-x (the environment: X=true|false)
+            parser.add_argument(flag_name(f.name), dest=f.name, default=None, help=help,
+                                action=argparse.BooleanOptionalAction)
+            continue
+        parser.add_argument(flag_name(f.name), dest=f.name, default=None,
+                            metavar=env_name(f.name), help=help)
     return parser
+
+
+def _shown_default(default: Any) -> Any:
+    """A default as the environment would spell it (tuples comma-joined, booleans lower-case)."""
+    if isinstance(default, bool):
+        return "true" if default else "false"
+    if isinstance(default, tuple):
+        return ",".join(default)
+    return default
 
 
 def load_config(argv: Sequence[str], environ: Mapping[str, str]) -> Config:
@@ -382,6 +387,9 @@ def load_config(argv: Sequence[str], environ: Mapping[str, str]) -> Config:
     values: dict[str, Any] = {}
     for f in dataclasses.fields(Config):
         raw = getattr(args, f.name)
+        if isinstance(raw, bool):  # a switch given on the command line
+            values[f.name] = raw
+            continue
         if raw is None:
             raw = environ.get(env_name(f.name))
         if raw is None:
@@ -402,9 +410,6 @@ def env_example() -> str:
     """The text of contrib/routstr.env.example, generated from the table."""
     lines = ["# routstr settings: every flag has an environment variable of the same name.", ""]
     for f in dataclasses.fields(Config):
-        default = f.default
-        if isinstance(default, tuple):
-            default = ",".join(default)
         lines.append(f"# {f.metadata['help']}")
-        lines.append(f"#{env_name(f.name)}={default}")
+        lines.append(f"#{env_name(f.name)}={_shown_default(f.default)}")
     return "\n".join(lines) + "\n"
