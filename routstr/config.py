@@ -352,23 +352,45 @@ def _convert(f: dataclasses.Field[Any], raw: str) -> Any:
     raise ConfigError(f"{flag_name(f.name)}: unsupported type")
 
 
+COMMANDS_EPILOG = """\
+Every flag can also be set by the environment variable shown in brackets.
+
+Commands: python -m routstr COMMAND … (each has --help; none creates a database):
+  keys create|list|show|disable|enable|refund-to-token   prepaid keys
+  admin-token show|rotate                                 where the admin token is; a new one
+  doctor                                                  check this configuration
+"""
+
+
 def build_parser(prog: str = "python -m routstr") -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=prog,
         description="A Routstr node: OpenAI-compatible gateway paid with Cashu ecash.",
-        epilog="Every flag can also be set by the environment variable shown in brackets.",
+        epilog=COMMANDS_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    add_setting_flags(parser)
+    return parser
+
+
+def add_setting_flags(parser: argparse.ArgumentParser, *, shown: bool = True,
+                      skip: Sequence[str] = ()) -> None:
+    """One flag per setting (default None: "not given") but those in `skip`; `shown=False`
+    keeps them out of the parser's --help (the command line's subcommands, which point at the
+    node's --help)."""
     for f in dataclasses.fields(Config):
+        if f.name in skip:
+            continue
         default = _shown_default(f.default)
-        shown = "(unset)" if default == "" or f.metadata.get("secret") else default
-        help = f"{f.metadata['help']} [{env_name(f.name)}; default: {shown}]"
+        value = "(unset)" if default == "" or f.metadata.get("secret") else default
+        text = f"{f.metadata['help']} [{env_name(f.name)}; default: {value}]"
+        help = text if shown else argparse.SUPPRESS
         if _field_type(f) is bool:  # a switch: --x / --no-x (the environment: X=true|false)
             parser.add_argument(flag_name(f.name), dest=f.name, default=None, help=help,
                                 action=argparse.BooleanOptionalAction)
             continue
         parser.add_argument(flag_name(f.name), dest=f.name, default=None,
                             metavar=env_name(f.name), help=help)
-    return parser
 
 
 def _shown_default(default: Any) -> Any:
@@ -382,8 +404,11 @@ def _shown_default(default: Any) -> Any:
 
 def load_config(argv: Sequence[str], environ: Mapping[str, str]) -> Config:
     """argv (flags) > environ > defaults. Raises ConfigError with one clear line."""
-    parser = build_parser()
-    args = parser.parse_args(list(argv))
+    return config_from(build_parser().parse_args(list(argv)), environ)
+
+
+def config_from(args: argparse.Namespace, environ: Mapping[str, str]) -> Config:
+    """The settings of parsed flags (`add_setting_flags`) > environ > defaults."""
     values: dict[str, Any] = {}
     for f in dataclasses.fields(Config):
         raw = getattr(args, f.name)
