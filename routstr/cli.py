@@ -111,8 +111,8 @@ def node_config(args: argparse.Namespace, environ: Mapping[str, str]) -> Config:
 
 
 def find_key(db: Database, text: str) -> Account:
-    """A key by id (``12``, ``#12``), by the start of its hash (as `keys list` shows it) or
-    by the key itself."""
+    """A key by id (``12``, ``#12``), by the start of its hash (as `keys list` shows it), by
+    the key itself or by ``sk-…abcd`` as listed (when no other key ends the same)."""
     term = text.strip()
     raw = term[1:] if term.startswith("#") else term
     if re.fullmatch(r"[0-9]{1,18}", raw):
@@ -122,13 +122,13 @@ def find_key(db: Database, text: str) -> Account:
             if acct is None:
                 raise CliError(f"no key #{raw}")
             return acct
-    if term.startswith(("sk-", "cashu")) and len(term) > 12:
+    if term.startswith(("sk-", "cashu")):  # the key, or sk-…abcd as listed (its last four)
         found, _ = db.read(lambda c: admin_store.list_keys(c, search=term, limit=2, offset=0))
     elif re.fullmatch(rf"[0-9a-fA-F]{{{PREFIX_MIN_HEX},64}}", term):
         found = db.read(lambda c: admin_store.keys_by_hash_prefix(c, term))
     else:
         raise CliError(f"{text!r}: give a key id (12 or #12), at least {PREFIX_MIN_HEX} hex"
-                       " digits of its hash (as `keys list` shows it) or the key itself")
+                       " digits of its hash (as `keys list` shows it), the key or sk-…abcd")
     if len(found) != 1:
         raise CliError(f"no key matches {text!r}" if not found else
                        f"{text!r} matches several keys; give more of the hash, or the id")
@@ -369,7 +369,8 @@ def _keys_parser(sub: Any) -> None:
                               " one-request X-Cashu accounts: xcashu)")
     listing.add_argument("--limit", type=int, default=LIST_LIMIT, help="most keys shown")
     selector = ("KEY", "an id (12 or #12), the start of its hash (at least"
-                f" {PREFIX_MIN_HEX} hex digits, as `keys list` shows it) or the key")
+                f" {PREFIX_MIN_HEX} hex digits, as `keys list` shows it), the key, or sk-…abcd"
+                " as listed")
     for name, run, help in (
             ("show", keys_show, "one key as JSON"),
             ("disable", keys_set_disabled(True), "stop a key paying for requests (401)"),

@@ -196,8 +196,9 @@ def test_list_show_disable_enable(node_factory: Any, upstream: ScriptedUpstream,
     assert (doc["id"], doc["balance_msats"], doc["balance_limit_msats"],
             doc["balance_limit_reset"], doc["validity_date"]) == (
                 made["id"], 250_000, 90_000, "daily", 4102444800)
-    # one key, by id, by #id, by its hash's first characters, by the key itself
-    for selector in (str(made["id"]), f"#{made['id']}", doc["key_hash"][:8], made["api_key"]):
+    # one key, by id, by #id, by its hash's first characters, by the key, as listed (sk-…abcd)
+    for selector in (str(made["id"]), f"#{made['id']}", doc["key_hash"][:8], made["api_key"],
+                     doc["key"]):
         assert show(db, elsewhere, selector)["key_hash"] == doc["key_hash"], selector
     assert doc["key_hash"][:12] in rows[0]
     # disabled: the running node refuses the key (401 key_disabled); enabled: it pays again
