@@ -1,15 +1,13 @@
 """Composition root: argv/env → Config, logging, database, app, server, one task group.
 
-`python -m routstr [flags]` runs the node; `python -m routstr keys create --balance-msats N`
-creates a prepaid key from the shell (printed once, stored hashed).
+`python -m routstr [flags]` runs the node; `python -m routstr keys|admin-token|doctor …` is the
+operator's command line (`cli`).
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import functools
-import json
 import logging
 import os
 import signal
@@ -19,12 +17,10 @@ from collections.abc import Sequence
 import anyio
 from anyio.abc import Listener, SocketStream
 
-from . import demo
-from .admin import check_admin_token, create_key, ensure_admin_token
+from . import cli, demo
+from .admin import check_admin_token, ensure_admin_token
 from .app import Node, build_app
 from .config import Config, ConfigError, listen_error, load_config, where
-from .db import Database
-from .ledger import Ledger
 from .server import Server, ServerOptions, listen
 from .status import setup_warnings
 from .workers import WORKER_COMMAND, WorkerRole, supervise, worker_boot_id
@@ -144,29 +140,10 @@ async def _serve(node: Node, server: Server, listener: Listener[SocketStream],
             tg.cancel_scope.cancel()
 
 
-def keys_command(argv: list[str]) -> int:
-    """`python -m routstr keys create --balance-msats N [--database F]`."""
-    parser = argparse.ArgumentParser(prog="python -m routstr keys")
-    sub = parser.add_subparsers(dest="action", required=True)
-    create = sub.add_parser("create", help="create a prepaid sk- key (printed once)")
-    create.add_argument("--balance-msats", type=int, required=True)
-    create.add_argument("--database", default=os.environ.get("DATABASE", "routstr.sqlite3"))
-    args = parser.parse_args(argv)
-    if args.balance_msats < 0:
-        parser.error("--balance-msats must not be negative")
-    node_db = Database(args.database)
-    try:
-        api_key, balance = create_key(Ledger(node_db), args.balance_msats, ref="cli")
-    finally:
-        node_db.close()
-    print(json.dumps({"api_key": api_key, "balance_msats": balance}))
-    return 0
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
-    if args[:1] == ["keys"]:
-        return keys_command(args[1:])
+    if args[:1] and args[0] in cli.COMMANDS:  # keys, admin-token, doctor: the operator's
+        return cli.main(args, os.environ)
     worker = None
     if args[:1] == [WORKER_COMMAND]:  # started by the --workers supervisor
         worker, args = WorkerRole.parse(args[1:])

@@ -30,7 +30,10 @@ The admin token
     ``--admin-token`` if given; else the one generated at first start by `ensure_admin_token`,
     written to the file ``<database>.admin-token`` (mode 0600, next to the database) — never
     to the log; ``__main__`` logs only the file's path. The database stores only its hash (in
-    ``node_settings``); deleting the file does not change the token.
+    ``node_settings``); deleting the file does not change the token. ``python -m routstr
+    admin-token rotate`` (`rotate_admin_token`) replaces a generated one: the hash is read on
+    every admin request, so the new token works at once and the old one — and every session
+    opened with it — stops working, without a restart.
 
 Routes (JSON unless noted; amounts in msats, the wallet's in sats)
     ``GET /admin`` dashboard (HTML) · ``POST /admin/login`` · ``POST /admin/logout`` ·
@@ -159,7 +162,7 @@ def ensure_admin_token(db: Database, config: Config, *, now: int | None = None) 
     if path is None:
         log.warning("no --admin-token and the database is in memory: the admin API is closed")
         return None
-    token = "adm-" + secrets.token_urlsafe(24)
+    token = new_admin_token()
     t = int(time.time()) if now is None else now
 
     def op(conn: Any) -> bool:
@@ -170,6 +173,25 @@ def ensure_admin_token(db: Database, config: Config, *, now: int | None = None) 
         return True
 
     return path if db.transaction(op, durable=True) else None
+
+
+def new_admin_token() -> str:
+    return "adm-" + secrets.token_urlsafe(24)  # 192 random bits
+
+
+def rotate_admin_token(db: Database, path: str, *, now: int | None = None) -> str:
+    """A new generated admin token: its hash replaces the stored one and the token is written
+    to the 0600 file `path`, in one transaction (a failed write keeps the old token). Returns
+    the token (shown once by the command line)."""
+    token = new_admin_token()
+    t = int(time.time()) if now is None else now
+
+    def op(conn: Any) -> None:
+        admin_store.store_admin_hash(conn, token_hash(token), t)
+        write_private_file(path, token + "\n")
+
+    db.transaction(op, durable=True)
+    return token
 
 
 def resolve_admin_hash(db: Database, config: Config) -> str:
@@ -358,22 +380,30 @@ def _json(doc: Any, status: int = 200, headers: list[tuple[str, str]] | None = N
     return json_response(doc, status, [("cache-control", "no-store"), *(headers or [])])
 
 
+def _epoch(admin_hash: str) -> str:
+    """Sessions are bound to the admin token they were opened with: a new token ends them."""
+    return hashlib.sha256(_EPOCH_LABEL + admin_hash.encode()).hexdigest()[:16]
+
+
 class AdminHandlers:
-    def __init__(self, service: AdminService, admin_token_hash: str,
+    """`admin_hash()`: the hash admin credentials are checked against, asked on every
+    request, so a token rotated in the database (``python -m routstr admin-token rotate``)
+    counts at once, without a restart."""
+
+    def __init__(self, service: AdminService, admin_hash: Callable[[], str],
                  limiter: LoginLimiter | None = None) -> None:
         self.service = service
-        self.admin_token_hash = admin_token_hash
+        self.admin_hash = admin_hash
         self.limiter = limiter or LoginLimiter()
-        self.epoch = hashlib.sha256(_EPOCH_LABEL + admin_token_hash.encode()).hexdigest()[:16]
         self.forms = admin_forms.Forms(service.db, service.now)
 
     # -- authentication --------------------------------------------------------------------
 
-    def _check_token(self, request: Request, token: str) -> None:
+    def _check_token(self, request: Request, token: str, expected: str) -> None:
         if token.startswith(USER_CREDENTIAL_PREFIXES):
             raise AuthenticationFailed("API keys and Cashu tokens have no access to the admin"
                                        " API; use the admin token.", code="not_an_admin_token")
-        check_admin_token_limited(self.limiter, request, token, self.admin_token_hash)
+        check_admin_token_limited(self.limiter, request, token, expected)
 
     def authorize(self, request: Request) -> Auth:
         header = request.header("authorization")
@@ -383,7 +413,7 @@ class AdminHandlers:
             if scheme.lower() != "bearer" or not token:
                 raise AuthenticationFailed("Use 'Authorization: Bearer <admin token>'",
                                            code="admin_auth_required")
-            self._check_token(request, token)
+            self._check_token(request, token, self.admin_hash())
             return Auth("bearer", credential=token)
         session = _cookie(request, SESSION_COOKIE)
         if not session:
@@ -392,8 +422,9 @@ class AdminHandlers:
                 " session from POST /admin/login", code="admin_auth_required",
                 headers=[("www-authenticate", 'Bearer realm="routstr-admin"')])
         now = self.service.now()
-        valid = self.admin_token_hash and self.service.db.read(
-            lambda c: admin_store.session_valid(c, token_hash(session), self.epoch, now))
+        expected = self.admin_hash()
+        valid = expected and self.service.db.read(
+            lambda c: admin_store.session_valid(c, token_hash(session), _epoch(expected), now))
         if not valid:
             raise AuthenticationFailed("Admin session expired; log in again",
                                        code="admin_session_expired")
@@ -429,12 +460,13 @@ class AdminHandlers:
 
     async def login(self, request: Request, params: dict[str, str]) -> Response:
         form = _is_form(request)
+        expected = self.admin_hash()
         try:
             self._check_same_origin(request)
             token = (_form(request) if form else request.json_object()).get("token")
             if not isinstance(token, str) or not token.strip():
                 raise InvalidRequest("Post the admin token as 'token'", code="missing_token")
-            self._check_token(request, token.strip())
+            self._check_token(request, token.strip(), expected)
         except ApiError as exc:
             if form:
                 return self._login_page(request, exc)
@@ -442,7 +474,7 @@ class AdminHandlers:
         session = secrets.token_urlsafe(32)
         now = self.service.now()
         self.service.db.transaction(lambda c: admin_store.create_session(
-            c, token_hash(session), self.epoch, now=now, ttl_s=SESSION_TTL_S))
+            c, token_hash(session), _epoch(expected), now=now, ttl_s=SESSION_TTL_S))
         log.info("admin logged in from %s", _client_address(request))
         cookie = self._session_cookie(request, session, SESSION_TTL_S)
         if form:
@@ -734,7 +766,7 @@ def admin_routes(config: Config, db: Database, ledger: Ledger, prices: PriceBook
     """The admin part of the route table (`app.routes` adds it; `limiter` is shared with the
     ``/metrics`` check)."""
     service = AdminService(config, db, ledger, prices, probes, wallet, npub=npub)
-    return AdminHandlers(service, resolve_admin_hash(db, config), limiter).routes()
+    return AdminHandlers(service, lambda: resolve_admin_hash(db, config), limiter).routes()
 
 
 def _key_id(params: Mapping[str, str]) -> int:

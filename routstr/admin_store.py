@@ -184,6 +184,16 @@ def require_key(conn: Conn, key_id: int) -> Account:
     return acct
 
 
+def keys_by_hash_prefix(conn: Conn, prefix: str, *, limit: int = 2) -> list[Account]:
+    """Keys (not deleted) whose `key_hash` starts with the hex `prefix` (the command line's
+    ``keys show 3fa9c0…``); at most `limit`, so the caller can tell an ambiguous prefix."""
+    rows = conn.execute(
+        f"{_SELECT_ACCOUNT} WHERE substr(key_hash, 1, length(?)) = ?"  # noqa: S608
+        " AND id NOT IN (SELECT key_id FROM admin_deleted_keys) ORDER BY id LIMIT ?",
+        (prefix, prefix.lower(), limit)).fetchall()
+    return [_account(r) for r in rows]
+
+
 def list_keys(
     conn: Conn,
     *,

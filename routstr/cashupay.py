@@ -518,10 +518,12 @@ class CashuPayments:
         return token, msats
 
     # ---- refunds ----------------------------------------------------------------------------
-    async def refund(self, account: Account, lock: str | None = None) -> dict[str, Any]:
+    async def refund(self, account: Account, lock: str | None = None, *,
+                     to_token: bool = False) -> dict[str, Any]:
         """The whole spendable balance out: a token (`lock`: locked to that key, NUT-11), or a
-        Lightning payment when the key carries a refund address. Whole sats; the sub-sat
-        remainder stays on the key."""
+        Lightning payment when the key carries a refund address (unless `to_token`: the
+        operator's ``keys refund-to-token``). Whole sats; the sub-sat remainder stays on the
+        key."""
         if account.is_child:
             raise InvalidRequest("Child keys cannot be refunded", code="child_key_not_allowed")
         if self.ledger.reserved_by(account):
@@ -537,7 +539,7 @@ class CashuPayments:
         purpose = {"action": "debit", "account_id": account.id,
                    "amount_msats": sats * MSAT_PER_SAT, "kind": "refund", "ref": ref}
         try:
-            if account.refund_address:
+            if account.refund_address and not to_token:
                 await self.wallet.pay_lightning_address(
                     account.refund_address, sats * MSAT_PER_SAT, purpose, ref=ref)
                 return {"recipient": account.refund_address, "sats": str(sats),

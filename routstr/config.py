@@ -389,36 +389,69 @@ def _convert(f: dataclasses.Field[Any], raw: str) -> Any:
     raise ConfigError(f"{flag_name(f.name)}: unsupported type")
 
 
+COMMANDS_EPILOG = """\
+Every flag can also be set by the environment variable shown in brackets.
+
+Commands: python -m routstr COMMAND … (each has --help; none creates a database):
+  keys create|list|show|disable|enable|refund-to-token   prepaid keys
+  admin-token show|rotate                                 where the admin token is; a new one
+  doctor                                                  check this configuration
+"""
+
+
 def build_parser(prog: str = "python -m routstr") -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=prog,
         description="A Routstr node: OpenAI-compatible gateway paid with Cashu ecash.",
-        epilog="Every flag can also be set by the environment variable shown in brackets.",
+        epilog=COMMANDS_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    for f in dataclasses.fields(Config):
-        default = f.default
-        if isinstance(default, tuple):
-            default = ",".join(default)
-        shown = "(unset)" if default == "" else default
-        if f.metadata.get("secret"):
-            shown = "(unset)"
-        parser.add_argument(
-            flag_name(f.name),
-            dest=f.name,
-            default=None,
-            metavar=env_name(f.name),
-            help=f"{f.metadata['help']} [{env_name(f.name)}; default: {shown}]",
-        )
+    add_setting_flags(parser)
     return parser
+
+
+def add_setting_flags(parser: argparse.ArgumentParser, *, shown: bool = True,
+                      skip: Sequence[str] = ()) -> None:
+    """One flag per setting (default None: "not given") but those in `skip`; `shown=False`
+    keeps them out of the parser's --help (the command line's subcommands, which point at the
+    node's --help)."""
+    for f in dataclasses.fields(Config):
+        if f.name in skip:
+            continue
+        default = _shown_default(f.default)
+        value = "(unset)" if default == "" or f.metadata.get("secret") else default
+        text = f"{f.metadata['help']} [{env_name(f.name)}; default: {value}]"
+        help = text if shown else argparse.SUPPRESS
+        if _field_type(f) is bool:  # a switch: --x / --no-x (the environment: X=true|false)
+            parser.add_argument(flag_name(f.name), dest=f.name, default=None, help=help,
+                                action=argparse.BooleanOptionalAction)
+            continue
+        parser.add_argument(flag_name(f.name), dest=f.name, default=None,
+                            metavar=env_name(f.name), help=help)
+
+
+def _shown_default(default: Any) -> Any:
+    """A default as the environment would spell it (tuples comma-joined, booleans lower-case)."""
+    if isinstance(default, bool):
+        return "true" if default else "false"
+    if isinstance(default, tuple):
+        return ",".join(default)
+    return default
 
 
 def load_config(argv: Sequence[str], environ: Mapping[str, str]) -> Config:
     """argv (flags) > environ > defaults. Raises ConfigError with one clear line."""
-    parser = build_parser()
-    args = parser.parse_args(list(argv))
+    return config_from(build_parser().parse_args(list(argv)), environ)
+
+
+def config_from(args: argparse.Namespace, environ: Mapping[str, str]) -> Config:
+    """The settings of parsed flags (`add_setting_flags`) > environ > defaults."""
     values: dict[str, Any] = {}
     for f in dataclasses.fields(Config):
         raw = getattr(args, f.name)
+        if isinstance(raw, bool):  # a switch given on the command line
+            values[f.name] = raw
+            continue
         if raw is None:
             raw = environ.get(env_name(f.name))
         if raw is None:
@@ -442,9 +475,6 @@ def env_example() -> str:
     """The text of contrib/routstr.env.example, generated from the table."""
     lines = ["# routstr settings: every flag has an environment variable of the same name.", ""]
     for f in dataclasses.fields(Config):
-        default = f.default
-        if isinstance(default, tuple):
-            default = ",".join(default)
         lines.append(f"# {f.metadata['help']}")
-        lines.append(f"#{env_name(f.name)}={default}")
+        lines.append(f"#{env_name(f.name)}={_shown_default(f.default)}")
     return "\n".join(lines) + "\n"

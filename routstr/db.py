@@ -77,6 +77,7 @@ import logging
 import os
 import sqlite3
 import time
+import urllib.parse
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
@@ -617,6 +618,39 @@ class Database:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class NotUsable(RuntimeError):
+    """An existing file that is not a routstr database this code can open (one line)."""
+
+
+ROUTSTR_TABLES = ("keys", "txlog", "node_settings")
+
+
+def open_existing(path: str) -> Database:
+    """`path` opened as the node opens it, provided it already is a routstr database: it is
+    first opened read-write without being created (sqlite URI ``mode=rw``) and its schema
+    checked. For the command line, which must never make a new, empty database."""
+    uri = "file:" + urllib.parse.quote(os.path.abspath(path)) + "?mode=rw"
+    try:
+        conn = sqlite3.connect(uri, uri=True, timeout=BUSY_TIMEOUT_MS / 1000)
+        try:
+            version = _user_version(conn)
+            tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master"
+                                                 " WHERE type = 'table'")}
+        finally:
+            conn.close()
+    except sqlite3.Error as exc:
+        raise NotUsable(f"cannot use {path}: {exc}") from None
+    if version < 1 or not set(ROUTSTR_TABLES) <= tables:
+        raise NotUsable(f"{path} is not a routstr database (no routstr tables in it)")
+    if version > len(MIGRATIONS):
+        raise NotUsable(f"{path} has schema version {version}, newer than this code"
+                        f" ({len(MIGRATIONS)}); upgrade routstr")
+    try:
+        return Database(path)
+    except sqlite3.Error as exc:
+        raise NotUsable(f"cannot use {path}: {exc}") from None
 
 
 def _user_version(conn: sqlite3.Connection) -> int:

@@ -656,7 +656,7 @@ def test_dashboard_works_without_javascript(node: NodeProcess, books: Books) -> 
 def test_wallet_balances_withdraw_and_payout(node_factory: Any, upstream: ScriptedUpstream,
                                              mint_url: str, mint_url_fee: str) -> None:
     n = node_factory("--admin-token", ADMIN, "--upstream-base-url", upstream.url,
-                     "--cashu-mints", mint_url, "--lnurl-allow-private", "true")
+                     "--cashu-mints", mint_url, "--lnurl-allow-private")
     # Make earnings: a user pays with a 300-sat token for one request priced at 120 sats.
     api(n, "PUT", "/admin/api/prices/gpt-4o-mini", {"request_msats": 120_000})
     tool = WalletTool()

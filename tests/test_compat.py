@@ -35,7 +35,7 @@ def node(upstream: ScriptedUpstream, mint_url: str,
          tmp_path_factory: pytest.TempPathFactory) -> Iterator[NodeProcess]:
     n = NodeProcess(tmp_path_factory.mktemp("compat"), [
         "--upstream-base-url", upstream.url, "--admin-token", ADMIN, "--cashu-mints", mint_url,
-        "--lnurl-allow-private", "true"])
+        "--lnurl-allow-private"])
     n.start()
     yield n
     n.stop()

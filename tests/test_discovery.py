@@ -380,7 +380,7 @@ def test_second_node_lists_the_first_at_v1_providers(
     port = free_port()
     (tmp_path / "b").mkdir()
     second = node_factory(*_node_args(relay.url, port, "--providers-refresh", "2",
-                                      "--providers-allow-private", "true"),
+                                      "--providers-allow-private"),
                           workdir=tmp_path / "b")
     deadline = time.monotonic() + 10
     while True:

@@ -27,7 +27,7 @@ def node(upstream: ScriptedUpstream, tmp_path_factory: pytest.TempPathFactory
          ) -> Iterator[NodeProcess]:
     n = NodeProcess(tmp_path_factory.mktemp("openapi"), [
         "--upstream-base-url", upstream.url, "--admin-token", ADMIN,
-        "--rate-limit-requests", "0", "--webhooks-allow-private", "true",
+        "--rate-limit-requests", "0", "--webhooks-allow-private",
         "--webhook-retry-base", "3600"])
     n.start()
     yield n

@@ -454,7 +454,7 @@ def test_operator_payout_of_earnings(node_factory: Any, mint_url: str, mint_url_
         n = node_factory("--upstream-base-url", upstream.url, "--cashu-mints", mint_url,
                          "--pricing", str(pricing), "--receive-ln-address", svc.address,
                          "--min-payout-sats", "30", "--payout-interval", "1",
-                         "--lnurl-allow-private", "true")
+                         "--lnurl-allow-private")
         status, doc = n.json("POST", "/v1/balance/create",
                              {"initial_balance_token": minter.token(mint_url, 100)})
         key = doc["api_key"]

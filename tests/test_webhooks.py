@@ -124,7 +124,7 @@ def test_registration_list_delete_and_ssrf_guard(node_factory: Any) -> None:
 def test_balance_low_delivered_signed_after_a_restart(upstream: ScriptedUpstream,
                                                       tmp_path: Path) -> None:
     args = ["--upstream-base-url", upstream.url, "--admin-token", ADMIN,
-            "--webhooks-allow-private", "true", "--webhook-retry-base", "0.2",
+            "--webhooks-allow-private", "--webhook-retry-base", "0.2",
             "--webhook-scan-interval", "0.5"]
     with Receiver() as receiver:
         receiver.status = 500  # the receiver is down at first: deliveries are retried
@@ -169,7 +169,7 @@ def test_balance_low_delivered_signed_after_a_restart(upstream: ScriptedUpstream
 
 def test_key_expired_fires_once(node_factory: Any) -> None:
     with Receiver() as receiver:
-        node = node_factory("--admin-token", ADMIN, "--webhooks-allow-private", "true",
+        node = node_factory("--admin-token", ADMIN, "--webhooks-allow-private",
                             "--webhook-scan-interval", "0.3")
         key = new_key(node, validity_date=int(time.time()) + 2)
         status, _ = hook(node, key, {"url": receiver.url, "events": ["key.expired"],

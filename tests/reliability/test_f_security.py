@@ -49,7 +49,7 @@ def secure_node(tmp_path_factory: pytest.TempPathFactory, mint_url: str) -> Iter
     with FaultyUpstream() as upstream:
         node = NodeProcess(workdir, ["--upstream-base-url", upstream.url, "--cashu-mints",
                                      mint_url, *NODE_FLAGS, "--upstream-read-timeout", "20",
-                                     "--lnurl-allow-private", "true"]
+                                     "--lnurl-allow-private"]
                            ).start()
         try:
             yield node
