@@ -59,8 +59,9 @@ def _start_up(node: Node, config: Config, *, single_process: bool) -> None:
         log.warning("%s", warning)
     token_file = ensure_admin_token(node.db, config)
     if token_file:  # the token is in that 0600 file, never in the log
-        print(f"routstr: generated the admin token; it is in {token_file}"
-              " (readable by this user only)", file=sys.stderr, flush=True)
+        print(f"routstr: generated the admin token; it is in {os.path.abspath(token_file)}"
+              " (readable by this user only; `python -m routstr admin-token show` prints it)",
+              file=sys.stderr, flush=True)
     # Other workers' reservations are live: only a sole process may release them all.
     released = node.ledger.startup_sweep(single_process=single_process)
     if released:

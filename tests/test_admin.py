@@ -267,6 +267,7 @@ def test_admin_token_generated_at_first_start_kept_in_a_file_stored_hashed(
     token = token_file.read_text().strip()
     assert token.startswith("adm-") and token not in first.log_text()
     assert f"generated the admin token; it is in {token_file}" in first.log_text()
+    assert "python -m routstr admin-token show" in first.log_text()
     assert call(first, "GET", "/admin/api/health", None,
                 {"Authorization": f"Bearer {token}"})[0] == 200
     first.stop()

@@ -169,6 +169,12 @@ def test_readme_sections_and_setup_commands() -> None:
     # the test command is CI's script, which ends by running the suite
     blocks = re.findall(r"```sh\n(.*?)\n```", text, re.S)
     assert blocks[1] == "bash .ci/run"
+    # the run command serves at once (the demo upstream), and the walkthrough follows the order
+    # a new operator meets things in
+    assert blocks[0].split(" && ")[-1].startswith(".venv/bin/python -m routstr --demo ")
+    steps = ["**First start**", "**First key**", "**First payment in ecash**",
+             "**The dashboard**", "**A real upstream**"]
+    assert [text.index(step) for step in steps] == sorted(text.index(step) for step in steps)
     last = (ROOT / ".ci" / "run").read_text().rstrip().splitlines()[-1]
     assert last.endswith(".venv/bin/python -m pytest"), last
     assert "routstr.service" in text and "torrc.example" in text
