@@ -7,7 +7,7 @@ import os
 import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Final
 from urllib.parse import urlsplit
 
 import anyio
@@ -391,11 +391,18 @@ def build_app(node: Node) -> Callable[[Request], Awaitable[Response]]:
 App = Callable[[Request], Awaitable[Response]]
 
 
+# Answers that tell nothing of what durable commits wrote (the node's status and settings):
+# they need not wait for another request's fsync — a monitor is never stalled behind a deposit.
+UNSYNCED_PATHS: Final = frozenset({"/health", "/", "/v1/info"})
+
+
 def synced_answers(db: Database, app: App) -> App:
     """No answer (nor streamed chunk) tells a client of a durable commit made while its
     request ran before that commit's fsync is done (`Database.sync_durable`, in a thread)."""
 
     async def synced(request: Request) -> Response:
+        if request.path in UNSYNCED_PATHS and request.method in ("GET", "HEAD"):
+            return await app(request)
         mark = db.durable_mark
         try:
             response = await app(request)
