@@ -34,6 +34,7 @@ from typing import Any
 
 import anyio
 
+from . import intents
 from .cashu.lnurl import LnurlError
 from .cashu.mint import MintError, MintUnreachable, ProofsAlreadySpent, ProofsPending
 from .cashu.tokens import NUT10Option, PaymentRequest, Token, TokenError, parse_token
@@ -187,14 +188,15 @@ class CashuPayments:
         return existing
 
     @staticmethod
-    def _rescue(text: str, token: Token) -> dict[str, Any]:
+    def _rescue(text: str, token: Token) -> intents.CreateAccount:
         """Where a token's value goes when the credit it was redeemed for can no longer be made
         after the swap (the key deleted or disabled meanwhile): the token's own key — the
         client spends or refunds it with the token as Bearer (see walletstore, "fallback")."""
         api_key = token_api_key(text)
-        return {"action": "create_account", "key_hash": hash_key(api_key), "kind": "token",
-                "ref": "rescue:" + token_deposit_ref(text), "hint": key_hint(api_key),
-                "refund_mint": normalize_mint_url(token.mint), "refund_unit": token.unit}
+        return intents.CreateAccount(
+            hash_key(api_key), "token", ref="rescue:" + token_deposit_ref(text),
+            hint=key_hint(api_key), refund_mint=normalize_mint_url(token.mint),
+            refund_unit=token.unit)
 
     def _rescued(self, text: str) -> ApiError:
         """The answer when the value landed on the token's own key instead (see `_rescue`)."""
@@ -207,9 +209,9 @@ class CashuPayments:
             " itself: use the token as the key (Authorization: Bearer <token>) or refund it",
             code="cashu_value_on_token", details={"balance_msats": acct.balance_msats})
 
-    async def _redeem(self, text: str, token: Token, purpose: dict[str, Any],
+    async def _redeem(self, text: str, token: Token, intent: intents.Intent,
                       key_hash: str, *, echo: bool, window: bool = False) -> Account:
-        """Receive `token` into the wallet, applying `purpose`; the funded account.
+        """Receive `token` into the wallet, applying `intent`; the funded account.
 
         A concurrent redemption of the same token (another request holds its proofs) is waited
         for: whichever request redeems it, both end up with the one account. An account the
@@ -221,7 +223,7 @@ class CashuPayments:
             if existing is not None:
                 return self._recoverable(existing, window)
             try:
-                await self.wallet.receive(token, purpose)
+                await self.wallet.receive(token, intents.to_json(intent))
             except OperationPending:
                 if time.monotonic() > deadline:
                     raise _mint_error(OperationPending("pending", 0), echo=None) from None
@@ -255,10 +257,10 @@ class CashuPayments:
         if existing is not None:
             return existing
         token = self.parse(text)
-        purpose = {"action": "create_account", "key_hash": key_hash, "kind": "token",
-                   "ref": token_deposit_ref(text), "hint": key_hint(api_key),
-                   "refund_mint": normalize_mint_url(token.mint), "refund_unit": token.unit}
-        return await self._redeem(text, token, purpose, key_hash, echo=False)
+        intent = intents.CreateAccount(
+            key_hash, "token", ref=token_deposit_ref(text), hint=key_hint(api_key),
+            refund_mint=normalize_mint_url(token.mint), refund_unit=token.unit)
+        return await self._redeem(text, token, intent, key_hash, echo=False)
 
     async def create_key(self, text: str, *, balance_limit_msats: int | None = None,
                          balance_limit_reset: str | None = None,
@@ -267,18 +269,13 @@ class CashuPayments:
         token = self.parse(text)
         api_key = self.created_key(text)
         key_hash = hash_key(api_key)
-        purpose: dict[str, Any] = {
-            "action": "create_account", "key_hash": key_hash, "kind": "api",
-            "ref": token_deposit_ref(text), "hint": key_hint(api_key),
-            "refund_mint": normalize_mint_url(token.mint), "refund_unit": token.unit,
-        }
-        if balance_limit_msats is not None:
-            purpose["balance_limit_msats"] = balance_limit_msats
-            purpose["balance_limit_reset"] = balance_limit_reset
-        if validity_date is not None:
-            purpose["validity_date"] = validity_date
-        purpose["fallback"] = self._rescue(text, token)
-        return api_key, await self._redeem(text, token, purpose, key_hash, echo=False,
+        intent = intents.CreateAccount(
+            key_hash, "api", ref=token_deposit_ref(text), hint=key_hint(api_key),
+            refund_mint=normalize_mint_url(token.mint), refund_unit=token.unit,
+            balance_limit_msats=balance_limit_msats,
+            balance_limit_reset=balance_limit_reset if balance_limit_msats is not None else None,
+            validity_date=validity_date, fallback=self._rescue(text, token))
+        return api_key, await self._redeem(text, token, intent, key_hash, echo=False,
                                            window=True)
 
     def created_key(self, text: str) -> str:
@@ -296,10 +293,9 @@ class CashuPayments:
         token = self.parse(text)
         target = account.paying_id
         ref = token_deposit_ref(text)
-        purpose = {"action": "credit", "account_id": target, "kind": "deposit", "ref": ref,
-                   "fallback": self._rescue(text, token)}
+        intent = intents.Credit(target, "deposit", ref=ref, fallback=self._rescue(text, token))
         try:
-            received = await self.wallet.receive(token, purpose)
+            received = await self.wallet.receive(token, intents.to_json(intent))
             added = received.amount * MSAT_PER_SAT
             done = self.ledger.deposit_of(ref)
             if done is None or done[0] != target:  # the key went away during the swap
@@ -348,12 +344,12 @@ class CashuPayments:
         key_hash = xcashu_key_hash(text)
         if self.ledger.get_account(key_hash) is not None:
             raise InvalidRequest("Cashu token already spent", code="cashu_token_already_spent")
-        purpose = {"action": "create_account", "key_hash": key_hash, "kind": "xcashu",
-                   "ref": token_deposit_ref(text),
-                   "refund_mint": normalize_mint_url(token.mint), "refund_unit": token.unit,
-                   "fallback": self._rescue(text, token)}
+        intent = intents.CreateAccount(
+            key_hash, "xcashu", ref=token_deposit_ref(text),
+            refund_mint=normalize_mint_url(token.mint), refund_unit=token.unit,
+            fallback=self._rescue(text, token))
         keep = None if keep_msats is None else ceil_div(max(keep_msats, worst_msats), MSAT_PER_SAT)
-        account, split = await self._redeem_for_one_request(text, token, purpose, key_hash,
+        account, split = await self._redeem_for_one_request(text, token, intent, key_hash,
                                                             keep, lock)
         return Payer(account.id, "xcashu", request_id, token_hash=key_hash,
                      split_token=split or "", lock=lock)
@@ -362,7 +358,7 @@ class CashuPayments:
     def _split_ref(key_hash: str) -> str:
         return f"xcashu-split:{key_hash}"
 
-    async def _redeem_for_one_request(self, text: str, token: Token, purpose: dict[str, Any],
+    async def _redeem_for_one_request(self, text: str, token: Token, intent: intents.Intent,
                                       key_hash: str, keep: int | None = None,
                                       lock: str | None = None) -> tuple[Account, str | None]:
         """An X-Cashu token pays for exactly one request: the one whose own swap opened the
@@ -372,7 +368,7 @@ class CashuPayments:
         needs no request in flight) or would hand out the other's. It is refused with nothing
         charged: 425 while the first is redeeming, 400 once the token is spent."""
         try:
-            received = await self.wallet.receive(token, purpose, keep=keep,
+            received = await self.wallet.receive(token, intents.to_json(intent), keep=keep,
                                                  ref=self._split_ref(key_hash), lock=lock)
         except OperationPending:
             raise TooEarly("This token is paying for another request",
@@ -420,12 +416,12 @@ class CashuPayments:
                 self.ledger.charge(account_id, remainder, request_id=f"rounding:{account_id}")
             return None, 0
         mint = account.refund_mint or self.config.primary
-        purpose = {"action": "debit", "account_id": account_id,
-                   "amount_msats": sats * MSAT_PER_SAT, "kind": "change", "ref": ref,
-                   "rounding_msats": remainder}
+        intent = intents.Debit(account_id, sats * MSAT_PER_SAT, "change", ref=ref,
+                               rounding_msats=remainder)
         try:
             with anyio.fail_after(CHANGE_TIMEOUT_S):
-                token = await self.wallet.send(sats, mint, purpose, ref=ref, lock=lock)
+                token = await self.wallet.send(sats, mint, intents.to_json(intent), ref=ref,
+                                               lock=lock)
         except (MintError, WalletError, TimeoutError, ApiError) as exc:
             log.warning("change for account %d not made yet: %s", account_id,
                         type(exc).__name__)
@@ -536,8 +532,8 @@ class CashuPayments:
                 "No balance to refund" + (f": {sub_sat_note(remainder)}" if remainder else ""),
                 code="no_balance", details={"balance_msats": account.balance_msats})
         ref = f"refund:{account.id}:{account.refunded_msats}"
-        purpose = {"action": "debit", "account_id": account.id,
-                   "amount_msats": sats * MSAT_PER_SAT, "kind": "refund", "ref": ref}
+        intent = intents.Debit(account.id, sats * MSAT_PER_SAT, "refund", ref=ref)
+        purpose = intents.to_json(intent)
         try:
             if account.refund_address and not to_token:
                 await self.wallet.pay_lightning_address(
@@ -587,21 +583,22 @@ class CashuPayments:
         if inv.state != "pending":
             return inv
         if inv.purpose == "create":
-            purpose: dict[str, Any] = {"action": "create_account", "key_hash": inv.key_hash,
-                                       "kind": "api", "ref": f"invoice:{inv.id}",
-                                       "hint": key_hint(self.invoice_api_key(inv.id)),
-                                       "refund_mint": inv.mint, "refund_unit": "sat"}
+            assert inv.key_hash is not None
+            intent: intents.Intent = intents.CreateAccount(
+                inv.key_hash, "api", ref=f"invoice:{inv.id}",
+                hint=key_hint(self.invoice_api_key(inv.id)), refund_mint=inv.mint,
+                refund_unit="sat")
         else:  # a top-up; should its key be gone by then, the invoice's own key gets the value
-            purpose = {"action": "credit", "account_id": inv.account_id, "kind": "deposit",
-                       "ref": f"invoice:{inv.id}",
-                       "fallback": {"action": "create_account", "kind": "api",
-                                    "key_hash": hash_key(self.invoice_api_key(inv.id)),
-                                    "ref": f"invoice-rescue:{inv.id}",
-                                    "hint": key_hint(self.invoice_api_key(inv.id)),
-                                    "refund_mint": inv.mint, "refund_unit": "sat"}}
+            assert inv.account_id is not None
+            intent = intents.Credit(inv.account_id, "deposit", ref=f"invoice:{inv.id}",
+                                    fallback=intents.CreateAccount(
+                                        hash_key(self.invoice_api_key(inv.id)), "api",
+                                        ref=f"invoice-rescue:{inv.id}",
+                                        hint=key_hint(self.invoice_api_key(inv.id)),
+                                        refund_mint=inv.mint, refund_unit="sat"))
         now = int(time.time())
         try:
-            received = await self.wallet.mint_paid(inv.quote, purpose)
+            received = await self.wallet.mint_paid(inv.quote, intents.to_json(intent))
         except (MintError, WalletError) as exc:
             log.info("invoice %s not settled yet: %s", inv.id, type(exc).__name__)
             received = None

@@ -81,9 +81,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields
 from typing import Any, Final, Literal
 
-from . import errors
+from . import errors, intents
 from .db import Database
-from .money import format_sats
+from .money import format_sats, sat_to_msat
 
 MAX_MSATS: Final = 21_000_000 * 100_000_000 * 1000  # every bitcoin there will ever be
 ACCOUNT_KINDS: Final = ("api", "token", "xcashu", "child")
@@ -1102,6 +1102,78 @@ def check_invariant(conn: sqlite3.Connection) -> dict[str, int]:
 # --------------------------------------------------------------------------------------------
 # Ledger: each operation in its own transaction
 # --------------------------------------------------------------------------------------------
+
+
+# --------------------------------------------------------------------------------------------
+# Wallet intents (routstr.intents): applied here, in the wallet store's transaction
+# --------------------------------------------------------------------------------------------
+
+
+def is_deleted(conn: sqlite3.Connection, account_id: int) -> bool:
+    """Deleted by the operator: its hash replaced, it can never authenticate again."""
+    return conn.execute(
+        "SELECT 1 FROM admin_deleted_keys WHERE key_id = ?", (account_id,)
+    ).fetchone() is not None
+
+
+def _require_creditable(conn: sqlite3.Connection, account_id: int) -> None:
+    """A wallet credit lands only on a key its owner can use: not deleted, not disabled (nor
+    its parent)."""
+    acct = get_account_by_id(conn, account_id)
+    if acct is None or is_deleted(conn, acct.paying_id):
+        raise AccountNotFound(f"Key not found (account {account_id})")
+    paying = get_account_by_id(conn, acct.paying_id) or acct
+    if acct.disabled or paying.disabled:
+        raise errors.AuthenticationFailed("This API key is disabled.", code="key_disabled")
+
+
+def apply_intent(conn: sqlite3.Connection, intent: intents.Intent | None,
+                 ev: intents.WalletEvent) -> None:
+    """What a wallet operation does to a balance (see `routstr.intents`). A credit applies on
+    finish and is never rolled back; a debit applies on begin and is reversed (once, by its
+    unique ``wallet-reversal:<op>`` ref) when the operation is rolled back."""
+    if intent is None:
+        return  # the node's own money
+    ref = intent.ref or ev.ref or f"wallet-op:{ev.op_id}"
+    memo = intent.memo if intent.memo is not None else f"wallet {ev.op_kind} #{ev.op_id}"
+    if isinstance(intent, intents.Debit):
+        _apply_debit(conn, intent, ev, ref, memo)
+        return
+    if ev.action == "reverse":
+        return  # credits are applied on finish; a finished operation is never rolled back
+    amount = sat_to_msat(ev.amount_sat) if intent.amount_msats is None else intent.amount_msats
+    if isinstance(intent, intents.Credit):
+        _require_creditable(conn, intent.account_id)
+        if amount:
+            credit(conn, intent.account_id, amount, kind=intent.kind, ref=ref, now=ev.now,
+                   memo=memo)
+        account_id = intent.account_id
+    else:
+        account_id = create_account(
+            conn, key_hash=intent.key_hash, kind=intent.kind, deposit_msats=amount, ref=ref,
+            now=ev.now, hint=intent.hint, refund_address=intent.refund_address,
+            refund_mint=intent.refund_mint, refund_unit=intent.refund_unit,
+            balance_limit_msats=intent.balance_limit_msats,
+            balance_limit_reset=intent.balance_limit_reset,
+            validity_date=intent.validity_date).id
+    if ev.issued_sat:  # a receive that split part of its value back out as change
+        refund(conn, account_id, sat_to_msat(ev.issued_sat), kind="change",
+               ref=f"wallet-issued:{ev.op_id}", now=ev.now,
+               memo=f"change issued by wallet {ev.op_kind} #{ev.op_id}")
+
+
+def _apply_debit(conn: sqlite3.Connection, intent: intents.Debit, ev: intents.WalletEvent,
+                 ref: str, memo: str) -> None:
+    if ev.action == "apply":
+        refund(conn, intent.account_id, intent.amount_msats, kind=intent.kind, ref=ref,
+               now=ev.now, memo=memo)
+        if intent.rounding_msats:  # X-Cashu change: the sub-sat rest, charged with it
+            charge(conn, intent.account_id, intent.rounding_msats,
+                   request_id=f"rounding:{intent.account_id}", now=ev.now)
+        return
+    reverse_refund(conn, intent.account_id, intent.amount_msats,
+                   ref=f"wallet-reversal:{ev.op_id}", now=ev.now,
+                   memo=f"reversal: wallet {ev.op_kind} #{ev.op_id} did not happen")
 
 
 class Ledger:

@@ -51,7 +51,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from routstr import admin_store, ledger
+from routstr import intents, ledger
 from routstr.cashu.mint import Transport
 from routstr.cashu.tokens import Proof
 from routstr.cashu.wallet import (
@@ -70,8 +70,7 @@ from routstr.cashu.wallet import (
 )
 from routstr.client import HttpClient, UpstreamConnectError, UpstreamTimeout
 from routstr.db import Database
-from routstr.errors import ApiError, AuthenticationFailed, UpstreamError
-from routstr.money import sat_to_msat
+from routstr.errors import ApiError, UpstreamError
 
 log = logging.getLogger(__name__)
 
@@ -82,18 +81,7 @@ _SELECT_OPS = (
 )
 
 
-@dataclass(frozen=True)
-class PurposeEvent:
-    """What a purpose is applied to: `apply` (begin or finish) or `reverse` (rollback)."""
-
-    action: str  # apply | reverse
-    op_id: int
-    op_kind: str
-    amount_sat: int
-    fee_sat: int
-    ref: str | None
-    now: int
-    issued_sat: int = 0  # of `amount_sat`, what a receive issued back as a token (`keep=`)
+PurposeEvent = intents.WalletEvent
 
 
 #: What a failing finish-time purpose may raise (ledger refusals, malformed purposes).
@@ -103,73 +91,22 @@ PURPOSE_ERRORS = (ApiError, ValueError, KeyError, TypeError, OverflowError,
 PurposeFn = Callable[[sqlite3.Connection, Mapping[str, Any], PurposeEvent], None]
 
 
-def apply_purpose(conn: sqlite3.Connection, purpose: Mapping[str, Any], ev: PurposeEvent) -> None:
-    """The default purposes (see the module docstring), through `routstr.ledger`."""
-    action = purpose.get("action", "none")
-    if action == "none":
-        return
-    ref = purpose.get("ref") or ev.ref or f"wallet-op:{ev.op_id}"
-    memo = str(purpose.get("memo", f"wallet {ev.op_kind} #{ev.op_id}"))
-    if action == "credit":
-        if ev.action == "reverse":
-            return  # credits are applied on finish; a finished operation is never rolled back
-        _require_creditable(conn, int(purpose["account_id"]))
-        amount = int(purpose.get("amount_msats", sat_to_msat(ev.amount_sat)))
-        if amount:
-            ledger.credit(conn, int(purpose["account_id"]), amount,
-                          kind=str(purpose.get("kind", "deposit")), ref=ref, now=ev.now, memo=memo)
-        _pay_out_issued(conn, int(purpose["account_id"]), ev)
-        return
-    if action == "create_account":
-        if ev.action == "reverse":
-            return
-        extra = {k: v for k, v in purpose.items()
-                 if k not in ("action", "key_hash", "kind", "ref", "memo", "amount_msats",
-                              "fallback")}
-        acct = ledger.create_account(
-            conn, key_hash=str(purpose["key_hash"]), kind=str(purpose.get("kind", "token")),
-            deposit_msats=int(purpose.get("amount_msats", sat_to_msat(ev.amount_sat))),
-            ref=ref, now=ev.now, **extra,
-        )
-        _pay_out_issued(conn, acct.id, ev)
-        return
-    if action == "debit":
-        amount = int(purpose["amount_msats"])
-        account = int(purpose["account_id"])
-        if ev.action == "apply":
-            ledger.refund(conn, account, amount, kind=str(purpose.get("kind", "refund")),
-                          ref=ref, now=ev.now, memo=memo)
-            rounding = int(purpose.get("rounding_msats", 0))
-            if rounding:  # X-Cashu change: the sub-sat rest, charged with the change's debit
-                ledger.charge(conn, account, rounding, request_id=f"rounding:{account}",
-                              now=ev.now)
-        else:
-            ledger.reverse_refund(conn, account, amount, ref=f"wallet-reversal:{ev.op_id}",
-                                  now=ev.now,
-                                  memo=f"reversal: wallet {ev.op_kind} #{ev.op_id} did not happen")
-        return
-    raise ValueError(f"unknown wallet purpose action {action!r}")
+def apply_purpose(conn: sqlite3.Connection, purpose: Mapping[str, Any] | None,
+                  ev: PurposeEvent) -> None:
+    """A stored purpose is an intent (`routstr.intents`), applied by the ledger."""
+    ledger.apply_intent(conn, intents.from_json(purpose), ev)
 
 
-def _pay_out_issued(conn: sqlite3.Connection, account_id: int, ev: PurposeEvent) -> None:
-    """A receive that issued part of its value back (X-Cashu change split off in the swap,
-    `Wallet.receive(keep=…)`): the whole value was credited; the issued part leaves the account
-    as change in the same transaction, as the issued proofs leave the wallet."""
-    if ev.issued_sat and ev.action == "apply":
-        ledger.refund(conn, account_id, sat_to_msat(ev.issued_sat), kind="change",
-                      ref=f"wallet-issued:{ev.op_id}", now=ev.now,
-                      memo=f"change issued by wallet {ev.op_kind} #{ev.op_id}")
-
-
-def _require_creditable(conn: sqlite3.Connection, account_id: int) -> None:
-    """A wallet credit lands only on a key its owner can use: not deleted (its hash replaced,
-    it can never authenticate again), not disabled (nor its parent)."""
-    acct = ledger.get_account_by_id(conn, account_id)
-    if acct is None or admin_store.is_deleted(conn, acct.paying_id):
-        raise ledger.AccountNotFound(f"Key not found (account {account_id})")
-    paying = ledger.get_account_by_id(conn, acct.paying_id) or acct
-    if acct.disabled or paying.disabled:
-        raise AuthenticationFailed("This API key is disabled.", code="key_disabled")
+def fallback_of(purpose: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The stored form of a purpose's fallback intent (None: it names none, or is malformed —
+    then the purpose itself was refused and there is nothing to fall back to)."""
+    try:
+        intent = intents.from_json(purpose)
+    except ValueError:
+        return None
+    if isinstance(intent, intents.Credit | intents.CreateAccount):
+        return intents.to_json(intent.fallback)
+    return None
 
 
 # --------------------------------------------------------------------------- (de)serialization
@@ -414,12 +351,12 @@ class SqliteWalletStore:
         err = self._try_purpose(conn, op.purpose, ev, keep=False)
         if err is None:
             return op
-        fallback = op.purpose.get("fallback")
-        if op.kind == "mint" and isinstance(fallback, Mapping) \
+        fallback = fallback_of(op.purpose)
+        if op.kind == "mint" and fallback is not None \
                 and self._try_purpose(conn, fallback, ev, keep=False) is None:
             log.warning("wallet operation %d: %s; its fallback purpose will apply", op.id, err)
             conn.execute("UPDATE wallet_ops SET purpose = ? WHERE id = ?",
-                         (_dumps(dict(fallback)), op.id))
+                         (_dumps(fallback), op.id))
             return self._require(conn, op.id)
         raise PurposeRefused(err)
 
@@ -465,8 +402,8 @@ class SqliteWalletStore:
         err = self._try_purpose(conn, op.purpose, ev, keep=True)
         if err is None:
             return {}
-        fallback = op.purpose.get("fallback")
-        if isinstance(fallback, Mapping) and self._try_purpose(conn, fallback, ev,
+        fallback = fallback_of(op.purpose)
+        if fallback is not None and self._try_purpose(conn, fallback, ev,
                                                                keep=True) is None:
             log.warning("wallet operation %d: purpose not applied (%s); fallback applied",
                         op.id, type(err).__name__)
