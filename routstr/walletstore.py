@@ -5,26 +5,13 @@
 transaction committed with ``synchronous=FULL`` (`durable=True`): a write-ahead intent the wallet
 relies on before calling a mint must survive a power cut, not only a process crash.
 
-Purposes — what an operation means for the ledger — are applied here, inside the *same*
-transaction as the proof changes that justify them, through `routstr.ledger` functions (the
-money rule: every change of a user balance goes through the ledger, atomically with its cause):
-
-``{"action": "credit", "account_id": N, "ref"?: str, "kind"?: "deposit"|"grant", "memo"?}``
-    (receive, mint) credit the received amount, in msats, to an existing account.
-``{"action": "create_account", "key_hash": h, "kind": "token"|"xcashu"|"api", "ref"?, ...}``
-    (receive, mint) create the account funded with the received amount; extra keys are passed
-    to `ledger.create_account` (`hint`, `refund_address`, `refund_mint`, ...).
-
-A receive that split part of its value back into a token (`Wallet.receive(keep=…)`) credits the
-whole value and pays the issued part out as ``change`` in the same transaction (both purposes).
-``{"action": "debit", "account_id": N, "amount_msats": m, "kind": "refund"|"payout"|"change",
-"ref"?, "rounding_msats"?: r}``
-    (send, melt) take `m` msats out when the intent is recorded (and charge `r`, a sub-sat
-    rest the token cannot carry, in the same transaction); if the operation is rolled
-    back the refund is undone (`ledger.reverse_refund`, unique ref ``wallet-reversal:<op id>``,
-    so a reversal happens at most once and is never counted as a new deposit).
-``None`` / ``{"action": "none"}``
-    the node's own money (fees, operator payouts from unassigned proofs).
+Purposes — what an operation means for the ledger — are money intents (`routstr.intents`:
+`CreateAccount`, `Credit`, `Debit`, or none for the node's own money), stored as JSON with the
+operation and applied by `ledger.apply_intent` inside the *same* transaction as the proof
+changes that justify them (the money rule: every change of a user balance goes through the
+ledger, atomically with its cause). A receive that split part of its value back into a token
+(`Wallet.receive(keep=…)`) credits the whole value and pays the issued part out as ``change``
+in the same transaction; a debit rolled back is reversed once (``wallet-reversal:<op id>``).
 
 A purpose applied on *finish* (a credit) is checked before the mint is called: `begin` applies
 it with the expected amount inside a savepoint and rolls it back, so whatever the ledger would
