@@ -79,12 +79,13 @@ import sqlite3
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields
-from typing import Any, Final, Literal
+from typing import Any, Final, Literal, TypeVar
 
 from . import errors, intents
 from .db import Database
 from .money import format_sats, sat_to_msat
 
+T = TypeVar("T")
 MAX_MSATS: Final = 21_000_000 * 100_000_000 * 1000  # every bitcoin there will ever be
 ACCOUNT_KINDS: Final = ("api", "token", "xcashu", "child")
 CREDIT_KINDS: Final = ("deposit", "grant")
@@ -1199,6 +1200,13 @@ class Ledger:
     def _now(self, now: int | None) -> int:
         return int(self._clock()) if now is None else now
 
+    def run(self, op: Callable[..., T], *args: Any, durable: bool = False,
+            now: int | None = None, **kw: Any) -> T:
+        """The one transaction runner: ``op(conn, *args, now=…, **kw)`` — a ledger operation
+        above — in its own transaction; `durable` for money entering or leaving the node."""
+        t = self._now(now)
+        return self.db.transaction(lambda c: op(c, *args, now=t, **kw), durable=durable)
+
     def startup_sweep(self, *, single_process: bool, now: int | None = None) -> int:
         """At start: release expired reservations and, when this process is the database's sole
         user, every reservation left by a previous run. Returns how many were released."""
@@ -1247,59 +1255,11 @@ class Ledger:
 
     # -- money in -------------------------------------------------------------------------
 
-    def create_account(
-        self,
-        *,
-        key_hash: str,
-        kind: AccountKind | str,
-        deposit_msats: int = 0,
-        source_kind: CreditKind | str = "deposit",
-        ref: str | None = None,
-        balance_limit_msats: int | None = None,
-        balance_limit_reset: LimitReset | str | None = None,
-        validity_date: int | None = None,
-        refund_address: str | None = None,
-        refund_mint: str | None = None,
-        refund_unit: str | None = None,
-        hint: str = "",
-        now: int | None = None,
-    ) -> Account:
-        t = self._now(now)
-        return self.db.transaction(
-            lambda c: create_account(
-                c,
-                key_hash=key_hash,
-                kind=kind,
-                deposit_msats=deposit_msats,
-                source_kind=source_kind,
-                ref=ref,
-                balance_limit_msats=balance_limit_msats,
-                balance_limit_reset=balance_limit_reset,
-                validity_date=validity_date,
-                refund_address=refund_address,
-                refund_mint=refund_mint,
-                refund_unit=refund_unit,
-                hint=hint,
-                now=t,
-            ),
-            durable=deposit_msats > 0,
-        )
+    def create_account(self, **kw: Any) -> Account:
+        return self.run(create_account, durable=kw.get("deposit_msats", 0) > 0, **kw)
 
-    def credit(
-        self,
-        account_id: int,
-        amount_msats: int,
-        *,
-        kind: CreditKind | str = "deposit",
-        ref: str | None = None,
-        memo: str = "",
-        now: int | None = None,
-    ) -> Account:
-        t = self._now(now)
-        return self.db.transaction(
-            lambda c: credit(c, account_id, amount_msats, kind=kind, ref=ref, memo=memo, now=t),
-            durable=True,
-        )
+    def credit(self, account_id: int, amount_msats: int, **kw: Any) -> Account:
+        return self.run(credit, account_id, amount_msats, durable=True, **kw)
 
     # -- per request ----------------------------------------------------------------------
 
@@ -1312,18 +1272,8 @@ class Ledger:
         ttl_s: int,
         now: int | None = None,
     ) -> Reservation:
-        t = self._now(now)
-        r = self.db.transaction(
-            lambda c: reserve(
-                c,
-                account_id,
-                amount_msats,
-                request_id=request_id,
-                ttl_s=ttl_s,
-                now=t,
-                owner=self.boot_id,
-            )
-        )
+        r = self.run(reserve, account_id, amount_msats, request_id=request_id, ttl_s=ttl_s,
+                     owner=self.boot_id, now=now)
         self._live[r.id] = ttl_s
         return r
 
@@ -1333,22 +1283,15 @@ class Ledger:
         return len(self._live)
 
     def settle(self, reservation_id: int, cost_msats: int, *, now: int | None = None) -> Settlement:
-        t = self._now(now)
         self._live.pop(reservation_id, None)
-        return self.db.transaction(lambda c: settle(c, reservation_id, cost_msats, now=t))
+        return self.run(settle, reservation_id, cost_msats, now=now)
 
-    def charge(
-        self, account_id: int, cost_msats: int, *, request_id: str, now: int | None = None
-    ) -> Settlement:
-        t = self._now(now)
-        return self.db.transaction(
-            lambda c: charge(c, account_id, cost_msats, request_id=request_id, now=t)
-        )
+    def charge(self, account_id: int, cost_msats: int, **kw: Any) -> Settlement:
+        return self.run(charge, account_id, cost_msats, **kw)
 
     def release(self, reservation_id: int, *, now: int | None = None) -> Settlement:
-        t = self._now(now)
         self._live.pop(reservation_id, None)
-        return self.db.transaction(lambda c: release(c, reservation_id, now=t))
+        return self.run(release, reservation_id, now=now)
 
     def sweep_expired(self, *, now: int | None = None) -> int:
         """Renew this process's live reservations, then release the expired (see there)."""
@@ -1364,45 +1307,18 @@ class Ledger:
             self.db.transaction(lambda c: renew_live(c, live, now=t))
 
     def release_owner(self, owner: str, *, now: int | None = None) -> int:
-        t = self._now(now)
-        return self.db.transaction(lambda c: release_owner(c, owner=owner, now=t))
+        return self.run(release_owner, owner=owner, now=now)
 
     def release_orphans(self, *, now: int | None = None) -> int:
-        t = self._now(now)
-        return self.db.transaction(lambda c: release_orphans(c, owner=self.boot_id, now=t))
+        return self.run(release_orphans, owner=self.boot_id, now=now)
 
     # -- money out ------------------------------------------------------------------------
 
-    def refund(
-        self,
-        account_id: int,
-        amount_msats: int,
-        *,
-        kind: RefundKind | str = "refund",
-        ref: str | None = None,
-        memo: str = "",
-        now: int | None = None,
-    ) -> Account:
-        t = self._now(now)
-        return self.db.transaction(
-            lambda c: refund(c, account_id, amount_msats, kind=kind, ref=ref, memo=memo, now=t),
-            durable=True,
-        )
+    def refund(self, account_id: int, amount_msats: int, **kw: Any) -> Account:
+        return self.run(refund, account_id, amount_msats, durable=True, **kw)
 
-    def reverse_refund(
-        self,
-        account_id: int,
-        amount_msats: int,
-        *,
-        ref: str | None = None,
-        memo: str = "",
-        now: int | None = None,
-    ) -> Account:
-        t = self._now(now)
-        return self.db.transaction(
-            lambda c: reverse_refund(c, account_id, amount_msats, ref=ref, memo=memo, now=t),
-            durable=True,
-        )
+    def reverse_refund(self, account_id: int, amount_msats: int, **kw: Any) -> Account:
+        return self.run(reverse_refund, account_id, amount_msats, durable=True, **kw)
 
     # -- child keys and policy ------------------------------------------------------------
 
@@ -1446,52 +1362,16 @@ class Ledger:
 
         return self.db.transaction(op, durable=True)
 
-    def create_child(
-        self,
-        parent_id: int,
-        key_hash: str,
-        *,
-        balance_limit_msats: int | None = None,
-        balance_limit_reset: LimitReset | str | None = None,
-        validity_date: int | None = None,
-        cost_msats: int = 0,
-        hint: str = "",
-        now: int | None = None,
-    ) -> Account:
-        return self.create_children(
-            parent_id,
-            [key_hash],
-            balance_limit_msats=balance_limit_msats,
-            balance_limit_reset=balance_limit_reset,
-            validity_date=validity_date,
-            cost_msats_each=cost_msats,
-            hints=[hint],
-            now=now,
-        )[0]
+    def create_child(self, parent_id: int, key_hash: str, *, cost_msats: int = 0,
+                     hint: str = "", **kw: Any) -> Account:
+        return self.create_children(parent_id, [key_hash], cost_msats_each=cost_msats,
+                                    hints=[hint], **kw)[0]
 
     def reset_child(self, parent_id: int, child_id: int, *, now: int | None = None) -> Account:
-        t = self._now(now)
-        return self.db.transaction(lambda c: reset_child(c, parent_id, child_id, now=t))
+        return self.run(reset_child, parent_id, child_id, now=now)
 
-    def set_disabled(
-        self, account_id: int, disabled: bool, *, memo: str = "", now: int | None = None
-    ) -> Account:
-        t = self._now(now)
-        return self.db.transaction(
-            lambda c: set_disabled(c, account_id, disabled, memo=memo, now=t)
-        )
+    def set_disabled(self, account_id: int, disabled: bool, **kw: Any) -> Account:
+        return self.run(set_disabled, account_id, disabled, **kw)
 
-    def set_refund_address(
-        self,
-        account_id: int,
-        *,
-        refund_address: str | None,
-        refund_expiry: int | None = None,
-        now: int | None = None,
-    ) -> Account:
-        t = self._now(now)
-        return self.db.transaction(
-            lambda c: set_refund_address(
-                c, account_id, refund_address=refund_address, refund_expiry=refund_expiry, now=t
-            )
-        )
+    def set_refund_address(self, account_id: int, **kw: Any) -> Account:
+        return self.run(set_refund_address, account_id, **kw)
