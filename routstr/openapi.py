@@ -12,7 +12,7 @@ document cannot drift from the router.
 What is data lives in package files, not here: routstr/openapi.json holds the document's fixed
 parts (info, tags, the schemas, the security schemes), the operations table and the shared
 header parameters; this module adds only what is derived — the title (``--name``), the
-version and one path per route.
+version and one path per route. The pages' HTML, CSS and JS are routstr/templates/docs.*.
 
 `/docs` and `/redoc` are rendered here, server-side, from that same document: self-contained
 HTML with inline CSS (and, on `/docs`, a few lines of inline JS for "try it"), no CDN and no
@@ -27,6 +27,7 @@ import json
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from importlib import resources
+from string import Template
 from typing import Any, Final
 
 from . import __version__
@@ -179,51 +180,10 @@ def build_document(routes: Iterable[Route], *, title: str = "Routstr node") -> d
 
 
 # ---- HTML -----------------------------------------------------------------------------------
-_CSS = """
-body{margin:0;font:15px/1.5 system-ui,-apple-system,Segoe UI,Roboto,sans-serif;color:#1d2330}
-header{background:#1d2330;color:#fff;padding:14px 24px}header h1{margin:0;font-size:20px}
-header p{margin:2px 0 0;color:#c8cede;font-size:13px}
-.wrap{display:flex;align-items:flex-start}
-nav{position:sticky;top:0;width:270px;max-height:100vh;overflow:auto;padding:12px;
-border-right:1px solid #e3e6ee;box-sizing:border-box;font-size:13px}
-nav h3{margin:14px 0 4px;font-size:12px;text-transform:uppercase;color:#6b7385}
-nav a{display:block;color:#1d2330;text-decoration:none;padding:2px 4px;border-radius:4px;
-white-space:nowrap;overflow:hidden;text-overflow:ellipsis}nav a:hover{background:#eef1f7}
-main{flex:1;padding:8px 28px 40px;min-width:0}
-section.op{border:1px solid #e3e6ee;border-radius:8px;margin:16px 0;padding:12px 16px}
-.m{display:inline-block;min-width:58px;text-align:center;border-radius:4px;color:#fff;
-font:bold 12px monospace;padding:2px 6px;margin-right:8px}
-.GET{background:#2f7bd8}.POST{background:#2f9e5c}.DELETE{background:#d0473a}
-.PUT,.PATCH{background:#c98a12}code,pre{font-family:ui-monospace,Menlo,Consolas,monospace}
-.path{font:15px ui-monospace,Menlo,monospace;font-weight:600}
-pre{background:#f6f8fb;border:1px solid #e3e6ee;border-radius:6px;padding:8px;overflow:auto;
-font-size:12px;max-height:360px}
-table{border-collapse:collapse;font-size:13px;margin:6px 0}
-td,th{border-bottom:1px solid #eef0f4;padding:3px 10px 3px 0;text-align:left;vertical-align:top}
-.muted{color:#6b7385;font-size:13px}.badge{background:#eef1f7;border-radius:4px;padding:0 6px;
-font-size:12px}details summary{cursor:pointer;color:#2f5fb3}
-textarea,input{font:12px ui-monospace,Menlo,monospace;width:100%;box-sizing:border-box}
-button{margin-top:6px;padding:4px 12px}
-"""
-
-_TRY_JS = """
-function tryIt(id, method, path){
-  var f=document.getElementById(id), out=f.querySelector('pre.out');
-  var p=path.replace(/\\{([^}]+)\\}/g,function(_,n){var i=f.querySelector('[name="p_'+n+'"]');
-    return encodeURIComponent(i?i.value:'');});
-  var q=f.querySelector('[name=query]').value; if(q){p+=(q[0]=='?'?'':'?')+q;}
-  var h={'X-Routstr-Version':'v1'}, k=document.getElementById('key').value;
-  if(k){h['Authorization']='Bearer '+k;}
-  var b=f.querySelector('[name=body]'), o={method:method,headers:h};
-  if(b&&b.value.trim()){o.body=b.value;h['Content-Type']='application/json';}
-  out.textContent='…';
-  fetch(p,o).then(function(r){return r.text().then(function(t){
-    try{t=JSON.stringify(JSON.parse(t),null,2);}catch(e){}
-    out.textContent=r.status+' '+r.statusText+'\\n\\n'+t;});})
-   .catch(function(e){out.textContent=String(e);});
-  return false;
-}
-"""
+_TEMPLATES = _PACKAGE.joinpath("templates")
+_PAGE: Final = Template(_TEMPLATES.joinpath("docs.html").read_text("utf-8"))
+_CSS: Final = _TEMPLATES.joinpath("docs.css").read_text("utf-8")
+_TRY_JS: Final = _TEMPLATES.joinpath("docs.js").read_text("utf-8")
 
 
 def _e(value: object) -> str:
@@ -300,18 +260,12 @@ def render_html(doc: dict[str, Any], *, interactive: bool) -> str:
     key_box = ('<p><label class="muted">API key for "try it" (sent as Bearer; stays in this '
                'page): <input id="key" autocomplete="off" placeholder="sk-…"></label></p>'
                if interactive else "")
-    script = f"<script>{_TRY_JS}</script>" if interactive else ""
+    script = f"<script>\n{_TRY_JS}</script>" if interactive else ""
     other = ('<a style="color:#c8cede" href="/redoc">reference view</a>' if interactive
              else '<a style="color:#c8cede" href="/docs">interactive view</a>')
-    return (
-        "<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\">"
-        "<meta name=\"viewport\" content=\"width=device-width,initial-scale=1\">"
-        f"<title>{_e(title)}</title><style>{_CSS}</style></head><body>"
-        f"<header><h1>{_e(title)}</h1><p>{_e(info.get('description', ''))} · "
-        f'<a style="color:#c8cede" href="/openapi.json">openapi.json</a> · {other}</p></header>'
-        f'<div class="wrap"><nav>{"".join(nav)}</nav><main>{key_box}{"".join(body)}</main></div>'
-        f"{script}</body></html>"
-    )
+    return _PAGE.substitute(title=_e(title), css=_CSS, description=_e(info.get("description", "")),
+                            other=other, nav="".join(nav), key_box=key_box, body="".join(body),
+                            script=script)
 
 
 def _op_html(doc: dict[str, Any], method: str, path: str, op: dict[str, Any], anchor: str,
