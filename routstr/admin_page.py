@@ -1,11 +1,13 @@
 """The dashboard's HTML: one self-contained page, rendered on the server.
 
-No external assets and no build step: the CSS and a few lines of JavaScript are inline (both
-under the response's CSP nonce), the earnings chart is inline SVG, and every table and form
-works without JavaScript (Tor Browser at "safer"): forms post to `/admin/...`, which redirect
-back here (`admin_forms`: post → redirect → get, a one-use nonce per page). Script only adds a
-confirmation before deleting, a copy button, and ignores a second click on a form already sent
-(the server ignores a repeated form anyway). Light and dark follow ``prefers-color-scheme``.
+No external assets and no build step: the CSS and a few lines of JavaScript are inline, both
+under the response's CSP nonce; they, the page's frame and the login form are package files
+(routstr/templates/admin.css, admin.js, admin.html, admin_login.html) read once at import. The
+earnings chart is inline SVG, and every table and form works without JavaScript (Tor Browser at
+"safer"): forms post to `/admin/...`, which redirect back here (`admin_forms`: post → redirect →
+get, a one-use nonce per page). Script only adds a confirmation before deleting, a copy button,
+and ignores a second click on a form already sent (the server ignores a repeated form anyway).
+Light and dark follow ``prefers-color-scheme``.
 Every value from the database or the request is escaped (`_e`).
 
 Pure: `dashboard_page(Dashboard)` and `login_page(...)` return strings; `admin` gathers the data.
@@ -17,6 +19,8 @@ import datetime as dt
 import html
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from importlib import resources
+from string import Template
 from typing import Any, Final
 from urllib.parse import urlencode
 
@@ -126,134 +130,16 @@ def _posting(v: Dashboard) -> str:
 # Style and script
 # --------------------------------------------------------------------------------------------
 
-_CSS: Final = """
-:root{--bg:#f7f7f5;--fg:#1d1d1f;--muted:#6b6b70;--card:#fff;--line:#e2e2e0;--accent:#c2570c;
---accent-fg:#fff;--ok:#1f7a3a;--bad:#b3261e;--bar:#e07a2e;--soft:#fbeee3;--input:#fff}
-@media (prefers-color-scheme:dark){:root{--bg:#141416;--fg:#ececf0;--muted:#9a9aa3;
---card:#1e1e22;--line:#33333a;--accent:#f08a3c;--accent-fg:#1b1206;--ok:#5cc97a;--bad:#ff7b6e;
---bar:#f08a3c;--soft:#2c2118;--input:#26262b}}
-*{box-sizing:border-box}
-body{margin:0;background:var(--bg);color:var(--fg);font:15px/1.45 system-ui,-apple-system,
-"Segoe UI",Roboto,sans-serif}
-header{display:flex;flex-wrap:wrap;gap:.75rem;align-items:center;justify-content:space-between;
-padding:.8rem 1.25rem;border-bottom:1px solid var(--line);background:var(--card)}
-header h1{font-size:1.15rem;margin:0}
-header .meta{color:var(--muted);font-size:.85rem}
-nav{display:flex;flex-wrap:wrap;gap:.25rem 1rem;padding:.5rem 1.25rem;font-size:.9rem;
-border-bottom:1px solid var(--line)}
-nav a{color:var(--fg);text-decoration:none}nav a:hover{color:var(--accent)}
-main{max-width:1440px;margin:0 auto;padding:1rem 1.25rem 3rem}
-section{background:var(--card);border:1px solid var(--line);border-radius:10px;
-padding:1rem 1.25rem;margin:1rem 0}
-h2{font-size:1.05rem;margin:0 0 .75rem}
-h3{font-size:.95rem;margin:1rem 0 .5rem}
-.cards{display:grid;grid-template-columns:repeat(auto-fit,minmax(170px,1fr));gap:.75rem}
-.card{border:1px solid var(--line);border-radius:8px;padding:.6rem .8rem;min-width:0}
-.card .label{color:var(--muted);font-size:.8rem}
-.card .value{font-size:1.35rem;font-weight:600;font-variant-numeric:tabular-nums;
-overflow-wrap:anywhere}
-.card .sub{color:var(--muted);font-size:.8rem}
-.scroll{overflow-x:auto}
-table{border-collapse:collapse;width:100%;font-size:.88rem}
-th,td{text-align:left;padding:.35rem .5rem;border-bottom:1px solid var(--line);
-vertical-align:top;white-space:nowrap}
-td.num,th.num{text-align:right;font-variant-numeric:tabular-nums}
-td.wrap{white-space:normal;word-break:break-all;max-width:22rem}
-table.stack th,table.stack td{white-space:normal}
-table.stack td.num,table.stack td code{white-space:nowrap}
-table.stack th{vertical-align:bottom}
-td.actions{min-width:11rem;width:13rem}
-.acts{display:flex;flex-wrap:wrap;gap:.3rem .6rem;align-items:center}
-.acts details[open]{flex-basis:100%}
-.acts form.row{flex-direction:column;align-items:stretch;margin:.3rem 0}
-.acts label{width:100%}.acts input,.acts select{width:100%}
-tbody tr:hover{background:var(--soft)}
-.muted{color:var(--muted)}
-.badge{display:inline-block;padding:0 .45rem;border-radius:99px;font-size:.75rem;
-border:1px solid var(--line)}
-.badge.ok{color:var(--ok);border-color:var(--ok)}.badge.bad{color:var(--bad);
-border-color:var(--bad)}.badge.warn{color:var(--accent);border-color:var(--accent)}
-form.inline{display:inline}
-form.row{display:flex;flex-wrap:wrap;gap:.5rem;align-items:end;margin:.25rem 0 .75rem}
-label{display:flex;flex-direction:column;font-size:.78rem;color:var(--muted);gap:.15rem}
-input,select,button{font:inherit;font-size:.88rem;color:var(--fg);background:var(--input);
-border:1px solid var(--line);border-radius:6px;padding:.3rem .5rem}
-input[type=number]{width:9rem}
-button{cursor:pointer}
-button.primary{background:var(--accent);color:var(--accent-fg);border-color:var(--accent)}
-button.danger{color:var(--bad);border-color:var(--bad)}
-details{display:inline-block}
-details[open]{display:block;margin:.3rem 0}
-summary{cursor:pointer;color:var(--accent);font-size:.85rem}
-.banner{border-radius:8px;padding:.6rem .9rem;margin:1rem 0;border:1px solid}
-.banner.notice{border-color:var(--ok);color:var(--ok)}
-.banner.error{border-color:var(--bad);color:var(--bad)}
-.banner.warn{border-color:var(--warn,#b7791f);color:var(--warn,#b7791f)}
-.banner.secret{border-color:var(--accent);background:var(--soft);color:var(--fg)}
-.secret code{display:block;margin:.4rem 0;padding:.4rem;word-break:break-all;
-background:var(--card);border:1px solid var(--line);border-radius:6px;font-size:.9rem}
-.pager{display:flex;gap:1rem;align-items:center;margin-top:.5rem;font-size:.88rem}
-.pager a{color:var(--accent)}
-svg.chart{width:100%;height:auto;max-height:220px}
-svg.chart .bar{fill:var(--bar)}
-svg.chart .axis{stroke:var(--line)}
-svg.chart text{fill:var(--muted);font-size:11px}
-.login{max-width:380px;margin:12vh auto;background:var(--card);border:1px solid var(--line);
-border-radius:10px;padding:1.5rem}
-.login input{width:100%;margin:.5rem 0 1rem}
-"""
-
-
-def _cards_below(table: str, width_px: int) -> str:
-    """CSS: below `width_px` the rows of `table` become cards (label above value, actions
-    across), so nothing scrolls sideways at phone width. Each cell's label: its data-label."""
-    t = f"table#{table}"
-    return (
-        f"@media (max-width:{width_px - 1}px){{"
-        f"{t} thead{{position:absolute;width:1px;height:1px;overflow:hidden;"
-        "clip:rect(0 0 0 0)}"
-        f"{t},{t} tbody{{display:block;width:100%}}"
-        f"{t} tr{{display:grid;grid-template-columns:repeat(auto-fill,minmax(8rem,1fr));"
-        "gap:.2rem .9rem;border:1px solid var(--line);border-radius:8px;margin:.6rem 0;"
-        "padding:.45rem .7rem}"
-        f"{t} td{{display:block;border:0;padding:0;text-align:left;min-width:0;"
-        "max-width:none;white-space:normal;overflow-wrap:anywhere}"
-        f"{t} td code{{white-space:normal}}"
-        f"{t} td::before{{content:attr(data-label);display:block;font-size:.72rem;"
-        "color:var(--muted)}"
-        f"{t} td.actions,{t} td.wide{{grid-column:1/-1;width:auto}}"
-        f"{t} td.actions{{border-top:1px solid var(--line);margin-top:.2rem;"
-        "padding-top:.45rem}"
-        f"{t} td.actions::before,{t} td[colspan]::before{{content:none}}}}\n")
-
-
-# The keys table fits a 1400 px window whole; narrower, its rows are cards.
-_CSS_CARDS: Final = _cards_below("keys-table", 1180) + _cards_below("tx-table", 720)
-
-_JS: Final = """
-document.addEventListener('submit',function(ev){var f=ev.target;
-if(f.dataset&&f.dataset.confirm&&!window.confirm(f.dataset.confirm)){ev.preventDefault();return;}
-if(f.method==='post'){if(f.dataset.sent){ev.preventDefault();}else{f.dataset.sent='1';}}});
-window.addEventListener('pageshow',function(ev){if(ev.persisted){
-document.querySelectorAll('form[data-sent]').forEach(function(f){delete f.dataset.sent;});}});
-document.querySelectorAll('button[data-copy]').forEach(function(b){b.hidden=false;
-b.addEventListener('click',function(){var t=document.getElementById(b.dataset.copy).textContent;
-if(navigator.clipboard){navigator.clipboard.writeText(t).then(function(){b.textContent='Copied';});}
-else{var r=document.createRange();r.selectNodeContents(document.getElementById(b.dataset.copy));
-var s=window.getSelection();s.removeAllRanges();s.addRange(r);}});});
-"""
+_TEMPLATES = resources.files(__package__).joinpath("templates")
+_PAGE: Final = Template(_TEMPLATES.joinpath("admin.html").read_text("utf-8"))
+_LOGIN: Final = Template(_TEMPLATES.joinpath("admin_login.html").read_text("utf-8"))
+_CSS: Final = _TEMPLATES.joinpath("admin.css").read_text("utf-8")
+_JS: Final = _TEMPLATES.joinpath("admin.js").read_text("utf-8")
 
 
 def _document(title: str, body: str, nonce: str) -> str:
-    return (
-        "<!doctype html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
-        "<meta name=\"viewport\" content=\"width=device-width,initial-scale=1\">"
-        "<meta name=\"color-scheme\" content=\"light dark\">"
-        "<meta name=\"referrer\" content=\"same-origin\">"
-        f"<title>{_e(title)}</title><style nonce=\"{_e(nonce)}\">{_CSS}{_CSS_CARDS}</style>"
-        "</head>"
-        f"<body>{body}<script nonce=\"{_e(nonce)}\">{_JS}</script></body></html>\n"
-    )
+    """The page: `body` with the style and script, both under the response's CSP `nonce`."""
+    return _PAGE.substitute(title=_e(title), nonce=_e(nonce), css=_CSS, js=_JS, body=body)
 
 
 # --------------------------------------------------------------------------------------------
@@ -263,19 +149,7 @@ def _document(title: str, body: str, nonce: str) -> str:
 
 def login_page(*, name: str, error: str, nonce: str) -> str:
     err = f'<p class="banner error" role="alert">{_e(error)}</p>' if error else ""
-    body = (
-        '<div class="login"><h1>routstr admin</h1>'
-        f'<p class="muted">{_e(name)}</p>{err}'
-        '<form method="post" action="/admin/login">'
-        '<label for="token">Admin token</label>'
-        '<input id="token" name="token" type="password" autocomplete="current-password"'
-        ' required autofocus>'
-        '<button class="primary" type="submit">Log in</button></form>'
-        "<p class=\"muted\">The node's <code>--admin-token</code>; if none is set, the token"
-        " generated at first start, in the file <code>&lt;database&gt;.admin-token</code>"
-        " next to the node's database (readable by the node's user only).</p></div>"
-    )
-    return _document(f"{name} · admin login", body, nonce)
+    return _document(f"{name} · admin login", _LOGIN.substitute(name=_e(name), error=err), nonce)
 
 
 # --------------------------------------------------------------------------------------------

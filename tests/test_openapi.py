@@ -59,7 +59,7 @@ def test_document_is_the_router_table(node: NodeProcess, tmp_path: Path) -> None
     assert served == table
     undocumented = sorted(f"{m.upper()} {p}" for p, ops in doc["paths"].items()
                           for m, op in ops.items() if op.get("x-undocumented"))
-    assert undocumented == [], f"describe these routes in routstr/openapi.py: {undocumented}"
+    assert undocumented == [], f"describe these routes in routstr/openapi.json: {undocumented}"
     stale = sorted(k for k in OPERATIONS if not any(canonical(*t) == k for t in table))
     assert stale == [], f"OPERATIONS entries for routes that no longer exist: {stale}"
     ids = [op["operationId"] for ops in doc["paths"].values() for op in ops.values()]

@@ -6,7 +6,8 @@
 - there is exactly one broad `except Exception` that swallows (the server's barrier);
   cleanup handlers that end in a bare `raise` are fine;
 - importing a module does no work: no module reads `os.environ`;
-- runtime dependencies are h11 and anyio only.
+- runtime dependencies are h11 and anyio only;
+- every data file of the package (templates, the OpenAPI source, prices) ships in the wheel.
 """
 
 from __future__ import annotations
@@ -99,3 +100,16 @@ def test_runtime_dependencies_are_h11_and_anyio_only() -> None:
         for name in imported(tree, rel):
             top = name.split(".")[0]
             assert top in stdlib_or_ours or top in sys.stdlib_module_names, f"{rel}: {name}"
+
+
+def test_package_data_is_declared() -> None:
+    """A file the node reads with importlib.resources must be in setup.cfg's package_data, or
+    an installed node fails at import."""
+    from fnmatch import fnmatch
+    cfg = configparser.ConfigParser()
+    cfg.read(ROOT / "setup.cfg")
+    patterns = [p.strip() for p in cfg["options.package_data"]["routstr"].split(",")]
+    data = [str(p.relative_to(PKG)) for p in PKG.rglob("*")
+            if p.is_file() and p.suffix not in (".py", ".pyc") and "__pycache__" not in p.parts]
+    assert "openapi.json" in data and "templates/admin.css" in data
+    assert [f for f in data if not any(fnmatch(f, pat) for pat in patterns)] == []
