@@ -88,8 +88,8 @@ from .money import format_sats, sat_to_msat
 T = TypeVar("T")
 MAX_MSATS: Final = 21_000_000 * 100_000_000 * 1000  # every bitcoin there will ever be
 ACCOUNT_KINDS: Final = ("api", "token", "xcashu", "child")
-CREDIT_KINDS: Final = ("deposit", "grant")
-REFUND_KINDS: Final = ("refund", "payout", "change")
+CREDIT_KINDS: Final = intents.CREDIT_KINDS  # one list each: what an intent may name
+REFUND_KINDS: Final = intents.DEBIT_KINDS
 REVERSAL_KIND: Final = "reversal"
 CHARGE_KINDS: Final = ("settle", "charge", "child_key_fee")
 LIMIT_RESETS: Final = ("daily", "weekly", "monthly")
